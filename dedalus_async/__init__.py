@@ -1,0 +1,89 @@
+"""dedalus_async: the asyncio-native client for the Dedalus Machines executions API.
+
+Architecture in one sentence: a pure core (models, conversion, wire format, polling and
+retry policy, errors) and one thin aiohttp transport, driven by a session; fan-out, the
+testing kit and the command line sit on top of the session.
+
+::
+
+    async with dedalus_async.Session() as session:
+        result = await session.run("dm-abc123", ["uname", "-a"], timeout=60)
+        print(result.exit_code, result.stdout)
+"""
+
+from __future__ import annotations
+
+from ._clock import Clock, SystemClock
+from ._errors import (
+    APIStatusError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ConflictError,
+    DedalusError,
+    ExecutionFailed,
+    IdempotencyKeyReusedError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitedError,
+    RequestTimeout,
+    ResponseDecodeError,
+    ServerError,
+    SessionClosedError,
+    TransportError,
+    UnprocessableEntityError,
+    WaitTimeout,
+)
+from ._models import (
+    TERMINAL_STATUSES,
+    ArtifactRef,
+    Execution,
+    ExecutionEvent,
+    ExecutionOutput,
+    ExecutionRef,
+    ExecutionStatus,
+)
+from ._policy import PollPolicy, RetryPolicy
+from ._results import ExecutionResult, WaitStats
+from ._session import DEFAULT_BASE_URL, EventStream, ExecutionHandle, Session
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "TERMINAL_STATUSES",
+    "APIStatusError",
+    "ArtifactRef",
+    "AuthenticationError",
+    "BadRequestError",
+    "Clock",
+    "ConfigurationError",
+    "ConflictError",
+    "DedalusError",
+    "EventStream",
+    "Execution",
+    "ExecutionEvent",
+    "ExecutionFailed",
+    "ExecutionHandle",
+    "ExecutionOutput",
+    "ExecutionRef",
+    "ExecutionResult",
+    "ExecutionStatus",
+    "IdempotencyKeyReusedError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PollPolicy",
+    "RateLimitedError",
+    "RequestTimeout",
+    "ResponseDecodeError",
+    "RetryPolicy",
+    "ServerError",
+    "Session",
+    "SessionClosedError",
+    "SystemClock",
+    "TransportError",
+    "UnprocessableEntityError",
+    "WaitStats",
+    "WaitTimeout",
+    "__version__",
+]

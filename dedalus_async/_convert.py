@@ -1,0 +1,124 @@
+"""The one cattrs converter: wire dicts in, frozen models out.
+
+Structuring is strict about types (a number where a string belongs is an error, not a
+silent ``str(5)``) and lenient about shape (unknown keys are ignored, optional keys may be
+missing). The fast converter runs first; only when it fails does a detailed one run again to
+name the offending field in :class:`~dedalus_async.ResponseDecodeError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import cattrs
+
+from ._errors import ResponseDecodeError
+from ._models import ArtifactRef, Execution, ExecutionEvent, ExecutionOutput
+
+__all__ = ["structure"]
+
+T = TypeVar("T")
+
+
+def _structure_str(value: object, _: object) -> str:
+    if type(value) is str:
+        return value
+    raise TypeError(f"expected a string, got {type(value).__name__}")
+
+
+def _structure_int(value: object, _: object) -> int:
+    # bool is an int subclass; a JSON true where a number belongs is a wrong type
+    if type(value) is int:
+        return value
+    raise TypeError(f"expected an integer, got {type(value).__name__}")
+
+
+def _structure_bool(value: object, _: object) -> bool:
+    if type(value) is bool:
+        return value
+    raise TypeError(f"expected a boolean, got {type(value).__name__}")
+
+
+def _structure_datetime(value: object, _: object) -> datetime:
+    if type(value) is not str:
+        raise TypeError(f"expected an RFC 3339 date-time string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"not an RFC 3339 date-time: {value[:40]!r}") from None
+    # RFC 3339 requires an offset; tolerate a server that omits it by reading it as UTC
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _structure_str_tuple(value: object, _: object) -> tuple[str, ...]:
+    if type(value) is not list:
+        raise TypeError(f"expected a list of strings, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if type(item) is not str:
+            raise TypeError(f"item {i}: expected a string, got {type(item).__name__}")
+    return tuple(value)
+
+
+def _make(detailed: bool) -> cattrs.Converter:
+    conv = cattrs.Converter(detailed_validation=detailed, forbid_extra_keys=False)
+    conv.register_structure_hook(str, _structure_str)
+    conv.register_structure_hook(int, _structure_int)
+    conv.register_structure_hook(bool, _structure_bool)
+    conv.register_structure_hook(datetime, _structure_datetime)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
+
+    def structure_artifacts(value: object, _: object) -> tuple[ArtifactRef, ...]:
+        if type(value) is not list:
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+        return tuple(conv.structure(item, ArtifactRef) for item in value)
+
+    conv.register_structure_hook_func(lambda t: t == tuple[ArtifactRef, ...], structure_artifacts)
+    return conv
+
+
+_FAST = _make(detailed=False)
+_DETAILED = _make(detailed=True)
+
+# Generated once per model: cattrs compiles a structuring function for each class.
+_FAST_FNS: dict[type[Any], Callable[[Any, Any], Any]] = {
+    cls: _FAST.get_structure_hook(cls)
+    for cls in (Execution, ExecutionOutput, ExecutionEvent, ArtifactRef)
+}
+
+
+def structure(data: object, cls: type[T]) -> T:
+    """Turn a decoded JSON value into ``cls`` or raise :class:`ResponseDecodeError`."""
+    if type(data) is not dict:
+        raise ResponseDecodeError(
+            f"expected a JSON object for {cls.__name__}, got {type(data).__name__}"
+        )
+    try:
+        result: T = _FAST_FNS[cls](data, cls)
+        return result
+    except Exception:  # any failure: the detailed converter below says which field
+        pass
+    try:
+        _DETAILED.structure(data, cls)
+    except cattrs.BaseValidationError as exc:
+        messages = cattrs.transform_error(exc, path=cls.__name__)
+        first = messages[0] if messages else str(exc)
+        field = _field_of(first)
+        raise ResponseDecodeError(
+            f"invalid {cls.__name__} in response: {'; '.join(messages[:3])}", field=field
+        ) from exc
+    except Exception as exc:
+        raise ResponseDecodeError(f"invalid {cls.__name__} in response: {exc}") from exc
+    # The fast path failed but the detailed one did not: should not happen; say so plainly.
+    raise ResponseDecodeError(f"invalid {cls.__name__} in response")
+
+
+def _field_of(message: str) -> str | None:
+    # cattrs' messages end in "@ $.field.sub" style paths; report the path without the root
+    at = message.rfind(" @ ")
+    if at < 0:
+        return None
+    path = message[at + 3 :]
+    head, _, rest = path.partition(".")
+    return rest or head

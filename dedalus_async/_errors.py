@@ -1,0 +1,239 @@
+"""The exception tree, split by whose problem it is.
+
+::
+
+    DedalusError
+    ├── ConfigurationError (ValueError)    the Session cannot be built as asked
+    ├── SessionClosedError (RuntimeError)  used outside ``async with`` / after close
+    ├── TransportError                     could not talk to the server
+    │   └── RequestTimeout (TimeoutError)  one HTTP request took longer than request_timeout
+    ├── APIStatusError                     the server said no (HTTP status >= 300)
+    │   ├── BadRequestError                400
+    │   ├── AuthenticationError            401
+    │   ├── PermissionDeniedError          403
+    │   ├── NotFoundError                  404
+    │   ├── ConflictError                  409
+    │   ├── UnprocessableEntityError       422
+    │   ├── RateLimitedError               429 (.retry_after)
+    │   ├── ServerError                    5xx
+    │   └── IdempotencyKeyReusedError      error_code IDEMPOTENCY_KEY_REUSED, any status
+    ├── ResponseDecodeError                the response made no sense
+    ├── WaitTimeout (TimeoutError)         the wait's deadline passed first
+    └── ExecutionFailed                    run(check=True) and the command ended badly
+
+Invalid arguments are plain :class:`TypeError` / :class:`ValueError`, raised before any
+request is sent. No message here ever contains the API key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._models import Execution, ExecutionRef
+    from ._results import ExecutionResult
+
+__all__ = [
+    "APIStatusError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigurationError",
+    "ConflictError",
+    "DedalusError",
+    "ExecutionFailed",
+    "IdempotencyKeyReusedError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitedError",
+    "RequestTimeout",
+    "ResponseDecodeError",
+    "ServerError",
+    "SessionClosedError",
+    "TransportError",
+    "UnprocessableEntityError",
+    "WaitTimeout",
+    "error_for_status",
+]
+
+
+class DedalusError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class ConfigurationError(DedalusError, ValueError):
+    """The Session was given (or found in the environment) settings it cannot use."""
+
+
+class SessionClosedError(DedalusError, RuntimeError):
+    """The Session is not open: enter ``async with Session(...)`` first, or it was closed."""
+
+
+class TransportError(DedalusError):
+    """The request did not get an HTTP response: connection refused, reset, cut short.
+
+    ``method`` and ``path`` say which request.
+    """
+
+    def __init__(self, message: str, *, method: str = "", path: str = "") -> None:
+        super().__init__(message)
+        self.method = method
+        self.path = path
+
+
+class RequestTimeout(TransportError, TimeoutError):
+    """One HTTP request took longer than the Session's ``request_timeout``."""
+
+
+class APIStatusError(DedalusError):
+    """The server answered with an error status.
+
+    Attributes: ``status`` (HTTP status), ``error_code`` and ``message`` (from either error
+    body shape), ``retryable`` (the server's own word, when it gave one), ``details``,
+    ``request_id`` (from the response headers, for support), ``body`` (the raw body text,
+    truncated) and ``method``/``path`` of the request.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        error_code: str | None = None,
+        retryable: bool | None = None,
+        details: Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+        body: str = "",
+        method: str = "",
+        path: str = "",
+    ) -> None:
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+        self.retryable = retryable
+        self.details = dict(details) if details else {}
+        self.request_id = request_id
+        self.body = body
+        self.method = method
+        self.path = path
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        where = f" ({self.method} {self.path})" if self.method else ""
+        code = f" {self.error_code}" if self.error_code else ""
+        rid = f" [request {self.request_id}]" if self.request_id else ""
+        return f"HTTP {self.status}{code}: {self.message}{where}{rid}"
+
+
+class BadRequestError(APIStatusError):
+    """HTTP 400: the request was malformed."""
+
+
+class AuthenticationError(APIStatusError):
+    """HTTP 401: the API key is missing or invalid."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """HTTP 403: the key may not do this (check the organisation)."""
+
+
+class NotFoundError(APIStatusError):
+    """HTTP 404: no such machine or execution."""
+
+
+class ConflictError(APIStatusError):
+    """HTTP 409: the machine or execution is in a state that forbids this."""
+
+
+class UnprocessableEntityError(APIStatusError):
+    """HTTP 422: the request was well-formed but its values were refused."""
+
+
+class RateLimitedError(APIStatusError):
+    """HTTP 429. ``retry_after`` is the server's requested pause in seconds, if it gave one."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, **kw)
+
+
+class ServerError(APIStatusError):
+    """HTTP 5xx: the server failed; usually worth retrying."""
+
+
+class IdempotencyKeyReusedError(APIStatusError):
+    """The Idempotency-Key was already used for a different request body. Never retried:
+    use a new key for a new request, or send the original body again."""
+
+
+class ResponseDecodeError(DedalusError):
+    """The response was not what the API promises: bad JSON, a missing or mistyped field.
+
+    ``field`` names the offending field path when known; ``status`` is the HTTP status.
+    """
+
+    def __init__(
+        self, message: str, *, field: str | None = None, status: int | None = None, body: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.status = status
+        self.body = body
+
+
+class WaitTimeout(DedalusError, TimeoutError):
+    """The wait's deadline passed before the execution reached the wanted status.
+
+    The remote execution is **not** cancelled. ``last`` is the latest snapshot seen (None
+    if not a single poll succeeded) and ``ref`` is what :meth:`Session.attach` needs to
+    resume waiting, here or in another process.
+    """
+
+    def __init__(
+        self, message: str, *, ref: ExecutionRef, last: Execution | None, timeout: float
+    ) -> None:
+        super().__init__(message)
+        self.ref = ref
+        self.last = last
+        self.timeout = timeout
+
+
+class ExecutionFailed(DedalusError):
+    """``run(check=True)`` and the execution did not succeed with exit code 0.
+
+    ``result`` holds everything: the final execution, stdout, stderr and exit code.
+    """
+
+    def __init__(self, result: ExecutionResult) -> None:
+        ex = result.execution
+        how = f"exit code {ex.exit_code}" if ex.exit_code is not None else "no exit code"
+        if ex.signal is not None:
+            how += f", signal {ex.signal}"
+        if ex.error_code:
+            how += f", {ex.error_code}"
+        if ex.error_message:
+            how += f": {ex.error_message}"
+        super().__init__(f"execution {ex.execution_id} on {ex.machine_id} {ex.status} ({how})")
+        self.result = result
+
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: UnprocessableEntityError,
+    429: RateLimitedError,
+}
+
+IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
+
+
+def error_for_status(status: int, error_code: str | None) -> type[APIStatusError]:
+    """The exception class for an error response."""
+    if error_code == IDEMPOTENCY_KEY_REUSED:
+        return IdempotencyKeyReusedError
+    if status >= 500:
+        return ServerError
+    return _BY_STATUS.get(status, APIStatusError)

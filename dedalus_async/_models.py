@@ -1,0 +1,177 @@
+"""Frozen records of the executions API.
+
+The models know nothing about JSON: :mod:`dedalus_async._convert` turns wire dicts into
+them. Field names are the API's own. Server enumerations are open sets: ``status`` is a
+plain ``str`` so that a value this library has never heard of still decodes (and counts as
+not terminal); :class:`ExecutionStatus` names the known ones.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "ArtifactRef",
+    "Execution",
+    "ExecutionEvent",
+    "ExecutionOutput",
+    "ExecutionRef",
+    "ExecutionStatus",
+]
+
+
+class ExecutionStatus(enum.StrEnum):
+    """The statuses the API documents. Members compare equal to their string values."""
+
+    WAKE_IN_PROGRESS = "wake_in_progress"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+#: Statuses after which an execution never changes again.
+TERMINAL_STATUSES: frozenset[str] = frozenset(
+    {
+        ExecutionStatus.SUCCEEDED,
+        ExecutionStatus.FAILED,
+        ExecutionStatus.CANCELLED,
+        ExecutionStatus.EXPIRED,
+    }
+)
+
+
+@attrs.frozen
+class ArtifactRef:
+    """A file the execution produced."""
+
+    artifact_id: str
+    name: str
+
+
+@attrs.frozen(kw_only=True)
+class Execution:
+    """One snapshot of an execution, as the server reported it."""
+
+    execution_id: str
+    machine_id: str
+    command: tuple[str, ...] | None
+    created_at: datetime
+    status: str
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    cwd: str | None = None
+    env_keys: tuple[str, ...] | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    stdout_bytes: int | None = None
+    stderr_bytes: int | None = None
+    stdout_truncated: bool | None = None
+    stderr_truncated: bool | None = None
+    retry_after_ms: int | None = None
+    expires_at: datetime | None = None
+    artifacts: tuple[ArtifactRef, ...] | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the status is ``succeeded``, ``failed``, ``cancelled`` or ``expired``.
+
+        An unknown status is not terminal: a waiter keeps looking until its deadline.
+        """
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def ref(self) -> ExecutionRef:
+        """The reference needed to find this execution again."""
+        return ExecutionRef(machine_id=self.machine_id, execution_id=self.execution_id)
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionOutput:
+    """Captured stdout and stderr of an execution (plain text, not base64)."""
+
+    execution_id: str
+    stdout: str | None = None
+    stderr: str | None = None
+    stdout_bytes: int | None = None
+    stderr_bytes: int | None = None
+    stdout_truncated: bool | None = None
+    stderr_truncated: bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionEvent:
+    """One entry of an execution's ordered event log.
+
+    ``type`` is ``"lifecycle"`` (``status`` and friends are set), ``"stdout"`` or
+    ``"stderr"`` (``chunk`` holds the text); other values decode unchanged.
+    """
+
+    at: datetime
+    sequence: int
+    type: str
+    chunk: str | None = None
+    status: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionRef:
+    """A small, serializable pointer to an execution: store it, wait on it later.
+
+    ``idempotency_key`` is set when this process created the execution: re-sending the
+    same create with the same key returns the same execution instead of a second one.
+    """
+
+    machine_id: str
+    execution_id: str
+    idempotency_key: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        """A JSON-ready dict; :meth:`from_dict` reads it back."""
+        out = {"machine_id": self.machine_id, "execution_id": self.execution_id}
+        if self.idempotency_key is not None:
+            out["idempotency_key"] = self.idempotency_key
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExecutionRef:
+        """Read a dict made by :meth:`to_dict` (unknown keys are ignored)."""
+        try:
+            machine_id = data["machine_id"]
+            execution_id = data["execution_id"]
+        except KeyError as exc:
+            raise ValueError(f"ExecutionRef needs {exc.args[0]!r}") from None
+        key = data.get("idempotency_key")
+        for name, value in (("machine_id", machine_id), ("execution_id", execution_id)):
+            if not isinstance(value, str):
+                raise TypeError(f"ExecutionRef {name} must be a str, not {type(value).__name__}")
+        if key is not None and not isinstance(key, str):
+            raise TypeError("ExecutionRef idempotency_key must be a str or absent")
+        return cls(machine_id=machine_id, execution_id=execution_id, idempotency_key=key)
+
+    def to_json(self) -> str:
+        """The reference as a JSON string."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ExecutionRef:
+        """Read a string made by :meth:`to_json`."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("ExecutionRef JSON must be an object")
+        return cls.from_dict(data)

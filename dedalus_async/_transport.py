@@ -1,0 +1,130 @@
+"""The one place that talks to aiohttp.
+
+It sends a :class:`~dedalus_async._wire.Request` and returns a
+:class:`~dedalus_async._wire.Response`, and it maps every aiohttp and timeout failure into
+:class:`~dedalus_async.TransportError` / :class:`~dedalus_async.RequestTimeout` with
+``raise ... from exc``. It holds the credentials, so nothing else does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+from yarl import URL
+
+from ._errors import RequestTimeout, TransportError
+from ._wire import Request, Response
+
+__all__ = ["AiohttpTransport"]
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class AiohttpTransport:
+    """Sends requests over one ``aiohttp.ClientSession``.
+
+    A borrowed ``client_session`` is used as it is and never closed here; otherwise one is
+    created by :meth:`open`, inside the running event loop, and closed by :meth:`aclose`.
+    Redirects are never followed, so credentials never reach another location.
+    """
+
+    __slots__ = (
+        "_base",
+        "_borrowed",
+        "_headers",
+        "_idem_headers",
+        "_limit",
+        "_session",
+        "_timeout",
+    )
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        request_timeout: float,
+        client_session: aiohttp.ClientSession | None = None,
+        max_connections: int = 100,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = dict(headers)
+        self._idem_headers = {**self._headers, **_JSON_HEADERS}
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._session = client_session
+        self._borrowed = client_session is not None
+        self._limit = max_connections
+
+    def __repr__(self) -> str:
+        return f"AiohttpTransport({self._base!r}, borrowed={self._borrowed})"
+
+    async def open(self) -> None:
+        """Create the aiohttp session (inside the running loop) unless one was borrowed."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=True,
+                raise_for_status=False,
+            )
+
+    async def aclose(self) -> None:
+        """Close the aiohttp session if it is ours; leave a borrowed one open."""
+        session, self._session = self._session, None
+        if session is not None and not self._borrowed:
+            await session.close()
+
+    async def send(self, request: Request, *, timeout: float | None = None) -> Response:
+        """Send one request and read the whole response body."""
+        session = self._session
+        if session is None:
+            raise TransportError("transport is closed", method=request.method, path=request.path)
+        headers = self._headers
+        if request.idempotency_key is not None:
+            headers = {**self._idem_headers, "Idempotency-Key": request.idempotency_key}
+        elif request.body is not None:
+            headers = self._idem_headers
+        url = URL(self._base + request.path, encoded=True)
+        if request.params:
+            url = url.with_query(request.params)
+        try:
+            async with session.request(
+                request.method,
+                url,
+                data=request.body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                body = await resp.read()
+                return Response(resp.status, resp.headers, body)
+        except TimeoutError as exc:  # includes asyncio.TimeoutError and aiohttp's own
+            limit = timeout if timeout is not None else self._timeout.total
+            raise RequestTimeout(
+                f"{request.method} {request.path} got no complete response within {limit:g} s",
+                method=request.method,
+                path=request.path,
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(
+                f"{request.method} {request.path} failed: {type(exc).__name__}: {_reason(exc)}",
+                method=request.method,
+                path=request.path,
+            ) from exc
+        except asyncio.CancelledError:
+            raise
+        except OSError as exc:  # a socket error that aiohttp let through unwrapped
+            raise TransportError(
+                f"{request.method} {request.path} failed: {type(exc).__name__}: {exc}",
+                method=request.method,
+                path=request.path,
+            ) from exc
+
+
+def _reason(exc: aiohttp.ClientError) -> str:
+    # aiohttp's messages name the URL and the failure, never request headers
+    text = str(exc)
+    return text or "connection closed"

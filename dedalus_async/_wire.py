@@ -1,0 +1,398 @@
+"""The wire format, pure: validate arguments, build requests, decode responses.
+
+Nothing here does I/O. A :class:`Request` is everything the transport needs except the
+credentials (which only the transport holds, so they can never leak into a repr, a log
+line or an error message); a :class:`Response` is status, headers and body bytes. Decoding
+either returns a model or raises the typed error from :mod:`dedalus_async._errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Final, TypeVar
+from urllib.parse import quote
+
+import attrs
+
+from ._convert import structure
+from ._errors import APIStatusError, RateLimitedError, ResponseDecodeError, error_for_status
+from ._models import Execution, ExecutionEvent, ExecutionOutput
+
+try:  # orjson is optional (the "fast" extra): same results, less CPU on the hot path
+    import orjson
+
+    _loads: Any = orjson.loads
+except ImportError:  # pragma: no cover - exercised when orjson is absent
+    _loads = json.loads
+
+__all__ = [
+    "Request",
+    "Response",
+    "create_request",
+    "decode_execution",
+    "decode_output",
+    "decode_page",
+    "error_from_response",
+    "new_idempotency_key",
+    "parse_retry_after",
+]
+
+T = TypeVar("T")
+
+MAX_ID_LENGTH: Final = 253
+MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_KEY_OK = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it travels in an HTTP header
+_BODY_SNIPPET: Final = 2000
+_REQUEST_ID_HEADERS: Final = ("x-request-id", "request-id", "x-dedalus-request-id", "x-trace-id")
+
+
+@attrs.frozen(slots=True)
+class Request:
+    """One HTTP request, minus credentials. ``path`` is already percent-encoded."""
+
+    method: str
+    path: str
+    params: Mapping[str, str] | None = None
+    body: bytes | None = None
+    idempotency_key: str | None = None
+
+
+@attrs.frozen(slots=True)
+class Response:
+    """One HTTP response. ``headers`` must look names up case-insensitively."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+# --- validation ----------------------------------------------------------------------
+
+
+def check_id(name: str, value: object) -> str:
+    """Validate a machine or execution ID; return its path-segment form."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(f"{name} is {len(value)} characters long; at most {MAX_ID_LENGTH} allowed")
+    if "/" in value:
+        raise ValueError(f"{name} must not contain '/': pass the bare ID, not a path or URL")
+    if _CONTROL.search(value):
+        raise ValueError(f"{name} must not contain control characters")
+    if value in (".", ".."):
+        raise ValueError(f"{name} {value!r} is not an ID")
+    return quote(value, safe="")
+
+
+def check_command(command: object) -> list[str]:
+    """Validate an argv list; a bare string is refused with a hint."""
+    if isinstance(command, str | bytes):
+        raise TypeError(
+            "command must be a list of strings (argv, no shell), not a string: pass "
+            f"[{command!r}] for a single program, "
+            f"or ['/bin/sh', '-c', {command!r}] for a shell line"
+        )
+    if not isinstance(command, Sequence):
+        raise TypeError(f"command must be a list of strings, not {type(command).__name__}")
+    argv = list(command)
+    if not argv:
+        raise ValueError("command must not be empty: give at least the program to run")
+    for i, arg in enumerate(argv):
+        if not isinstance(arg, str):
+            raise TypeError(f"command[{i}] must be a str, not {type(arg).__name__}")
+    return argv
+
+
+def check_env(env: object) -> dict[str, str] | None:
+    """Validate an environment mapping of str to str."""
+    if env is None:
+        return None
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a mapping of str to str, not {type(env).__name__}")
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if not isinstance(key, str):
+            raise TypeError(f"env keys must be str, got {type(key).__name__}")
+        if not key or "=" in key or "\x00" in key:
+            raise ValueError(f"env key {key!r} is not a valid variable name")
+        if not isinstance(value, str):
+            # the value is deliberately not shown: env often carries secrets
+            raise TypeError(f"env[{key!r}] must be a str, not {type(value).__name__}")
+        out[key] = value
+    return out
+
+
+def check_optional_str(name: str, value: object) -> str | None:
+    """Validate an optional string argument."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a str or None, not {type(value).__name__}")
+    return value
+
+
+def check_timeout_ms(value: object) -> int | None:
+    """Validate the remote command's own time limit in milliseconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = type(value).__name__
+        hint = ": for seconds, use timeout_ms=int(seconds * 1000)" if kind == "float" else ""
+        raise TypeError(f"timeout_ms must be an int (milliseconds), not {kind}{hint}")
+    if value <= 0:
+        raise ValueError(f"timeout_ms must be a positive number of milliseconds, got {value}")
+    return value
+
+
+def check_idempotency_key(value: object) -> str | None:
+    """Validate a caller-supplied Idempotency-Key."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"idempotency_key must be a str, not {type(value).__name__}")
+    if not value or len(value) > MAX_IDEMPOTENCY_KEY_LENGTH or not _KEY_OK.fullmatch(value):
+        raise ValueError(
+            "idempotency_key must be 1-255 visible ASCII characters (no spaces); "
+            "omit it to get a fresh compact UUIDv7"
+        )
+    return value
+
+
+def check_limit(value: object) -> int | None:
+    """Validate a page size."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"limit must be an int, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"limit must be positive, got {value}")
+    return value
+
+
+# --- building requests ---------------------------------------------------------------
+
+
+def new_idempotency_key(unix_ms: int, rand: int) -> str:
+    """A compact UUIDv7: 12 hex digits of Unix milliseconds, ``7``, then 19 random hex.
+
+    ``rand`` supplies the random bits (76 are used); pass ``secrets.randbits(76)``.
+    """
+    return f"{unix_ms & 0xFFFFFFFFFFFF:012x}7{rand & ((1 << 76) - 1):019x}"
+
+
+def executions_path(machine_id: str) -> str:
+    """Path of the executions collection of one machine (IDs already validated)."""
+    return f"/v1/machines/{machine_id}/executions"
+
+
+def create_request(
+    machine_id: str,
+    command: object,
+    *,
+    cwd: object = None,
+    env: object = None,
+    stdin: object = None,
+    timeout_ms: object = None,
+    idempotency_key: str,
+) -> Request:
+    """Validate every argument and build the create request.
+
+    The body is serialised once, here: every retry sends these exact bytes under the same
+    Idempotency-Key, so the server can recognise it.
+    """
+    mid = check_id("machine_id", machine_id)
+    body: dict[str, Any] = {"command": check_command(command)}
+    if (cwd := check_optional_str("cwd", cwd)) is not None:
+        body["cwd"] = cwd
+    if (env_ := check_env(env)) is not None:
+        body["env"] = env_
+    if (stdin_ := check_optional_str("stdin", stdin)) is not None:
+        body["stdin"] = stdin_
+    if (tm := check_timeout_ms(timeout_ms)) is not None:
+        body["timeout_ms"] = tm
+    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return Request("POST", executions_path(mid), None, raw, idempotency_key)
+
+
+def execution_request(method: str, machine_id: str, execution_id: str, suffix: str = "") -> Request:
+    """GET/DELETE of one execution, or of its ``/output`` or ``/events`` (``suffix``)."""
+    mid = check_id("machine_id", machine_id)
+    eid = check_id("execution_id", execution_id)
+    return Request(method, f"{executions_path(mid)}/{eid}{suffix}")
+
+
+def page_request(path: str, *, limit: int | None, cursor: str | None) -> Request:
+    """A GET of one page of a cursor-paginated collection."""
+    params: dict[str, str] = {}
+    if limit is not None:
+        params["limit"] = str(limit)
+    if cursor:
+        params["cursor"] = cursor
+    return Request("GET", path, params or None)
+
+
+# --- decoding responses --------------------------------------------------------------
+
+
+def _json(response: Response) -> Any:
+    try:
+        return _loads(response.body)
+    except ValueError as exc:
+        raise ResponseDecodeError(
+            f"response body is not valid JSON (HTTP {response.status}, "
+            f"{len(response.body)} bytes): {exc}",
+            status=response.status,
+            body=_snippet(response.body),
+        ) from None
+
+
+def _snippet(body: bytes) -> str:
+    return body[:_BODY_SNIPPET].decode("utf-8", "replace")
+
+
+def decode(response: Response, cls: type[T]) -> T:
+    """Decode a successful response holding one ``cls``."""
+    return structure(_json(response), cls)
+
+
+def decode_execution(response: Response) -> Execution:
+    """Decode a response holding one Execution."""
+    return structure(_json(response), Execution)
+
+
+def decode_output(response: Response) -> ExecutionOutput:
+    """Decode the ``/output`` response."""
+    return structure(_json(response), ExecutionOutput)
+
+
+def decode_page(response: Response, cls: type[T]) -> tuple[list[T], str | None]:
+    """Decode ``{"items": [...] | null, "next_cursor": ...}``; an empty cursor means the end."""
+    data = _json(response)
+    if type(data) is not dict:
+        raise ResponseDecodeError(
+            f"expected a page object, got {type(data).__name__}", status=response.status
+        )
+    items = data.get("items")
+    if items is None:
+        items = []
+    elif type(items) is not list:
+        raise ResponseDecodeError(
+            f"page items must be a list, got {type(items).__name__}",
+            field="items",
+            status=response.status,
+        )
+    cursor = data.get("next_cursor")
+    if cursor is not None and type(cursor) is not str:
+        raise ResponseDecodeError(
+            f"next_cursor must be a string, got {type(cursor).__name__}",
+            field="next_cursor",
+            status=response.status,
+        )
+    return [structure(item, cls) for item in items], (cursor or None)
+
+
+def decode_events(response: Response) -> tuple[list[ExecutionEvent], str | None]:
+    """Decode one page of the event log."""
+    return decode_page(response, ExecutionEvent)
+
+
+def parse_retry_after(headers: Mapping[str, str], now: datetime) -> float | None:
+    """The server's requested pause in seconds, or None if it asked for none we can read.
+
+    ``retry-after-ms`` (milliseconds) wins over ``Retry-After`` (seconds, or an HTTP date
+    compared with ``now``). A date in the past gives a negative number: the caller decides.
+    """
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            value = float(raw_ms) / 1000.0
+        except ValueError:
+            value = float("nan")
+        if value == value and abs(value) != float("inf"):  # not NaN, not inf
+            return value
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        return (when - now).total_seconds()
+    if seconds != seconds or abs(seconds) == float("inf"):
+        return None
+    return seconds
+
+
+def error_from_response(
+    response: Response, *, method: str, path: str, now: datetime
+) -> APIStatusError:
+    """The typed error for a non-2xx response, from either error body shape or none."""
+    status = response.status
+    code: str | None = None
+    message: str | None = None
+    retryable: bool | None = None
+    details: dict[str, Any] = {}
+    text = _snippet(response.body)
+    try:
+        data = _loads(response.body) if response.body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        if isinstance(data.get("error_code"), str):
+            code = data["error_code"]
+        elif isinstance(data.get("code"), str):
+            code = data["code"]
+        for key in ("message", "detail", "title", "error"):
+            if isinstance(data.get(key), str) and data[key]:
+                message = data[key]
+                break
+        if isinstance(data.get("retryable"), bool):
+            retryable = data["retryable"]
+        if isinstance(data.get("details"), dict):
+            details = data["details"]
+        else:  # RFC 7807 problems put their extra members at the top level
+            details = {
+                k: v
+                for k, v in data.items()
+                if k not in ("error_code", "code", "message", "retryable", "status")
+            }
+    if message is None:
+        if 300 <= status < 400:
+            message = (
+                "the server answered with a redirect, which is not followed "
+                "(credentials are never sent to another location); check base_url"
+            )
+        else:
+            ctype = response.headers.get("content-type", "no content type")
+            size = len(response.body)
+            message = f"error response without a JSON error body ({ctype}, {size} bytes)"
+    request_id = next(
+        (response.headers[h] for h in _REQUEST_ID_HEADERS if h in response.headers), None
+    )
+    cls = error_for_status(status, code)
+    kwargs: dict[str, Any] = {
+        "status": status,
+        "error_code": code,
+        "retryable": retryable,
+        "details": details,
+        "request_id": request_id,
+        "body": text,
+        "method": method,
+        "path": path,
+    }
+    if cls is RateLimitedError:
+        return RateLimitedError(
+            message, retry_after=parse_retry_after(response.headers, now), **kwargs
+        )
+    return cls(message, **kwargs)
