@@ -1,0 +1,34 @@
+"""Testing kit for code that uses dedalus_async, shipped to users.
+
+:class:`FakeDedalus` is a stateful fake of the executions API served over real loopback
+HTTP; :class:`FakeClock` is a clock that moves only when someone sleeps. Give both the same
+clock and a ten-minute wait runs in a millisecond::
+
+    clock = FakeClock()
+    async with FakeDedalus(clock=clock, script=Script.default()) as fake:
+        ...  # point the client at fake.base_url with api_key "test-key"
+
+What executions do is a :class:`Runner`'s business; the default :class:`ScriptedRunner`
+plays :class:`Script` s (:class:`Phase` s, then an :class:`Outcome`) lazily against the
+clock. :class:`Fault` injects drops, truncated or malformed bodies, error statuses and
+delays; :class:`RecordedRequest` is what the fake saw; :class:`ExecutionRecord` is its
+server-side state of one execution.
+"""
+
+from ._clock import FakeClock
+from ._fake import FakeDedalus, Fault, RecordedRequest
+from ._fake_records import ExecutionRecord, Runner
+from ._fake_script import Outcome, Phase, Script, ScriptedRunner
+
+__all__ = [
+    "ExecutionRecord",
+    "FakeClock",
+    "FakeDedalus",
+    "Fault",
+    "Outcome",
+    "Phase",
+    "RecordedRequest",
+    "Runner",
+    "Script",
+    "ScriptedRunner",
+]

@@ -1,0 +1,339 @@
+"""Server-side execution state, shared by every runner behind the fake server.
+
+An :class:`ExecutionRecord` is the mutable truth about one execution. A :class:`Runner`
+moves it through its statuses with :meth:`ExecutionRecord.transition` (non-terminal
+statuses), :meth:`ExecutionRecord.append_output` (stdout/stderr chunks) and
+:meth:`ExecutionRecord.finish` (the one terminal transition); each of them appends to the
+record's event log, so the ``/events`` endpoint needs no bookkeeping of its own. The
+server turns a record into wire JSON with :meth:`ExecutionRecord.to_json` and
+:meth:`ExecutionRecord.output_json`.
+
+Nothing here knows about HTTP, so the scripted runner and a runner that starts real
+subprocesses share the same transitions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+from dedalus_async._models import TERMINAL_STATUSES
+
+__all__ = [
+    "EventRecord",
+    "ExecutionRecord",
+    "Runner",
+    "format_time",
+    "to_millis",
+]
+
+
+def format_time(dt: datetime) -> str:
+    """Format an aware datetime as RFC 3339 UTC with milliseconds: ``2026-01-01T00:00:00.250Z``."""
+    if dt.utcoffset():
+        dt = dt.astimezone(UTC)
+    return f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"
+
+
+def to_millis(dt: datetime) -> datetime:
+    """``dt`` in UTC, truncated to whole milliseconds (the precision the wire carries).
+
+    Timestamps are stored at wire precision so that what a test computes from a record
+    (``created_at + 0.6 s``) is exactly what the client parses back.
+    """
+    dt = dt.astimezone(UTC)
+    return dt.replace(microsecond=dt.microsecond // 1000 * 1000)
+
+
+def _utf8_len(text: str) -> int:
+    # ASCII is the common case and len() is O(1); only encode when it is not.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _cap_utf8(text: str, cap: int) -> str:
+    """The longest prefix of ``text`` whose UTF-8 encoding fits in ``cap`` bytes."""
+    if text.isascii():
+        return text[:cap]
+    # "ignore" drops a multi-byte character cut in half by the cap.
+    return text.encode("utf-8", "surrogatepass")[:cap].decode("utf-8", "ignore")
+
+
+@attrs.frozen
+class EventRecord:
+    """One entry of an execution's event log (``sequence`` starts at 1)."""
+
+    at: datetime
+    sequence: int
+    type: str
+    chunk: str | None = None
+    status: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form; fields that are ``None`` are left out."""
+        out: dict[str, Any] = {
+            "at": format_time(self.at),
+            "sequence": self.sequence,
+            "type": self.type,
+        }
+        if self.chunk is not None:
+            out["chunk"] = self.chunk
+        if self.status is not None:
+            out["status"] = self.status
+        if self.exit_code is not None:
+            out["exit_code"] = self.exit_code
+        if self.signal is not None:
+            out["signal"] = self.signal
+        if self.error_code is not None:
+            out["error_code"] = self.error_code
+        if self.error_message is not None:
+            out["error_message"] = self.error_message
+        return out
+
+
+@attrs.define(eq=False)
+class ExecutionRecord:
+    """The fake server's mutable state for one execution.
+
+    ``env`` (values included) and ``stdin`` are kept server-side only; the wire shows
+    ``env_keys``. Output accumulates through :meth:`append_output` only, which also keeps
+    the byte counts and the event log consistent. ``runner_state`` belongs to whichever
+    :class:`Runner` started the record.
+    """
+
+    execution_id: str
+    machine_id: str
+    command: tuple[str, ...]
+    created_at: datetime
+    created_mono: float
+    cwd: str | None = None
+    env: dict[str, str] | None = attrs.field(default=None, repr=False)
+    stdin: str | None = attrs.field(default=None, repr=False)
+    timeout_ms: int | None = None
+    idempotency_key: str | None = None
+    org_id: str | None = None
+    status: str = "queued"
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retry_after_ms: int | None = None
+    expires_at: datetime | None = None
+    artifacts: list[dict[str, str]] | None = None
+    events: list[EventRecord] = attrs.field(factory=list, repr=False)
+    runner_state: Any = attrs.field(default=None, repr=False)
+    stdout_bytes: int = attrs.field(default=0, init=False)
+    stderr_bytes: int = attrs.field(default=0, init=False)
+    # Chunks are joined lazily: a subprocess runner appends many small chunks, and
+    # repeated ``str +=`` on an attribute would copy the whole output every time.
+    _stdout_parts: list[str] = attrs.field(factory=list, init=False, repr=False)
+    _stderr_parts: list[str] = attrs.field(factory=list, init=False, repr=False)
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the status is terminal; the record never changes after that."""
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def stdout(self) -> str:
+        """Everything written to stdout so far (uncapped)."""
+        return _joined(self._stdout_parts)
+
+    @property
+    def stderr(self) -> str:
+        """Everything written to stderr so far (uncapped)."""
+        return _joined(self._stderr_parts)
+
+    def create_body(self) -> dict[str, Any]:
+        """The create request this record was made from, as the JSON dict a client sent."""
+        body: dict[str, Any] = {"command": list(self.command)}
+        if self.cwd is not None:
+            body["cwd"] = self.cwd
+        if self.env is not None:
+            body["env"] = dict(self.env)
+        if self.stdin is not None:
+            body["stdin"] = self.stdin
+        if self.timeout_ms is not None:
+            body["timeout_ms"] = self.timeout_ms
+        return body
+
+    def _event(self, type_: str, at: datetime, **fields: Any) -> None:
+        self.events.append(EventRecord(at, len(self.events) + 1, type_, **fields))
+
+    def transition(self, status: str, at: datetime, *, retry_after_ms: int | None = None) -> bool:
+        """Enter a non-terminal ``status`` at ``at`` and log a lifecycle event.
+
+        ``retry_after_ms`` replaces the current hint (``None`` clears it). Entering
+        ``running`` for the first time sets ``started_at``. Returns False (and changes
+        nothing) when the record is already terminal, so a runner racing a cancel is safe.
+        """
+        if status in TERMINAL_STATUSES:
+            raise ValueError(f"{status!r} is terminal: use finish()")
+        if self.is_terminal:
+            return False
+        self.status = status
+        self.retry_after_ms = retry_after_ms
+        if status == "running" and self.started_at is None:
+            self.started_at = at
+        self._event("lifecycle", at, status=status)
+        return True
+
+    def append_output(self, stream: str, chunk: str, at: datetime) -> bool:
+        """Append ``chunk`` to ``stream`` (``"stdout"`` or ``"stderr"``) and log it.
+
+        Empty chunks are ignored. Returns False once the record is terminal.
+        """
+        if self.is_terminal:
+            return False
+        if not chunk:
+            return True
+        if stream == "stdout":
+            self._stdout_parts.append(chunk)
+            self.stdout_bytes += _utf8_len(chunk)
+        elif stream == "stderr":
+            self._stderr_parts.append(chunk)
+            self.stderr_bytes += _utf8_len(chunk)
+        else:
+            raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
+        self._event(stream, at, chunk=chunk)
+        return True
+
+    def finish(
+        self,
+        status: str,
+        at: datetime,
+        *,
+        exit_code: int | None = None,
+        signal: int | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> bool:
+        """Make the record terminal at ``at`` and log the final lifecycle event.
+
+        Clears ``retry_after_ms``. A record that has an exit code or a signal must have
+        started, so ``started_at`` is filled in when it is still missing. Returns False
+        (and changes nothing) when the record was already terminal.
+        """
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"{status!r} is not a terminal status")
+        if self.is_terminal:
+            return False
+        self.status = status
+        self.completed_at = at
+        self.retry_after_ms = None
+        self.exit_code = exit_code
+        self.signal = signal
+        self.error_code = error_code
+        self.error_message = error_message
+        if self.started_at is None and (exit_code is not None or signal is not None):
+            self.started_at = at
+        self._event(
+            "lifecycle",
+            at,
+            status=status,
+            exit_code=exit_code,
+            signal=signal,
+            error_code=error_code,
+            error_message=error_message,
+        )
+        return True
+
+    def to_json(self, output_cap: int) -> dict[str, Any]:
+        """The Execution object as the API sends it; ``None`` fields are left out.
+
+        Output sizes appear once the command started (or the record is terminal);
+        ``expires_at`` only while the record is not terminal.
+        """
+        out: dict[str, Any] = {
+            "execution_id": self.execution_id,
+            "machine_id": self.machine_id,
+            "command": list(self.command),
+            "created_at": format_time(self.created_at),
+            "status": self.status,
+        }
+        terminal = self.status in TERMINAL_STATUSES
+        if self.started_at is not None:
+            out["started_at"] = format_time(self.started_at)
+        if self.completed_at is not None:
+            out["completed_at"] = format_time(self.completed_at)
+        if self.cwd is not None:
+            out["cwd"] = self.cwd
+        if self.env is not None:
+            out["env_keys"] = sorted(self.env)
+        if self.exit_code is not None:
+            out["exit_code"] = self.exit_code
+        if self.signal is not None:
+            out["signal"] = self.signal
+        if self.error_code is not None:
+            out["error_code"] = self.error_code
+        if self.error_message is not None:
+            out["error_message"] = self.error_message
+        if terminal or self.started_at is not None:
+            out["stdout_bytes"] = self.stdout_bytes
+            out["stderr_bytes"] = self.stderr_bytes
+            out["stdout_truncated"] = self.stdout_bytes > output_cap
+            out["stderr_truncated"] = self.stderr_bytes > output_cap
+        if self.retry_after_ms is not None:
+            out["retry_after_ms"] = self.retry_after_ms
+        if self.expires_at is not None and not terminal:
+            out["expires_at"] = format_time(self.expires_at)
+        if self.artifacts is not None:
+            out["artifacts"] = [dict(a) for a in self.artifacts]
+        return out
+
+    def output_json(self, output_cap: int) -> dict[str, Any]:
+        """The ``/output`` body: each stream capped at ``output_cap`` UTF-8 bytes.
+
+        ``*_bytes`` is the full size before the cap; the kept part is the head.
+        """
+        return {
+            "execution_id": self.execution_id,
+            "stdout": _cap_utf8(self.stdout, output_cap),
+            "stderr": _cap_utf8(self.stderr, output_cap),
+            "stdout_bytes": self.stdout_bytes,
+            "stderr_bytes": self.stderr_bytes,
+            "stdout_truncated": self.stdout_bytes > output_cap,
+            "stderr_truncated": self.stderr_bytes > output_cap,
+        }
+
+
+def _joined(parts: list[str]) -> str:
+    if len(parts) > 1:
+        parts[:] = ["".join(parts)]
+    return parts[0] if parts else ""
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Plays executions for :class:`~dedalus_async.testing.FakeDedalus`.
+
+    The server owns HTTP, idempotency and storage; the runner owns what an execution
+    does, through the record's :meth:`~ExecutionRecord.transition`,
+    :meth:`~ExecutionRecord.append_output` and :meth:`~ExecutionRecord.finish`, stamped
+    with ``to_millis(clock.now())``. All methods are called on the event loop thread and
+    must not block; a runner with background work (processes, tasks) updates records from
+    them and stops them in :meth:`aclose`.
+    """
+
+    def start(self, record: ExecutionRecord) -> None:
+        """Called right after a create, before the response is sent."""
+        ...
+
+    def refresh(self, record: ExecutionRecord) -> None:
+        """Bring ``record`` up to date; called before every read of it."""
+        ...
+
+    def cancel(self, record: ExecutionRecord) -> None:
+        """Stop a non-terminal execution (DELETE); must leave it ``cancelled``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release whatever the runner holds (called by ``FakeDedalus.close``)."""
+        ...
