@@ -34,6 +34,7 @@ from ._errors import (
     UnprocessableEntityError,
     WaitTimeout,
 )
+from ._fanout import Completed, ExecutionRequest, Progress
 from ._models import (
     TERMINAL_STATUSES,
     ArtifactRef,
@@ -46,6 +47,7 @@ from ._models import (
 from ._policy import PollPolicy, RetryPolicy
 from ._results import ExecutionResult, WaitStats
 from ._session import DEFAULT_BASE_URL, EventStream, ExecutionHandle, Session
+from ._throttle import Throttle
 
 __version__ = "0.1.0.dev0"
 
@@ -57,6 +59,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "Clock",
+    "Completed",
     "ConfigurationError",
     "ConflictError",
     "DedalusError",
@@ -67,12 +70,14 @@ __all__ = [
     "ExecutionHandle",
     "ExecutionOutput",
     "ExecutionRef",
+    "ExecutionRequest",
     "ExecutionResult",
     "ExecutionStatus",
     "IdempotencyKeyReusedError",
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",
+    "Progress",
     "RateLimitedError",
     "RequestTimeout",
     "ResponseDecodeError",
@@ -81,6 +86,7 @@ __all__ = [
     "Session",
     "SessionClosedError",
     "SystemClock",
+    "Throttle",
     "TransportError",
     "UnprocessableEntityError",
     "WaitStats",

@@ -15,7 +15,7 @@ import secrets
 import warnings
 from collections.abc import AsyncIterator, Callable, Collection, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 from urllib.parse import urlsplit
 
 import anyio
@@ -51,11 +51,17 @@ from ._policy import (
     retry_delay,
 )
 from ._results import ExecutionResult, WaitStats
+from ._throttle import Throttle
 from ._transport import AiohttpTransport
 from ._wire import Request, Response
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from contextlib import AbstractAsyncContextManager
+
     import aiohttp
+
+    from ._fanout import Completed, ExecutionRequest, Progress
 
 __all__ = ["DEFAULT_BASE_URL", "EventStream", "ExecutionHandle", "Session"]
 
@@ -77,6 +83,14 @@ class _Default:
 
 DEFAULT: Final = _Default()
 AuthScheme = Literal["x-api-key", "bearer"]
+
+
+class _DeadlineReached(Exception):
+    """Raised by ``_call`` when only the caller's deadline ended its retries."""
+
+    def __init__(self, error: DedalusError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Counters:
@@ -156,6 +170,9 @@ class Session:
         client_session: an ``aiohttp.ClientSession`` to borrow; used as is, never closed.
         clock, random: injected time and randomness (tests pass a fake clock).
         max_connections: size of the connection pool of the session we create.
+        max_requests_per_second: a ceiling on the request rate of this Session, shared by
+            every caller (``None``: none). Either way a 429 slows the whole Session down:
+            see :class:`Throttle`, available as :attr:`throttle`.
     """
 
     def __init__(
@@ -173,6 +190,7 @@ class Session:
         clock: Clock | None = None,
         random: Callable[[], float] | None = None,
         max_connections: int = 100,
+        max_requests_per_second: float | None = None,
     ) -> None:
         if auth_scheme not in (None, "x-api-key", "bearer"):
             raise ConfigurationError(
@@ -195,6 +213,9 @@ class Session:
         self.poll: PollPolicy = poll if poll is not None else PollPolicy()
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._random = random if random is not None else _random.random
+        self.throttle: Throttle = Throttle(
+            max_requests_per_second, clock=self.clock, random=self._random
+        )
         headers = {
             "Accept": "application/json",
             "User-Agent": f"dedalus-async/{_VERSION}",
@@ -287,10 +308,16 @@ class Session:
         self._check_open()
         policy = retry or self.retry
         clock = self.clock
+        throttle = self.throttle
         attempt = 0
         slept = 0.0
         while True:
             attempt += 1
+            # the Session-wide pace: None (go now) unless a rate or a 429 pause applies
+            waiting = throttle.acquire()
+            if waiting is not None:
+                await waiting
+            epoch = throttle.epoch
             timeout: float | None = None
             if deadline is not None:
                 # a request may not run far past the caller's deadline, but it gets a
@@ -300,11 +327,15 @@ class Session:
             try:
                 response = await self._transport.send(request, timeout=timeout)
                 if response.status < 300:
+                    throttle.succeeded()
                     return decode(response)
                 error: DedalusError = _wire.error_from_response(
                     response, method=request.method, path=request.path, now=clock.now()
                 )
                 assert isinstance(error, APIStatusError)
+                if isinstance(error, RateLimitedError):
+                    # the whole Session slows down, not only this request
+                    throttle.rate_limited(error.retry_after, epoch)
                 if not is_retryable_status(error.status, error.retryable):
                     raise error
                 if isinstance(error, RateLimitedError):
@@ -324,6 +355,19 @@ class Session:
                 rand=self._random(),
             )
             if delay is None:
+                if remaining is not None and (
+                    retry_delay(
+                        policy,
+                        attempt=attempt,
+                        retry_after=retry_after,
+                        slept=slept,
+                        remaining=None,
+                        rand=0.0,
+                    )
+                    is not None
+                ):
+                    # only the caller's deadline stopped the retries (P9 of _policy)
+                    raise _DeadlineReached(error)
                 raise error
             logger.debug(
                 "retrying %s %s in %.3fs after attempt %d: %s",
@@ -504,6 +548,126 @@ class Session:
             raise ExecutionFailed(result)
         return result
 
+    # --- fan-out (dedalus_async._fanout does the work) ---------------------------------------
+
+    @overload
+    async def run_many(
+        self,
+        requests: Iterable[ExecutionRequest],
+        *,
+        concurrency: int = ...,
+        create_concurrency: int = ...,
+        return_exceptions: Literal[False] = ...,
+        fail_fast: bool = ...,
+        cancel_remote: bool = ...,
+        on_progress: Callable[[Progress], object] | None = ...,
+        check: bool = ...,
+        poll: PollPolicy | None = ...,
+        batch_refresh: bool = ...,
+    ) -> list[ExecutionResult]: ...
+
+    @overload
+    async def run_many(
+        self,
+        requests: Iterable[ExecutionRequest],
+        *,
+        concurrency: int = ...,
+        create_concurrency: int = ...,
+        return_exceptions: bool,
+        fail_fast: bool = ...,
+        cancel_remote: bool = ...,
+        on_progress: Callable[[Progress], object] | None = ...,
+        check: bool = ...,
+        poll: PollPolicy | None = ...,
+        batch_refresh: bool = ...,
+    ) -> list[ExecutionResult | BaseException]: ...
+
+    async def run_many(
+        self,
+        requests: Iterable[ExecutionRequest],
+        *,
+        concurrency: int = 100,
+        create_concurrency: int = 10,
+        return_exceptions: bool = False,
+        fail_fast: bool = False,
+        cancel_remote: bool = False,
+        on_progress: Callable[[Progress], object] | None = None,
+        check: bool = False,
+        poll: PollPolicy | None = None,
+        batch_refresh: bool = True,
+    ) -> list[ExecutionResult] | list[ExecutionResult | BaseException]:
+        """Run many executions, at most ``concurrency`` at once; results in input order.
+
+        Each :class:`ExecutionRequest` is created (at most ``create_concurrency`` creates
+        in flight), waited on and read like :meth:`run`. Everything is validated and every
+        Idempotency-Key chosen before the first request is sent. A failed request does not
+        stop the others: with ``return_exceptions=True`` its exception takes its place in
+        the list, otherwise all failures are raised together at the end as an
+        :class:`ExceptionGroup`. With ``fail_fast=True`` the first failure cancels the rest
+        and is raised (in an :class:`ExceptionGroup`) at once. ``cancel_remote=True``
+        deletes the remote executions of requests cut short (cancelled, timed out).
+        ``on_progress`` is called with a :class:`Progress` on every change. When several
+        executions of one machine are waited on at once, they are read a page of
+        ``list_executions`` at a time (``batch_refresh=False``: one GET each). Nothing is
+        left running when this returns or raises.
+        """
+        # imported here: _fanout is built on this module
+        from . import _fanout
+
+        return await _fanout.run_many(
+            self,
+            requests,
+            concurrency=concurrency,
+            create_concurrency=create_concurrency,
+            return_exceptions=return_exceptions,
+            fail_fast=fail_fast,
+            cancel_remote=cancel_remote,
+            on_progress=on_progress,
+            check=check,
+            poll=poll,
+            batch_refresh=batch_refresh,
+        )
+
+    def as_completed(
+        self,
+        requests: Iterable[ExecutionRequest],
+        *,
+        concurrency: int = 100,
+        create_concurrency: int = 10,
+        return_exceptions: bool = False,
+        cancel_remote: bool = False,
+        on_progress: Callable[[Progress], object] | None = None,
+        check: bool = False,
+        poll: PollPolicy | None = None,
+        batch_refresh: bool = True,
+    ) -> AbstractAsyncContextManager[AsyncIterator[Completed]]:
+        """Run many executions like :meth:`run_many`, yielding each as it finishes::
+
+            async with session.as_completed(requests) as results:
+                async for done in results:
+                    print(done.index, done.result.exit_code)
+
+        Each item is a :class:`Completed` (the request's index, the request, its outcome).
+        A failure is raised from the loop, unless ``return_exceptions=True``, which yields
+        it as a :class:`Completed` whose :attr:`~Completed.error` is set. Leaving the block
+        early cancels what is still running (and, with ``cancel_remote=True``, deletes it
+        remotely) before the block exits. Arguments are validated when this is called.
+        """
+        from . import _fanout
+
+        return _fanout.as_completed(
+            self,
+            requests,
+            concurrency=concurrency,
+            create_concurrency=create_concurrency,
+            return_exceptions=return_exceptions,
+            cancel_remote=cancel_remote,
+            on_progress=on_progress,
+            check=check,
+            poll=poll,
+            batch_refresh=batch_refresh,
+        )
+
     # --- waiting -------------------------------------------------------------------------
 
     def _resolve_timeout(
@@ -544,13 +708,18 @@ class Session:
             while True:
                 if snapshot is None:
                     counters.polls += 1
-                    snapshot = await self._call(
-                        request,
-                        _wire.decode_execution,
-                        deadline=deadline,
-                        retry=poll_retry,
-                        counters=counters,
-                    )
+                    try:
+                        snapshot = await self._call(
+                            request,
+                            _wire.decode_execution,
+                            deadline=deadline,
+                            retry=poll_retry,
+                            counters=counters,
+                        )
+                    except _DeadlineReached as reached:
+                        assert timeout is not None
+                        handle.stats = self._wait_stats(counters, start, None)
+                        raise self._wait_timeout(handle, timeout) from reached.error
                     handle.last = snapshot
                 done = done_when(snapshot)
                 expires_in = None
@@ -573,20 +742,25 @@ class Session:
                 if isinstance(decision, GiveUp):
                     assert timeout is not None
                     handle.stats = self._wait_stats(counters, start, None)
-                    raise WaitTimeout(
-                        f"execution {handle.execution_id} on {handle.machine_id} was still "
-                        f"{snapshot.status!r} after {timeout:g} s; it keeps running remotely: "
-                        "resume with session.attach(exc.ref).wait()",
-                        ref=handle.ref,
-                        last=snapshot,
-                        timeout=timeout,
-                    )
+                    raise self._wait_timeout(handle, timeout)
                 counters.slept += decision.seconds
                 await clock.sleep(decision.seconds)
                 snapshot = None
         finally:
             if not finished and cancel_remote:
                 await self._cancel_remote(handle)
+
+    @staticmethod
+    def _wait_timeout(handle: ExecutionHandle, timeout: float) -> WaitTimeout:
+        status = handle.last.status if handle.last is not None else "unseen"
+        return WaitTimeout(
+            f"execution {handle.execution_id} on {handle.machine_id} was still "
+            f"{status!r} after {timeout:g} s; it keeps running remotely unless cancelled: "
+            "resume with session.attach(exc.ref).wait()",
+            ref=handle.ref,
+            last=handle.last,
+            timeout=timeout,
+        )
 
     async def _cancel_remote(self, handle: ExecutionHandle) -> None:
         """DELETE the execution, shielded from the cancellation in progress, time-boxed."""

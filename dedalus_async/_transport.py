@@ -87,9 +87,14 @@ class AiohttpTransport:
             headers = {**self._idem_headers, "Idempotency-Key": request.idempotency_key}
         elif request.body is not None:
             headers = self._idem_headers
+        # the path is already percent-encoded: yarl need not parse or escape it again
         url = URL(self._base + request.path, encoded=True)
         if request.params:
             url = url.with_query(request.params)
+        client_timeout = self._timeout
+        if timeout is not None and timeout != client_timeout.total:
+            # the session asks for less than the full request timeout only near a deadline
+            client_timeout = aiohttp.ClientTimeout(total=timeout)
         try:
             async with session.request(
                 request.method,
@@ -97,7 +102,7 @@ class AiohttpTransport:
                 data=request.body,
                 headers=headers,
                 allow_redirects=False,
-                timeout=self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout),
+                timeout=client_timeout,
             ) as resp:
                 body = await resp.read()
                 return Response(resp.status, resp.headers, body)

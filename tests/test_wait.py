@@ -17,6 +17,7 @@ from dedalus_async import (
     NotFoundError,
     PollPolicy,
     RetryPolicy,
+    ServerError,
     Session,
     TransportError,
     WaitTimeout,
@@ -422,3 +423,28 @@ async def test_crash_after_create_sent_resubmits_safely(
         await handle.wait()
     assert fake.create_count == 1
     assert list(fake.executions) == [handle.execution_id]
+
+
+async def test_storm_outlasting_the_deadline_is_a_wait_timeout(
+    session: Session, fake: FakeDedalus, clock: FakeClock
+) -> None:
+    """Errors until past the deadline: WaitTimeout (caused by the last error), on time."""
+    fake.set_script(Script.stuck(retry_after_ms=1000))
+    handle = await session.create_execution("dm-1", ["x"])
+    fake.add_fault(Fault(method="GET", status=503, times=None))
+    with pytest.raises(WaitTimeout) as info:
+        await handle.wait(timeout=10)
+    assert isinstance(info.value.__cause__, ServerError)
+    assert info.value.last is not None  # the create's snapshot
+    assert math.fsum(clock.sleeps) <= 10.0
+
+
+async def test_attached_wait_that_never_saw_a_snapshot(
+    session: Session, fake: FakeDedalus, clock: FakeClock
+) -> None:
+    """An attached handle whose every poll failed times out with last=None."""
+    fake.add_fault(Fault(method="GET", drop=True, times=None))
+    with pytest.raises(WaitTimeout) as info:
+        await session.execution("dm-1", "exe-x").wait(timeout=5)
+    assert info.value.last is None
+    assert "unseen" in str(info.value)
