@@ -26,6 +26,7 @@ def tests(session: nox.Session) -> None:
     session.install(".[fast]", *_group("test"))
     session.run("coverage", "erase")
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "combine", "--quiet")
     session.run("coverage", "report", f"--fail-under={COVERAGE_FLOOR}")
 
 

@@ -13,6 +13,8 @@ testing kit and the command line sit on top of the session.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._clock import Clock, SystemClock
 from ._errors import (
     APIStatusError,
@@ -49,7 +51,20 @@ from ._results import ExecutionResult, WaitStats
 from ._session import DEFAULT_BASE_URL, EventStream, ExecutionHandle, Session
 from ._throttle import Throttle
 
+if TYPE_CHECKING:
+    from ._local import LocalBackend
+
 __version__ = "0.1.0.dev0"
+
+
+def __getattr__(name: str) -> Any:
+    # LocalBackend pulls in aiohttp's server side; load it only for those who use it
+    if name == "LocalBackend":
+        from ._local import LocalBackend
+
+        return LocalBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -74,6 +89,7 @@ __all__ = [
     "ExecutionResult",
     "ExecutionStatus",
     "IdempotencyKeyReusedError",
+    "LocalBackend",
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",

@@ -151,6 +151,8 @@ class ExecutionRef:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExecutionRef:
         """Read a dict made by :meth:`to_dict` (unknown keys are ignored)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"ExecutionRef.from_dict needs a dict, not {type(data).__name__}")
         try:
             machine_id = data["machine_id"]
             execution_id = data["execution_id"]
@@ -171,7 +173,12 @@ class ExecutionRef:
     @classmethod
     def from_json(cls, text: str | bytes) -> ExecutionRef:
         """Read a string made by :meth:`to_json`."""
-        data = json.loads(text)
+        if not isinstance(text, str | bytes):
+            raise TypeError(f"ExecutionRef.from_json needs a str, not {type(text).__name__}")
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"ExecutionRef JSON is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError("ExecutionRef JSON must be an object")
         return cls.from_dict(data)

@@ -13,7 +13,15 @@ import os
 import random as _random
 import secrets
 import warnings
-from collections.abc import AsyncIterator, Callable, Collection, Generator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Generator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 from urllib.parse import urlsplit
@@ -46,12 +54,13 @@ from ._policy import (
     PollPolicy,
     PollState,
     RetryPolicy,
+    Sleep,
     is_retryable_status,
     next_poll,
     retry_delay,
 )
 from ._results import ExecutionResult, WaitStats
-from ._throttle import Throttle
+from ._throttle import Throttle, check_rate
 from ._transport import AiohttpTransport
 from ._wire import Request, Response
 
@@ -117,16 +126,22 @@ def _resolve_credentials(
     api_key: str | None, auth_scheme: AuthScheme | None
 ) -> tuple[str, AuthScheme]:
     if api_key is not None:
-        if not isinstance(api_key, str) or not api_key.strip():
+        if not isinstance(api_key, str):
+            raise TypeError(f"api_key must be a str, not {type(api_key).__name__}")
+        if not api_key.strip():
             raise ConfigurationError("api_key must be a non-empty string")
+        _check_header_value("api_key", api_key)
         return api_key, auth_scheme or "x-api-key"
     bearer = os.environ.get("DEDALUS_API_KEY")
     x_key = os.environ.get("DEDALUS_X_API_KEY")
     if auth_scheme == "x-api-key" and x_key:
+        _check_header_value("DEDALUS_X_API_KEY", x_key)
         return x_key, "x-api-key"
     if bearer:
+        _check_header_value("DEDALUS_API_KEY", bearer)
         return bearer, auth_scheme or "bearer"
     if x_key:
+        _check_header_value("DEDALUS_X_API_KEY", x_key)
         return x_key, auth_scheme or "x-api-key"
     raise ConfigurationError(
         "no API key: pass Session(api_key=...) or set DEDALUS_API_KEY (sent as a Bearer "
@@ -135,7 +150,21 @@ def _resolve_credentials(
     )
 
 
+def _check_header_value(name: str, value: str) -> None:
+    # a line break in a header value would let the caller inject headers; the value itself
+    # is never shown (it may be the key)
+    if any(c in value for c in "\r\n\x00"):
+        raise ConfigurationError(f"{name} must not contain line breaks or NUL characters")
+
+
+def _check_instance(name: str, value: object, cls: type | tuple[type, ...], what: str) -> None:
+    if value is not None and not isinstance(value, cls):
+        raise TypeError(f"{name} must be {what}, not {type(value).__name__}")
+
+
 def _check_base_url(base_url: str, allow_insecure_http: bool) -> str:
+    if not isinstance(base_url, str):
+        raise TypeError(f"base_url must be a str, not {type(base_url).__name__}")
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(
@@ -199,13 +228,25 @@ class Session:
         key, scheme = _resolve_credentials(api_key, auth_scheme)
         url = base_url or os.environ.get("DEDALUS_BASE_URL") or DEFAULT_BASE_URL
         self.base_url: str = _check_base_url(url, allow_insecure_http)
+        _check_instance("org_id", org_id, str, "a str")
         org = org_id if org_id is not None else os.environ.get("DEDALUS_ORG_ID")
+        if org:
+            _check_header_value("org_id", org)
         if isinstance(request_timeout, bool) or not isinstance(request_timeout, int | float):
             raise TypeError("request_timeout must be a number of seconds")
-        if not request_timeout > 0:
-            raise ValueError(f"request_timeout must be positive, got {request_timeout}")
-        if not isinstance(max_connections, int) or max_connections < 1:
+        if not 0 < request_timeout < float("inf"):
+            raise ValueError(f"request_timeout must be positive seconds, got {request_timeout}")
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+            raise TypeError("max_connections must be an int")
+        if max_connections < 1:
             raise ValueError("max_connections must be a positive int")
+        _check_instance("retry", retry, RetryPolicy, "a RetryPolicy")
+        _check_instance("poll", poll, PollPolicy, "a PollPolicy")
+        _check_instance("clock", clock, Clock, "a Clock (monotonic, now, sleep)")
+        if random is not None and not callable(random):
+            raise TypeError(
+                f"random must be a callable returning [0, 1), not {type(random).__name__}"
+            )
         self.org_id: str | None = org
         self.auth_scheme: AuthScheme = scheme
         self.request_timeout: float = float(request_timeout)
@@ -214,7 +255,9 @@ class Session:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._random = random if random is not None else _random.random
         self.throttle: Throttle = Throttle(
-            max_requests_per_second, clock=self.clock, random=self._random
+            check_rate(max_requests_per_second, "max_requests_per_second"),
+            clock=self.clock,
+            random=self._random,
         )
         headers = {
             "Accept": "application/json",
@@ -522,6 +565,7 @@ class Session:
         (:class:`ExecutionFailed`). With ``cancel_remote=True``, a run that is cancelled or
         times out deletes the remote execution too.
         """
+        self._resolve_timeout(timeout, poll or self.poll)  # bad values fail before the create
         handle = await self.create_execution(
             machine_id,
             command,
@@ -532,7 +576,13 @@ class Session:
             idempotency_key=idempotency_key,
         )
         execution = await handle.wait(timeout=timeout, cancel_remote=cancel_remote, poll=poll)
-        stats = handle.stats or WaitStats()
+        return await self._result(handle, execution, check=check)
+
+    @staticmethod
+    async def _result(
+        handle: ExecutionHandle, execution: Execution, *, check: bool
+    ) -> ExecutionResult:
+        """The end of a run: fetch the output, build the result, raise only if asked."""
         output: ExecutionOutput | None = None
         if execution.stdout_bytes != 0 or execution.stderr_bytes != 0:
             # both sizes reported as zero: there is nothing to fetch
@@ -542,7 +592,7 @@ class Session:
             stdout=(output.stdout if output else None) or "",
             stderr=(output.stderr if output else None) or "",
             output=output,
-            stats=stats,
+            stats=handle.stats or WaitStats(),
         )
         if check and not result.ok:
             raise ExecutionFailed(result)
@@ -673,13 +723,16 @@ class Session:
     def _resolve_timeout(
         self, timeout: float | _Default | None, policy: PollPolicy
     ) -> float | None:
+        """The wait's deadline in seconds from now (None: none), checking both arguments."""
+        if not isinstance(policy, PollPolicy):
+            raise TypeError(f"poll must be a PollPolicy, not {type(policy).__name__}")
         if isinstance(timeout, _Default):
             return policy.timeout
         if timeout is None:
             return None
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise TypeError(f"timeout must be seconds or None, not {type(timeout).__name__}")
-        if not timeout > 0:
+        if not 0 < timeout < float("inf"):
             raise ValueError(f"timeout must be positive seconds (or None), got {timeout}")
         return float(timeout)
 
@@ -692,8 +745,14 @@ class Session:
         done_when: Callable[[Execution], bool],
         cancel_remote: bool,
         policy: PollPolicy,
+        pause: Callable[[Sleep], Awaitable[Execution | None]] | None = None,
     ) -> Execution:
-        """The wait loop: poll, ask :func:`next_poll`, sleep, until done or the deadline."""
+        """The wait loop: poll, ask :func:`next_poll`, sleep, until done or the deadline.
+
+        ``pause`` replaces the sleep between polls: it may return a fresh snapshot it got
+        some other way (fan-out reads one list page for many waiters), or None to have
+        this loop GET the execution as usual.
+        """
         self._check_open()
         clock = self.clock
         start = clock.monotonic()
@@ -743,9 +802,17 @@ class Session:
                     assert timeout is not None
                     handle.stats = self._wait_stats(counters, start, None)
                     raise self._wait_timeout(handle, timeout)
-                counters.slept += decision.seconds
-                await clock.sleep(decision.seconds)
-                snapshot = None
+                if pause is None:
+                    counters.slept += decision.seconds
+                    await clock.sleep(decision.seconds)
+                    snapshot = None
+                else:
+                    before = clock.monotonic()
+                    snapshot = await pause(decision)
+                    counters.slept += clock.monotonic() - before
+                    if snapshot is not None:
+                        counters.polls += 1  # a look, even if it cost no request of its own
+                        handle.last = snapshot
         finally:
             if not finished and cancel_remote:
                 await self._cancel_remote(handle)
@@ -805,6 +872,8 @@ class Session:
 def _check_until(until: Collection[str]) -> frozenset[str]:
     if isinstance(until, str):
         raise TypeError(f"until must be a collection of statuses, e.g. {{{until!r}}}")
+    if not isinstance(until, Collection):
+        raise TypeError(f"until must be a collection of statuses, not {type(until).__name__}")
     statuses = frozenset(until)
     if not statuses or not all(isinstance(s, str) for s in statuses):
         raise ValueError("until must be a non-empty collection of status strings")
@@ -950,6 +1019,8 @@ class EventStream:
     def __init__(
         self, session: Session, handle: ExecutionHandle, cursor: str | None, follow: bool
     ) -> None:
+        if cursor is not None and not isinstance(cursor, str):
+            raise TypeError(f"cursor must be a str or None, not {type(cursor).__name__}")
         self._session = session
         self._handle = handle
         self.cursor = cursor

@@ -53,6 +53,9 @@ class AiohttpTransport:
         self._headers = dict(headers)
         self._idem_headers = {**self._headers, **_JSON_HEADERS}
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        if client_session is not None and not isinstance(client_session, aiohttp.ClientSession):
+            kind = type(client_session).__name__
+            raise TypeError(f"client_session must be an aiohttp.ClientSession, not {kind}")
         self._session = client_session
         self._borrowed = client_session is not None
         self._limit = max_connections
@@ -113,6 +116,15 @@ class AiohttpTransport:
                 method=request.method,
                 path=request.path,
             ) from exc
+        except aiohttp.ClientResponseError as exc:
+            # Its request_info holds the request headers, credentials included: the error
+            # is raised below, outside this block, so that it neither chains nor keeps it.
+            scrubbed = TransportError(
+                f"{request.method} {request.path} failed: {type(exc).__name__}: "
+                f"{exc.status}, {exc.message}",
+                method=request.method,
+                path=request.path,
+            )
         except aiohttp.ClientError as exc:
             raise TransportError(
                 f"{request.method} {request.path} failed: {type(exc).__name__}: {_reason(exc)}",
@@ -127,6 +139,7 @@ class AiohttpTransport:
                 method=request.method,
                 path=request.path,
             ) from exc
+        raise scrubbed
 
 
 def _reason(exc: aiohttp.ClientError) -> str:

@@ -255,7 +255,7 @@ def page_request(path: str, *, limit: int | None, cursor: str | None) -> Request
 def _json(response: Response) -> Any:
     try:
         return _loads(response.body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise ResponseDecodeError(
             f"response body is not valid JSON (HTTP {response.status}, "
             f"{len(response.body)} bytes): {exc}",
@@ -337,11 +337,12 @@ def parse_retry_after(headers: Mapping[str, str], now: datetime) -> float | None
     except ValueError:
         try:
             when = parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
+            if when.tzinfo is None:
+                return None
+            return (when - now).total_seconds()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            # unparseable, or a date beyond what datetime can represent: no usable pause
             return None
-        if when.tzinfo is None:
-            return None
-        return (when - now).total_seconds()
     if seconds != seconds or abs(seconds) == float("inf"):
         return None
     return seconds
@@ -359,7 +360,7 @@ def error_from_response(
     text = _snippet(response.body)
     try:
         data = _loads(response.body) if response.body else None
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict):
         if isinstance(data.get("error_code"), str):

@@ -1,0 +1,203 @@
+"""The benchmark's server process: a FakeDedalus on loopback, plus a little bookkeeping.
+
+Run as ``python -m benchmarks.server [--time-scale S]``. It prints one line,
+``READY http://127.0.0.1:PORT``, then serves until its standard input closes (so it never
+outlives the runner that started it). It lives in its own process so that the client's
+CPU time is the client's alone.
+
+Every execution follows ``Script.default`` (``wake_in_progress`` 0.2 s, ``queued`` 0.1 s,
+``running`` 0.3 s, each phase's ``retry_after_ms`` hint equal to its duration), scaled by
+``--time-scale``, and ends ``succeeded`` with ``stdout="ok\\n"`` so that every client also
+fetches the output: 5 requests per execution when every poll lands on time.
+
+A middleware watches the traffic without changing it:
+
+* it counts requests by kind (create, poll, output, list, other) and error statuses;
+* for every response carrying a hint (a create, a GET, or an item of a list page) it
+  remembers when it was sent, and when the next GET of that execution arrives it checks
+  the gap (``early_polls``). The gap is measured from the moment the server *sent* the
+  hint, which is before the client received it, so a gap shorter than the hint proves
+  the client looked early; none is ever counted wrongly. ``early_own`` counts the same
+  way but only against the hints of the execution's own create and GETs, not those it
+  appeared with in a page of the list.
+
+``GET /_bench/stats`` answers the counters as JSON, ``POST /_bench/reset`` zeroes them
+(the client calls it after its warm-up). Both are answered by the middleware and never
+reach the fake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from dedalus_async.testing import FakeDedalus, Outcome, Phase, Script
+
+__all__ = ["API_KEY", "MACHINE_ID", "ServerStats", "bench_script", "main"]
+
+#: The key every benchmark client presents.
+API_KEY = "bench-key"
+#: The machine every benchmark execution runs on.
+MACHINE_ID = "dm-bench"
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def bench_script(time_scale: float = 1.0) -> Script:
+    """``Script.default`` timing times ``time_scale``, ending with some stdout."""
+    phases = (
+        Phase("wake_in_progress", 0.2 * time_scale, round(200 * time_scale)),
+        Phase("queued", 0.1 * time_scale, round(100 * time_scale)),
+        Phase("running", 0.3 * time_scale, round(300 * time_scale)),
+    )
+    return Script(phases, Outcome(stdout="ok\n"))
+
+
+class ServerStats:
+    """Counters kept by the middleware; :meth:`as_dict` is what ``/_bench/stats`` sends."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests = 0
+        self.by_kind: dict[str, int] = {}
+        self.errors = 0
+        self.checked_polls = 0
+        self.early_polls = 0
+        self.early_own = 0
+        self.min_margin_ms: float | None = None
+        # execution id -> (monotonic time the hint was sent, hint in seconds), from any
+        # response that showed the execution (list pages included) ...
+        self.hints: dict[str, tuple[float, float]] = {}
+        # ... and from the execution's own responses only (its create and its GETs)
+        self.own_hints: dict[str, tuple[float, float]] = {}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "by_kind": dict(self.by_kind),
+            "errors": self.errors,
+            "checked_polls": self.checked_polls,
+            "early_polls": self.early_polls,
+            "early_own": self.early_own,
+            "min_margin_ms": self.min_margin_ms,
+        }
+
+    def hint_sent(
+        self, execution_id: str | None, hint_ms: int | None, sent: float, *, own: bool
+    ) -> None:
+        """A response told the client to wait ``hint_ms`` before looking at it again."""
+        if execution_id is None:
+            return
+        for hints in (self.hints, self.own_hints) if own else (self.hints,):
+            if hint_ms is None:  # no hint (a terminal execution): nothing to check
+                hints.pop(execution_id, None)
+            else:
+                hints[execution_id] = (sent, hint_ms / 1000.0)
+
+    def poll_arrived(self, execution_id: str, now: float) -> None:
+        """A GET of this execution arrived: was it at least the last hint after it?"""
+        own = self.own_hints.pop(execution_id, None)
+        if own is not None and now - own[0] < own[1]:
+            self.early_own += 1
+        seen = self.hints.pop(execution_id, None)
+        if seen is None:
+            return
+        sent, hint = seen
+        margin_ms = (now - sent - hint) * 1000.0
+        self.checked_polls += 1
+        if margin_ms < 0:
+            self.early_polls += 1
+        if self.min_margin_ms is None or margin_ms < self.min_margin_ms:
+            self.min_margin_ms = margin_ms
+
+
+def _kind(method: str, parts: list[str]) -> str:
+    # /v1/machines/{m}/executions[/{e}[/output|/events]]
+    if len(parts) == 5:
+        return "create" if method == "POST" else "list"
+    if len(parts) == 6:
+        return "poll" if method == "GET" else method.lower()
+    if len(parts) == 7:
+        return parts[6]
+    return "other"
+
+
+def make_middleware(fake: FakeDedalus, stats: ServerStats) -> Any:
+    """The watching middleware described in the module docstring."""
+
+    @web.middleware
+    async def watch(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/_bench/"):
+            if path == "/_bench/reset":
+                stats.reset()
+            return web.json_response(stats.as_dict())
+        arrived = time.monotonic()
+        parts = request.rel_url.raw_path.split("/")
+        kind = _kind(request.method, parts)
+        stats.requests += 1
+        stats.by_kind[kind] = stats.by_kind.get(kind, 0) + 1
+        if kind == "poll":
+            stats.poll_arrived(parts[5], arrived)
+        response = await handler(request)
+        if response.status >= 400:
+            stats.errors += 1
+            return response
+        sent = time.monotonic()
+        if kind == "poll":
+            record = fake.executions.get(parts[5])
+            if record is not None:
+                stats.hint_sent(record.execution_id, record.retry_after_ms, sent, own=True)
+        elif kind in ("create", "list") and isinstance(response, web.Response):
+            body = response.body
+            if isinstance(body, bytes):
+                data = json.loads(body)
+                # a page of the list carries each execution's hint just like a GET does
+                items = (data.get("items") or ()) if kind == "list" else (data,)
+                for item in items:
+                    stats.hint_sent(
+                        item.get("execution_id"),
+                        item.get("retry_after_ms"),
+                        sent,
+                        own=kind == "create",
+                    )
+        return response
+
+    return watch
+
+
+async def serve(time_scale: float, port: int) -> None:
+    """Serve until standard input reaches its end."""
+    stats = ServerStats()
+    fake = FakeDedalus(
+        api_key=API_KEY, script=bench_script(time_scale), port=port, record_requests=False
+    )
+    fake.app.middlewares.append(make_middleware(fake, stats))
+    async with fake:
+        print(f"READY {fake.base_url}", flush=True)
+        loop = asyncio.get_running_loop()
+        # Reading in a thread: the runner closes our stdin (or dies) and we stop.
+        while await loop.run_in_executor(None, sys.stdin.readline):
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__)
+    parser.add_argument("--time-scale", type=float, default=1.0)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.time_scale, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

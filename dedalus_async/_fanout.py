@@ -1,0 +1,814 @@
+"""Fan-out: many executions at once, with limits, as structured concurrency.
+
+:meth:`Session.run_many <dedalus_async.Session.run_many>` and
+:meth:`Session.as_completed <dedalus_async.Session.as_completed>` both drive one engine:
+
+* Every request is validated, and gets its Idempotency-Key, before anything is sent: a bad
+  request in a list of 2,000 fails at once, and a retried create never runs twice.
+* ``concurrency`` workers run inside one anyio task group; each takes the next request,
+  creates it (at most ``create_concurrency`` creates in flight), waits for it, fetches its
+  output, and takes the next. So at most ``concurrency`` executions are being waited on,
+  and no task is left behind when the call returns, raises or is left early.
+* Waiting: when several executions of one machine are waited on at once, a per-machine
+  :class:`_Refresher` reads them a page at a time from ``list_executions`` instead of
+  one GET per execution per look; each waiter keeps its own schedule (the pure
+  :func:`~dedalus_async._policy.next_poll`) and its own deadline, and falls back to its
+  own GET whenever the page does not serve it.
+* The Session's :class:`~dedalus_async.Throttle` paces every request of every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import attrs
+
+from . import _wire
+from ._errors import APIStatusError, DedalusError
+from ._models import Execution
+from ._policy import PollPolicy, Sleep
+from ._results import ExecutionResult
+from ._session import (
+    DEFAULT,
+    ExecutionHandle,
+    Session,
+    _DeadlineReached,
+    _Default,
+    _is_terminal,
+)
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+__all__ = ["Completed", "ExecutionRequest", "Progress", "as_completed", "run_many"]
+
+logger = logging.getLogger("dedalus_async")
+
+#: A machine's executions are read a page at a time once this many are being waited on.
+BATCH_MIN_WAITERS: Final = 4
+# The page size asked for when reading a machine's executions (servers may clamp it).
+_PAGE_SIZE: Final = 100
+# A waiter may be served by a page read this fraction of its own sleep early: looking a
+# little early costs nothing when the page is read anyway, and it lets one page serve
+# waiters whose schedules are close but not equal.
+_EARLY_FRACTION: Final = 0.5
+# A machine's waiters go back to their own GETs for the rest of the fan-out when, over
+# this many sweeps in a row, the pages read served no more looks than there were pages.
+_LEDGER_SWEEPS: Final = 8
+# Statuses with which a server refuses a list outright: no point asking again.
+_LIST_REFUSED: Final = frozenset({400, 401, 403, 404, 405, 422})
+
+
+# --- requests, results, progress -------------------------------------------------------
+
+
+def _check_machine_id(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    _wire.check_id("machine_id", value)
+
+
+def _argv(value: Sequence[str]) -> tuple[str, ...]:
+    return tuple(_wire.check_command(value))
+
+
+def _env(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    checked = _wire.check_env(value)
+    # read-only, so a frozen request cannot change under a fan-out that is running it
+    return None if checked is None else MappingProxyType(checked)
+
+
+def _optional_str(_: Any, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    _wire.check_optional_str(attribute.name, value)
+
+
+def _timeout_ms(_: Any, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+    _wire.check_timeout_ms(value)
+
+
+def _idempotency_key(_: Any, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    _wire.check_idempotency_key(value)
+
+
+def _wait_timeout(
+    _: Any, attribute: attrs.Attribute[float | _Default | None], value: float | _Default | None
+) -> None:
+    # the same rule as ExecutionHandle.wait(timeout=...), checked here so that it fails
+    # when the request is built, not halfway through a fan-out
+    if value is None or isinstance(value, _Default):
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"timeout must be seconds or None, not {type(value).__name__}")
+    if not value > 0 or value == math.inf:
+        raise ValueError(f"timeout must be positive finite seconds (or None), got {value}")
+
+
+# typed as the field is, so the default does not narrow the field's type to _Default
+_SESSION_TIMEOUT: float | _Default | None = DEFAULT
+
+
+def _env_repr(env: Mapping[str, str] | None) -> str:
+    # values often carry secrets: show the keys only
+    return "None" if env is None else "{" + ", ".join(f"{k!r}: ..." for k in env) + "}"
+
+
+def _stdin_repr(stdin: str | None) -> str:
+    return "None" if stdin is None else f"<{len(stdin)} characters>"
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionRequest:
+    """One execution to run in a fan-out: the arguments of :meth:`Session.run`.
+
+    Everything is validated when the request is built, so a bad request in a long list
+    fails before any request is sent. ``timeout_ms`` is the remote command's own limit;
+    ``timeout`` the deadline of the wait in seconds (default: the Session's poll policy's,
+    ``None``: no deadline). Without an ``idempotency_key`` the fan-out generates one.
+    """
+
+    machine_id: str = attrs.field(validator=_check_machine_id)
+    command: tuple[str, ...] = attrs.field(converter=_argv)
+    cwd: str | None = attrs.field(default=None, validator=_optional_str)
+    env: Mapping[str, str] | None = attrs.field(
+        default=None, converter=_env, hash=False, repr=_env_repr
+    )
+    stdin: str | None = attrs.field(default=None, validator=_optional_str, repr=_stdin_repr)
+    timeout_ms: int | None = attrs.field(default=None, validator=_timeout_ms)
+    idempotency_key: str | None = attrs.field(default=None, validator=_idempotency_key)
+    timeout: float | _Default | None = attrs.field(
+        default=_SESSION_TIMEOUT, validator=_wait_timeout
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Progress:
+    """Where a fan-out stands; passed to ``on_progress`` on every change.
+
+    ``done``: finished with a result (whatever its exit code); ``failed``: finished with
+    an exception; ``in_flight``: being created, waited on or read; ``total``: requests.
+    """
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    in_flight: int = 0
+
+    @property
+    def finished(self) -> int:
+        """Requests that ended either way: ``done + failed``."""
+        return self.done + self.failed
+
+    @property
+    def pending(self) -> int:
+        """Requests not started yet."""
+        return self.total - self.finished - self.in_flight
+
+
+@attrs.frozen(kw_only=True)
+class Completed:
+    """One finished request of :meth:`Session.as_completed`, and which one it was.
+
+    ``index`` is the request's position in the input; ``outcome`` is its
+    :class:`ExecutionResult` or the exception it ended with.
+    """
+
+    index: int
+    request: ExecutionRequest
+    outcome: ExecutionResult | BaseException
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception the request ended with, or ``None`` if it has a result."""
+        return self.outcome if isinstance(self.outcome, BaseException) else None
+
+    @property
+    def result(self) -> ExecutionResult:
+        """The result; raises the request's exception if it ended with one."""
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+# --- planning: everything that can fail before a request is sent ------------------------
+
+
+@attrs.frozen
+class _Plan:
+    requests: tuple[ExecutionRequest, ...]
+    keys: tuple[str, ...]
+    concurrency: int
+    create_concurrency: int
+    cancel_remote: bool
+    check: bool
+    batch_refresh: bool
+    on_progress: Callable[[Progress], object] | None
+    poll: PollPolicy | None
+
+
+def _limit(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _plan(
+    session: Session,
+    requests: Iterable[ExecutionRequest],
+    *,
+    concurrency: int,
+    create_concurrency: int,
+    cancel_remote: bool,
+    check: bool,
+    batch_refresh: bool,
+    on_progress: Callable[[Progress], object] | None,
+    poll: PollPolicy | None,
+) -> _Plan:
+    if isinstance(requests, ExecutionRequest):
+        raise TypeError("requests must be an iterable of ExecutionRequest, not a single one")
+    items = tuple(requests)
+    for index, item in enumerate(items):
+        if not isinstance(item, ExecutionRequest):
+            raise TypeError(
+                f"requests[{index}] must be an ExecutionRequest, not {type(item).__name__}"
+            )
+    if poll is not None and not isinstance(poll, PollPolicy):
+        raise TypeError(f"poll must be a PollPolicy, not {type(poll).__name__}")
+    if on_progress is not None and not callable(on_progress):
+        raise TypeError("on_progress must be a callable taking a Progress")
+    given: dict[str, int] = {}
+    for index, item in enumerate(items):
+        if item.idempotency_key is not None:
+            first = given.setdefault(item.idempotency_key, index)
+            if first != index:
+                # the server would answer the second with the first's execution (or a 400)
+                raise ValueError(
+                    f"requests[{first}] and requests[{index}] share an idempotency_key"
+                )
+    # Keys are fixed before anything is sent: every retry of a create repeats its key, so
+    # the server creates each execution once, however the network behaves.
+    keys = tuple(item.idempotency_key or session.new_idempotency_key() for item in items)
+    session._check_open()
+    return _Plan(
+        items,
+        keys,
+        _limit("concurrency", concurrency),
+        _limit("create_concurrency", create_concurrency),
+        bool(cancel_remote),
+        bool(check),
+        bool(batch_refresh),
+        on_progress,
+        poll,
+    )
+
+
+# --- the engine --------------------------------------------------------------------------
+
+
+class _FanOut:
+    """Runs a plan in a task group; hands each outcome to ``deliver`` as it comes."""
+
+    def __init__(
+        self,
+        session: Session,
+        plan: _Plan,
+        deliver: Callable[[int, ExecutionResult | Exception], None],
+        *,
+        fail_fast: bool,
+    ) -> None:
+        self.session = session
+        self.plan = plan
+        self._deliver = deliver
+        self._fail_fast = fail_fast
+        self._next = 0
+        self._done = 0
+        self._failed = 0
+        self._in_flight = 0
+        self._refreshers: dict[str, _Refresher] = {}
+        # as in Session._wait: a poll retries transient errors while the deadline allows
+        self._poll_retry = attrs.evolve(session.retry, max_attempts=1 << 30, budget=1e12)
+
+    async def run(self) -> None:
+        plan = self.plan
+        # created here, inside the running loop: nothing of a fan-out outlives its call
+        self._create_slots = anyio.Semaphore(plan.create_concurrency)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            for _ in range(min(plan.concurrency, len(plan.requests))):
+                tg.start_soon(self._worker)
+
+    def _report(self) -> None:
+        callback = self.plan.on_progress
+        if callback is not None:
+            callback(
+                Progress(
+                    total=len(self.plan.requests),
+                    done=self._done,
+                    failed=self._failed,
+                    in_flight=self._in_flight,
+                )
+            )
+
+    async def _worker(self) -> None:
+        requests = self.plan.requests
+        while self._next < len(requests):
+            index = self._next
+            self._next += 1
+            self._in_flight += 1
+            self._report()
+            try:
+                result = await self._one(index)
+            except Exception as exc:
+                request = requests[index]
+                exc.add_note(
+                    f"in fan-out request #{index}: {request.command[0]!r} on {request.machine_id}"
+                )
+                self._in_flight -= 1
+                self._failed += 1
+                if self._fail_fast:
+                    self._report()
+                    # the task group cancels every other worker and raises this
+                    raise
+                self._deliver(index, exc)
+                self._report()
+            else:
+                self._in_flight -= 1
+                self._done += 1
+                self._deliver(index, result)
+                self._report()
+
+    async def _one(self, index: int) -> ExecutionResult:
+        session = self.session
+        plan = self.plan
+        request = plan.requests[index]
+        async with self._create_slots:
+            # With cancel_remote, a create that was sent is seen through even if the
+            # fan-out is cancelled meanwhile: only then is its ID known, so that the wait
+            # below (whose cleanup runs at its first checkpoint) can delete it.
+            with anyio.CancelScope(shield=plan.cancel_remote):
+                handle = await session.create_execution(
+                    request.machine_id,
+                    request.command,
+                    cwd=request.cwd,
+                    env=request.env,
+                    stdin=request.stdin,
+                    timeout_ms=request.timeout_ms,
+                    idempotency_key=plan.keys[index],
+                )
+        if plan.batch_refresh:
+            execution = await self._wait_batched(handle, request)
+        else:
+            execution = await handle.wait(
+                timeout=request.timeout, cancel_remote=plan.cancel_remote, poll=plan.poll
+            )
+        return await session._result(handle, execution, check=plan.check)
+
+    async def _wait_batched(self, handle: ExecutionHandle, request: ExecutionRequest) -> Execution:
+        """:meth:`ExecutionHandle.wait` (terminal statuses), with looks shared per machine.
+
+        ``Session._wait`` runs the loop; only its pause differs: while the machine's
+        refresher is engaged, a waiter's next snapshot may come from a page the refresher
+        read for everyone, else the loop GETs it as usual.
+        """
+        session = self.session
+        clock = session.clock
+        policy = self.plan.poll or session.poll
+        seconds = session._resolve_timeout(request.timeout, policy)
+        deadline = None if seconds is None else clock.monotonic() + seconds
+        refresher = self._refresher(handle.machine_id)
+        look = refresher.register(handle.execution_id, deadline)
+
+        async def pause(decision: Sleep) -> Execution | None:
+            if not refresher.engaged:
+                await clock.sleep(decision.seconds)
+                return None
+            # only a schedule of our own choosing may be served early; the deadline and
+            # expires_at are moments to look at exactly
+            early = _EARLY_FRACTION if decision.reason in ("hint", "backoff") else 0.0
+            return await refresher.look(look, decision.seconds, early)
+
+        try:
+            return await session._wait(
+                handle,
+                timeout=seconds,
+                deadline=deadline,
+                done_when=_is_terminal,
+                cancel_remote=self.plan.cancel_remote,
+                policy=policy,
+                pause=pause,
+            )
+        finally:
+            refresher.unregister(look)
+
+    def _refresher(self, machine_id: str) -> _Refresher:
+        refresher = self._refreshers.get(machine_id)
+        if refresher is None:
+            refresher = _Refresher(self.session, machine_id, self._tg)
+            self._refreshers[machine_id] = refresher
+        return refresher
+
+    def stats(self) -> dict[str, int]:
+        """Requests the refreshers made and saved (for tests and debug logs)."""
+        out = {"pages": 0, "served": 0, "fallbacks": 0, "sweeps": 0}
+        for refresher in self._refreshers.values():
+            out["pages"] += refresher.pages
+            out["served"] += refresher.served
+            out["fallbacks"] += refresher.fallbacks
+            out["sweeps"] += refresher.sweeps
+        return out
+
+
+# --- many waiters on one machine -----------------------------------------------------------
+
+
+class _Look:
+    """One waiter's standing request to its machine's refresher."""
+
+    __slots__ = ("deadline", "due", "early_by", "event", "execution_id", "snapshot")
+
+    def __init__(self, execution_id: str, deadline: float | None) -> None:
+        self.execution_id = execution_id
+        self.deadline = deadline
+        self.due: float | None = None  # None: not waiting for a look right now
+        self.early_by = 0.0
+        self.event: anyio.Event | None = None
+        self.snapshot: Execution | None = None
+
+
+class _Refresher:
+    """Reads the executions of one machine a page at a time for the waiters on it.
+
+    Each waiter asks for a look at a moment of its own choosing (:meth:`look`). When the
+    earliest moment comes, one *sweep* reads pages of ``list_executions`` and serves every
+    waiter that is due (or nearly: see ``_EARLY_FRACTION``), plus every waiter whose
+    execution the page shows terminal, whenever it was due. A due waiter the sweep cannot
+    serve (too few due, not on the pages read, the list failed) is told to GET for itself,
+    and one that was only nearly due keeps waiting for its own moment: a waiter never
+    polls more often than it would alone.
+
+    Pages are read from where the oldest waited-on execution was found last time (the
+    API lists oldest first, so the rest of a long history is skipped), wrapping around to
+    the first page when the wanted ones were not found before the end (a newest-first
+    server). A sweep reads at most one page per two due waiters, and the next one reads on
+    from where it stopped if it found none of its own; when sweeps stop saving requests
+    (or the server refuses the list) the machine's waiters go back to their own GETs.
+    """
+
+    def __init__(self, session: Session, machine_id: str, tg: TaskGroup) -> None:
+        self.session = session
+        self.machine_id = machine_id
+        self._tg = tg
+        self._path = _wire.executions_path(_wire.check_id("machine_id", machine_id))
+        self._looks: dict[str, _Look] = {}
+        self._running = False
+        self._wake: anyio.Event | None = None
+        self._nap: anyio.CancelScope | None = None
+        self._nap_until = math.inf
+        self._start_cursor: str | None = None
+        self._ledger: deque[tuple[int, int]] = deque(maxlen=_LEDGER_SWEEPS)
+        self.disabled = False
+        # telemetry
+        self.pages = 0
+        self.served = 0
+        self.fallbacks = 0
+        self.sweeps = 0
+
+    @property
+    def engaged(self) -> bool:
+        """Whether waiters should ask for looks (enough of them, and sweeps pay off)."""
+        return not self.disabled and len(self._looks) >= BATCH_MIN_WAITERS
+
+    def register(self, execution_id: str, deadline: float | None) -> _Look:
+        look = _Look(execution_id, deadline)
+        self._looks[execution_id] = look
+        if not self._running:
+            self._running = True
+            self._tg.start_soon(self._loop)
+        return look
+
+    def unregister(self, look: _Look) -> None:
+        self._looks.pop(look.execution_id, None)
+        look.due = None
+        if self._wake is not None:
+            self._wake.set()  # the loop ends once nobody is left
+
+    async def look(self, look: _Look, seconds: float, early: float) -> Execution | None:
+        """A snapshot from a sweep at least ``seconds`` (less ``early`` of it) from now, or
+        a terminal one sooner; ``None``: no sweep could serve, GET it yourself now."""
+        now = self.session.clock.monotonic()
+        look.due = now + seconds
+        look.early_by = seconds * early
+        look.snapshot = None
+        event = look.event = anyio.Event()
+        if look.due < self._nap_until and self._nap is not None:
+            self._nap.cancel()  # the loop is sleeping past this waiter's moment
+        if self._wake is not None:
+            self._wake.set()
+        try:
+            await event.wait()
+        finally:
+            look.due = None
+            look.event = None
+        return look.snapshot
+
+    def _serve(self, look: _Look, snapshot: Execution | None) -> None:
+        look.snapshot = snapshot
+        look.due = None
+        if look.event is not None:
+            look.event.set()
+        if snapshot is None:
+            self.fallbacks += 1
+        else:
+            self.served += 1
+
+    async def _loop(self) -> None:
+        clock = self.session.clock
+        try:
+            while self._looks:
+                waiting = [look for look in self._looks.values() if look.due is not None]
+                if not waiting:
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    self._wake = None
+                    continue
+                # A sweep happens when a waiter is due, never earlier, and then serves
+                # everyone at least part-way through their sleep (see _EARLY_FRACTION):
+                # waiters served together stay in step, so the next sweep serves them
+                # together again.
+                first = min(look.due for look in waiting if look.due is not None)
+                now = clock.monotonic()
+                if first > now:
+                    with anyio.CancelScope() as nap:
+                        self._nap, self._nap_until = nap, first
+                        await clock.sleep(first - now)
+                    self._nap, self._nap_until = None, math.inf
+                    continue
+                await self._sweep(waiting)
+        finally:
+            self._running = False
+            self._wake = None
+            # a waiter still parked here (the loop was cancelled) must not hang: serve None
+            for look in list(self._looks.values()):
+                if look.due is not None:
+                    self._serve(look, None)
+
+    async def _sweep(self, waiting: list[_Look]) -> None:
+        self.sweeps += 1
+        now = self.session.clock.monotonic()
+        due = {
+            look.execution_id: look
+            for look in waiting
+            if look.due is not None and look.due - look.early_by <= now
+        }
+        if self.disabled or len(due) < 2 or len(self._looks) < BATCH_MIN_WAITERS:
+            # one GET each is as cheap as a page, and fresher
+            for look in due.values():
+                self._release(look, now)
+            return
+        deadlines = [look.deadline for look in due.values() if look.deadline is not None]
+        deadline = min(deadlines) if deadlines else None
+        max_pages = max(1, len(due) // 2)
+        pages = 0
+        missing = set(due)
+        served = 0
+        # where the oldest waited-on execution sits: pages read after going round to the
+        # first page come before the ones read earlier in the list
+        first: dict[bool, str | None] = {}
+        start = cursor = self._start_cursor
+        wrapped = start is None
+        went_round = False
+        try:
+            while missing and pages < max_pages:
+                request = _wire.page_request(self._path, limit=_PAGE_SIZE, cursor=cursor)
+                items, next_cursor = await self.session._call(
+                    request, lambda r: _wire.decode_page(r, Execution), deadline=deadline
+                )
+                pages += 1
+                self.pages += 1
+                for item in items:
+                    waiter = self._looks.get(item.execution_id)
+                    if waiter is None:
+                        continue
+                    first.setdefault(wrapped and start is not None, cursor)
+                    if waiter.due is None:
+                        continue  # that waiter is busy with something else right now
+                    if item.execution_id in missing:
+                        missing.discard(item.execution_id)
+                    elif not item.is_terminal:
+                        continue  # not due yet, and nothing it needs to know early
+                    self._serve(waiter, item)
+                    served += 1
+                if next_cursor is None or (not items and next_cursor == cursor):
+                    if wrapped:
+                        went_round = True
+                        break
+                    wrapped, next_cursor = True, None  # the end: go round to the first page
+                if wrapped and next_cursor == start and start is not None:
+                    went_round = True
+                    break  # came round to where this sweep began
+                cursor = next_cursor
+        except (DedalusError, _DeadlineReached) as exc:
+            # a failed list must not fail the waits: they GET for themselves this time
+            # (and each meets its own deadline, or error, doing so)
+            logger.debug("listing executions of %s failed: %s", self.machine_id, exc)
+            self._start_cursor = None
+            if isinstance(exc, APIStatusError) and exc.status in _LIST_REFUSED:
+                self._disable("the server refuses to list them")  # asking again won't help
+            else:
+                self._account(pages + 1, served)
+        else:
+            if first:
+                self._start_cursor = first.get(True, first.get(False))
+            elif not went_round:
+                # Stopped by the page limit before finding any of ours (a long history):
+                # the next sweep reads on from here instead of re-reading the same pages.
+                self._start_cursor = cursor
+            self._account(pages, served)
+        for execution_id in missing:
+            self._release(due[execution_id], now)
+
+    def _release(self, look: _Look, now: float) -> None:
+        """A look no page served: GET for yourself, but not before your own moment."""
+        if look.due is None:
+            return
+        if look.due <= now:
+            self._serve(look, None)
+        else:
+            # It was only early enough to share a page. Were it sent off to GET now, it
+            # would poll more often than on its own: it waits for its moment instead
+            # (a later sweep may still serve it).
+            look.early_by = 0.0
+
+    def _account(self, pages: int, served: int) -> None:
+        # Judged over several sweeps, not one: the first few may be spent finding where
+        # the waited-on executions are in a long list.
+        self._ledger.append((pages, served))
+        if len(self._ledger) == self._ledger.maxlen:
+            spent = sum(p for p, _ in self._ledger)
+            saved = sum(s for _, s in self._ledger)
+            if saved <= spent:
+                self._disable(f"{spent} pages served only {saved} looks")
+
+    def _disable(self, why: str) -> None:
+        if not self.disabled:
+            self.disabled = True
+            logger.debug("polling %s's executions one by one: %s", self.machine_id, why)
+
+
+# --- the two entry points ------------------------------------------------------------------
+
+
+async def run_many(
+    session: Session,
+    requests: Iterable[ExecutionRequest],
+    *,
+    concurrency: int,
+    create_concurrency: int,
+    return_exceptions: bool,
+    fail_fast: bool,
+    cancel_remote: bool,
+    on_progress: Callable[[Progress], object] | None,
+    check: bool,
+    poll: PollPolicy | None,
+    batch_refresh: bool,
+) -> list[ExecutionResult] | list[ExecutionResult | BaseException]:
+    """See :meth:`Session.run_many`."""
+    if fail_fast and return_exceptions:
+        raise ValueError(
+            "fail_fast=True raises at the first failure, return_exceptions=True returns "
+            "every failure in place: choose one"
+        )
+    plan = _plan(
+        session,
+        requests,
+        concurrency=concurrency,
+        create_concurrency=create_concurrency,
+        cancel_remote=cancel_remote,
+        check=check,
+        batch_refresh=batch_refresh,
+        on_progress=on_progress,
+        poll=poll,
+    )
+    total = len(plan.requests)
+    if not total:
+        return []
+    outcomes: list[ExecutionResult | BaseException | None] = [None] * total
+
+    def deliver(index: int, outcome: ExecutionResult | Exception) -> None:
+        outcomes[index] = outcome
+
+    engine = _FanOut(session, plan, deliver, fail_fast=fail_fast)
+    try:
+        await engine.run()
+    except ExceptionGroup as group:
+        if fail_fast:
+            raise ExceptionGroup(
+                f"run_many stopped at the first failure ({total} requests)", group.exceptions
+            ) from None
+        raise
+    logger.debug("run_many of %d finished: %s", total, engine.stats())
+    results: list[ExecutionResult | BaseException] = []
+    errors: list[Exception] = []
+    for outcome in outcomes:
+        assert outcome is not None  # every worker delivered before the task group ended
+        results.append(outcome)
+        if isinstance(outcome, Exception):
+            errors.append(outcome)
+    if errors and not return_exceptions:
+        raise ExceptionGroup(f"{len(errors)} of {total} executions failed", errors)
+    return results
+
+
+class _Completions:
+    """The async iterator of :func:`as_completed`."""
+
+    def __init__(
+        self, receive: MemoryObjectReceiveStream[Completed], return_exceptions: bool
+    ) -> None:
+        self._receive = receive
+        self._return_exceptions = return_exceptions
+
+    def __aiter__(self) -> _Completions:
+        return self
+
+    async def __anext__(self) -> Completed:
+        try:
+            item = await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        if not self._return_exceptions and isinstance(item.outcome, BaseException):
+            raise item.outcome
+        return item
+
+
+def as_completed(
+    session: Session,
+    requests: Iterable[ExecutionRequest],
+    *,
+    concurrency: int,
+    create_concurrency: int,
+    return_exceptions: bool,
+    cancel_remote: bool,
+    on_progress: Callable[[Progress], object] | None,
+    check: bool,
+    poll: PollPolicy | None,
+    batch_refresh: bool,
+) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Completed]]:
+    """See :meth:`Session.as_completed`; validates everything before returning."""
+    plan = _plan(
+        session,
+        requests,
+        concurrency=concurrency,
+        create_concurrency=create_concurrency,
+        cancel_remote=cancel_remote,
+        check=check,
+        batch_refresh=batch_refresh,
+        on_progress=on_progress,
+        poll=poll,
+    )
+    return _as_completed(session, plan, return_exceptions)
+
+
+@contextlib.asynccontextmanager
+async def _as_completed(
+    session: Session, plan: _Plan, return_exceptions: bool
+) -> AsyncIterator[AsyncIterator[Completed]]:
+    send: MemoryObjectSendStream[Completed]
+    receive: MemoryObjectReceiveStream[Completed]
+    # unbounded: each item is one finished result, which run_many would hold anyway, and a
+    # slow reader must not hold up the executions still running
+    send, receive = anyio.create_memory_object_stream[Completed](math.inf)
+
+    def deliver(index: int, outcome: ExecutionResult | Exception) -> None:
+        send.send_nowait(Completed(index=index, request=plan.requests[index], outcome=outcome))
+
+    async def produce() -> None:
+        try:
+            await _FanOut(session, plan, deliver, fail_fast=False).run()
+        finally:
+            send.close()  # the reader's loop ends after the last item
+
+    raised: Exception | None = None
+    with send, receive:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            try:
+                yield _Completions(receive, return_exceptions)
+            except Exception as exc:
+                # The block's own exception (a failure raised by the loop included) is
+                # re-raised as it is once the task group is done; raised in here, the
+                # task group would wrap it in an ExceptionGroup.
+                raised = exc
+            finally:
+                # Leaving the block, early or not: stop whatever still runs. The task
+                # group waits for the workers' cleanup (remote cancels included).
+                tg.cancel_scope.cancel()
+    if raised is not None:
+        raise raised

@@ -1,0 +1,749 @@
+"""The local backend: the executions API served on loopback, running real subprocesses.
+
+:class:`LocalBackend` reuses the fake server's HTTP application
+(:class:`~dedalus_async.testing.FakeDedalus`: auth, idempotency, pagination, events)
+with a different :class:`~dedalus_async.testing.Runner`: :class:`SubprocessRunner`, which
+runs every command as a real process **as the current user, without a sandbox**. It binds
+to ``127.0.0.1`` only and requires an API key drawn at random on every start.
+
+What an execution does, precisely (the real service documents none of this; these are the
+local backend's choices):
+
+Machines
+    Any machine id is accepted. It maps to a directory ``<data_dir>/machines/<slug>-<hash>``
+    where ``slug`` is a readable, sanitised prefix of the id (only ``[a-z0-9-]``) and
+    ``hash`` is 12 hex of the SHA-256 of the exact id, so an id like ``../../etc`` or
+    ``/etc`` can never name a directory outside ``machines/``, and ids differing only in
+    case or punctuation never share one. The directory persists across executions and
+    restarts, like ``/home/machine`` on a real machine. ``data_dir`` defaults to
+    ``$DEDALUS_LOCAL_HOME``, else ``$XDG_DATA_HOME/dedalus-async``, else
+    ``~/.local/share/dedalus-async``.
+Sleep and wake
+    A machine this backend has not run anything on yet, or one idle (no execution in
+    progress) for ``idle_timeout`` seconds, is asleep. An execution created on it first
+    reports ``wake_in_progress`` with ``retry_after_ms`` set to the wake time left, waits
+    ``wake_delay`` seconds (real time; executions created meanwhile share the same wake),
+    then goes ``queued`` and ``running``.
+Concurrency
+    At most ``max_concurrency`` commands run at once across all machines; the others stay
+    ``queued`` until a slot frees.
+Command
+    ``command`` is an argv list executed without a shell (``execvpe`` semantics: a bare
+    program name is looked up on the ``PATH`` of the execution's environment). A program
+    that cannot be started ends the execution ``failed`` with no exit code and
+    ``error_code`` ``COMMAND_NOT_FOUND``, ``COMMAND_NOT_EXECUTABLE``, ``INVALID_ARGUMENT``
+    (a NUL byte in an argument or in env) or ``SPAWN_FAILED``; a machine directory that
+    cannot be created gives ``MACHINE_UNAVAILABLE``.
+Working directory
+    Default: the machine's directory. A relative ``cwd`` is taken relative to it; an
+    absolute one must be ``/home/machine`` or below it, which maps to the machine's
+    directory (so requests written for a real machine work unchanged). After symlinks are
+    resolved the directory must still be inside the machine's directory and must exist;
+    otherwise the execution ends ``failed`` with ``error_code="INVALID_CWD"``. Only
+    ``cwd`` is mapped: arguments reach the command unchanged, so refer to files relative
+    to the working directory or through ``$HOME``. This keeps
+    executions from wandering into your files by accident; it is **not** a sandbox: the
+    command runs as you and can touch anything you can.
+Environment
+    The backend process's own environment, without ``DEDALUS_API_KEY`` and
+    ``DEDALUS_X_API_KEY`` (credentials never flow into commands), then ``HOME`` = the
+    machine's directory, ``PWD`` = the working directory, ``DEDALUS_MACHINE_ID`` and
+    ``DEDALUS_EXECUTION_ID``, then the request's ``env`` on top (it wins, ``HOME`` too).
+Stdin
+    The request's ``stdin`` is written UTF-8 encoded, then the pipe is closed; without
+    ``stdin`` the command reads from ``/dev/null``.
+Output
+    stdout and stderr are read while the command runs, decoded as UTF-8 (invalid bytes
+    become U+FFFD) and appended to the execution as they arrive, so an event follower sees
+    them live. The first ``output_cap`` bytes of each stream are kept (in ``/output`` and
+    in the events); the rest is read and dropped. ``stdout_bytes``/``stderr_bytes`` count
+    every byte the command wrote; ``*_truncated`` is true when that exceeds the cap.
+Exit
+    Exit status 0: ``succeeded`` with ``exit_code=0``. Non-zero: ``failed`` with that
+    ``exit_code``. Killed by a signal: ``failed``, ``signal`` = its number, no
+    ``exit_code`` (not 128+n: the API has a field for the signal). When the main process
+    exits, whatever is left in its process group is killed with SIGKILL: an execution
+    leaves no processes behind (a process that starts its own session escapes this).
+Timeout
+    ``timeout_ms`` counts from the moment the process started. When it passes, the whole
+    process group gets SIGKILL and the execution ends ``failed`` with ``signal=9``, no exit
+    code and ``error_code="TIMEOUT"`` (as the fake server reports it).
+Cancel
+    DELETE of an execution that has not ended kills its process group with SIGKILL and
+    reports ``cancelled`` at once (``signal=9`` when a process was killed).
+
+POSIX only: process groups and ``os.killpg``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import getpass
+import hashlib
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any, Final
+
+import attrs
+
+from ._session import Session
+from .testing._fake import FakeDedalus
+from .testing._fake_records import ExecutionRecord, to_millis
+
+__all__ = [
+    "DEFAULT_OUTPUT_CAP",
+    "MACHINE_HOME",
+    "LocalBackend",
+    "SubprocessRunner",
+    "current_user",
+    "default_data_dir",
+    "machine_dirname",
+    "resolve_cwd",
+]
+
+logger = logging.getLogger("dedalus_async.local")
+
+#: Bytes of each stream an execution keeps by default (1 MiB, as the fake server).
+DEFAULT_OUTPUT_CAP: Final = 1_048_576
+#: The absolute path that stands for a machine's directory in ``cwd``.
+MACHINE_HOME: Final = PurePosixPath("/home/machine")
+
+# Variables that carry credentials: never handed to commands.
+_SECRET_ENV: Final = ("DEDALUS_API_KEY", "DEDALUS_X_API_KEY")
+# Hints for pollers: the backend is local, so asking again soon is cheap. A command that
+# just started is likely a short one: the hint starts at 50 ms (quick results, live
+# output for event followers) and grows with the run time to 250 ms (gentle on long ones).
+_QUEUED_HINT_MS: Final = 50
+_RUNNING_HINT_MIN_MS: Final = 50
+_RUNNING_HINT_MAX_MS: Final = 250
+# After the main process ends (and its group is killed), how long to keep reading pipes
+# that a process outside the group (one that called setsid) may still hold open.
+_DRAIN_TIMEOUT: Final = 1.0
+_SLUG_BAD: Final = re.compile(r"[^a-z0-9]+")
+
+
+def default_data_dir() -> Path:
+    """Where the local backend keeps machines when no ``data_dir`` is given.
+
+    ``$DEDALUS_LOCAL_HOME``, else ``$XDG_DATA_HOME/dedalus-async``, else
+    ``~/.local/share/dedalus-async``.
+    """
+    explicit = os.environ.get("DEDALUS_LOCAL_HOME")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "dedalus-async"
+
+
+def machine_dirname(machine_id: str) -> str:
+    """The name of a machine's directory: ``<slug>-<12 hex of sha256(id)>``.
+
+    Always one plain path component (never ``.``, ``..`` or anything with a separator),
+    whatever the id is; the hash keeps distinct ids in distinct directories.
+    """
+    digest = hashlib.sha256(machine_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    slug = _SLUG_BAD.sub("-", machine_id.lower()).strip("-")[:48].rstrip("-")
+    return f"{slug or 'machine'}-{digest}"
+
+
+def resolve_cwd(machine_dir: Path, cwd: str | None) -> Path:
+    """The real directory an execution with this ``cwd`` runs in, or ``ValueError``.
+
+    See the module docstring: relative to the machine's directory, ``/home/machine/...``
+    mapped onto it, symlinks resolved, must stay inside and must exist.
+    """
+    root = Path(os.path.realpath(machine_dir))
+    if not cwd:
+        return root
+    if "\x00" in cwd:
+        raise ValueError("cwd must not contain NUL")
+    path = PurePosixPath(cwd)
+    if path.is_absolute():
+        try:
+            path = path.relative_to(MACHINE_HOME)
+        except ValueError:
+            raise ValueError(
+                f"cwd {cwd!r} is outside the machine: use a path relative to its home "
+                f"directory, or one under {MACHINE_HOME}"
+            ) from None
+    target = Path(os.path.realpath(root / path))
+    if target != root and root not in target.parents:
+        raise ValueError(f"cwd {cwd!r} leads outside the machine's home directory")
+    if not target.is_dir():
+        raise ValueError(f"cwd {cwd!r} is not an existing directory on the machine")
+    return target
+
+
+class _DirError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _prepare_dirs(directory: Path, cwd: str | None) -> tuple[Path, Path]:
+    """Create the machine's directory; return it (resolved) and the execution's cwd.
+
+    Synchronous on purpose: a mkdir and a few stats on a local disk cost microseconds,
+    less than a hop to a worker thread.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise _DirError(
+            "MACHINE_UNAVAILABLE", f"cannot create {directory}: {exc.strerror}"
+        ) from None
+    try:
+        return Path(os.path.realpath(directory)), resolve_cwd(directory, cwd)
+    except ValueError as exc:
+        raise _DirError("INVALID_CWD", str(exc)) from None
+
+
+def _kill_group(pgid: int) -> bool:
+    """SIGKILL a process group; False when it is already gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The group's only members are zombies or processes that changed user: nothing
+        # more we can do, and nothing that still runs as us.
+        return False
+    return True
+
+
+def _running_hint_ms(ran: float) -> int:
+    """``retry_after_ms`` for a command that has run ``ran`` seconds: a tenth of it, clamped."""
+    return min(_RUNNING_HINT_MAX_MS, max(_RUNNING_HINT_MIN_MS, int(ran * 100)))
+
+
+def _now() -> datetime:
+    return to_millis(datetime.now(UTC))
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+@attrs.define(eq=False)
+class _Machine:
+    """What the runner remembers about one machine (in memory: a restart sleeps them all)."""
+
+    directory: Path
+    # Executions started and not yet finished; a busy machine never falls asleep.
+    busy: int = 0
+    # monotonic time of the last finish; None = never ran here since this runner started
+    last_active: float | None = None
+    # monotonic time the wake in progress ends, if one is
+    wake_ends: float | None = None
+
+
+@attrs.define(eq=False)
+class _Job:
+    """The runner's state for one execution (kept as ``record.runner_state``)."""
+
+    record: ExecutionRecord
+    machine: _Machine
+    task: asyncio.Task[None] | None = None
+    # set once the process is spawned
+    pid: int | None = None
+    protocol: _CommandProtocol | None = None
+    # monotonic time the machine's wake ends, when this execution had to wait for one
+    wake_ends: float | None = None
+
+    def kill(self) -> bool:
+        """SIGKILL the command's process group if the command still runs; True if it did."""
+        if self.pid is None or self.protocol is None or self.protocol.exited.done():
+            return False
+        return _kill_group(self.pid)
+
+
+class SubprocessRunner:
+    """A :class:`~dedalus_async.testing.Runner` that runs each command as a local process.
+
+    Semantics (environment, working directory, caps, signals, timeouts, sleep and wake)
+    are described in :mod:`dedalus_async._local`. Every execution is driven by its own
+    task on the event loop; :meth:`aclose` kills and awaits them all.
+    """
+
+    def __init__(
+        self,
+        machines_dir: str | os.PathLike[str],
+        *,
+        output_cap: int = DEFAULT_OUTPUT_CAP,
+        idle_timeout: float = 300.0,
+        wake_delay: float = 0.2,
+        max_concurrency: int = 32,
+    ) -> None:
+        if isinstance(output_cap, bool) or not isinstance(output_cap, int) or output_cap < 0:
+            raise ValueError("output_cap must be a non-negative int (bytes)")
+        if not idle_timeout >= 0:
+            raise ValueError("idle_timeout must be >= 0 seconds")
+        if not (wake_delay >= 0 and math.isfinite(wake_delay)):
+            raise ValueError("wake_delay must be >= 0 seconds")
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError("max_concurrency must be a positive int")
+        self.machines_dir = Path(machines_dir)
+        self.output_cap = output_cap
+        self.idle_timeout = float(idle_timeout)
+        self.wake_delay = float(wake_delay)
+        self.max_concurrency = max_concurrency
+        self._machines: dict[str, _Machine] = {}
+        self._jobs: dict[str, _Job] = {}
+        # Created lazily: the runner may be built outside the loop that will run it.
+        self._slots: asyncio.Semaphore | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"SubprocessRunner({str(self.machines_dir)!r}, running={len(self._jobs)}, "
+            f"output_cap={self.output_cap})"
+        )
+
+    def machine_dir(self, machine_id: str) -> Path:
+        """The directory of a machine (not created here)."""
+        return self.machines_dir / machine_dirname(machine_id)
+
+    def _machine(self, machine_id: str) -> _Machine:
+        machine = self._machines.get(machine_id)
+        if machine is None:
+            machine = _Machine(self.machine_dir(machine_id))
+            self._machines[machine_id] = machine
+        return machine
+
+    # --- the Runner protocol -------------------------------------------------------------
+
+    def start(self, record: ExecutionRecord) -> None:
+        """Decide wake or not, log the first status, and start the execution's task."""
+        if self._closed:
+            record.finish("failed", _now(), error_code="BACKEND_CLOSED", error_message="closed")
+            return
+        loop = asyncio.get_running_loop()
+        machine = self._machine(record.machine_id)
+        now = time.monotonic()
+        if machine.wake_ends is not None and machine.wake_ends <= now:
+            machine.wake_ends = None
+        asleep = machine.busy == 0 and (
+            machine.last_active is None or now - machine.last_active >= self.idle_timeout
+        )
+        if machine.wake_ends is None and asleep and self.wake_delay > 0:
+            machine.wake_ends = now + self.wake_delay
+        machine.busy += 1
+        if machine.wake_ends is not None:
+            left_ms = max(1, math.ceil((machine.wake_ends - now) * 1000 - 1e-6))
+            record.transition("wake_in_progress", _now(), retry_after_ms=left_ms)
+        else:
+            record.transition("queued", _now(), retry_after_ms=_QUEUED_HINT_MS)
+        job = _Job(record, machine, wake_ends=machine.wake_ends)
+        record.runner_state = job
+        self._jobs[record.execution_id] = job
+        job.task = loop.create_task(self._play(job), name=f"dedalus-local-{record.execution_id}")
+
+    def refresh(self, record: ExecutionRecord) -> None:
+        """Update the polling hint of a running execution (its task does the rest, live)."""
+        job = self._jobs.get(record.execution_id)
+        if job is not None and job.protocol is not None and record.status == "running":
+            ran = time.monotonic() - job.protocol.started
+            record.retry_after_ms = _running_hint_ms(ran)
+
+    def cancel(self, record: ExecutionRecord) -> None:
+        """Kill the execution's process group (if it runs) and mark it ``cancelled`` now."""
+        job = self._jobs.get(record.execution_id)
+        killed = job is not None and job.kill()
+        record.finish(
+            "cancelled",
+            _now(),
+            signal=int(signal.SIGKILL) if killed else None,
+            error_message="cancelled by DELETE",
+        )
+
+    async def aclose(self) -> None:
+        """Kill every running command and wait for the executions' tasks to end."""
+        self._closed = True
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            job.record.finish(
+                "cancelled",
+                _now(),
+                error_code="BACKEND_CLOSED",
+                error_message="the local backend shut down",
+            )
+            job.kill()
+        tasks = [job.task for job in jobs if job.task is not None]
+        if tasks:
+            # Killed commands end within moments: let their tasks reap them, so that no
+            # process outlives the event loop; then cancel whatever still waits.
+            _, pending = await asyncio.wait(tasks, timeout=_DRAIN_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- one execution -------------------------------------------------------------------
+
+    async def _play(self, job: _Job) -> None:
+        record = job.record
+        machine = job.machine
+        try:
+            await self._wake(job)
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.max_concurrency)
+            async with self._slots:
+                if not record.is_terminal:
+                    await self._run(job)
+        except asyncio.CancelledError:
+            record.finish(
+                "cancelled",
+                _now(),
+                error_code="BACKEND_CLOSED",
+                error_message="the local backend shut down",
+            )
+            raise
+        except Exception as exc:
+            # A bug here must not leave the execution hanging in "running" forever.
+            logger.exception("local execution %s failed in the runner", record.execution_id)
+            record.finish("failed", _now(), error_code="RUNNER_ERROR", error_message=repr(exc))
+        finally:
+            machine.busy -= 1
+            machine.last_active = time.monotonic()
+            self._jobs.pop(record.execution_id, None)
+
+    async def _wake(self, job: _Job) -> None:
+        if job.wake_ends is not None:
+            await asyncio.sleep(max(0.0, job.wake_ends - time.monotonic()))
+            job.record.transition("queued", _now(), retry_after_ms=_QUEUED_HINT_MS)
+
+    def _fail(self, record: ExecutionRecord, code: str, message: str) -> None:
+        record.finish("failed", _now(), error_code=code, error_message=message)
+
+    def _environment(self, record: ExecutionRecord, home: Path, cwd: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        env["HOME"] = str(home)
+        env["PWD"] = str(cwd)
+        env["DEDALUS_MACHINE_ID"] = record.machine_id
+        env["DEDALUS_EXECUTION_ID"] = record.execution_id
+        if record.env:
+            env.update(record.env)
+        return env
+
+    async def _spawn(
+        self, job: _Job
+    ) -> tuple[asyncio.SubprocessTransport, _CommandProtocol] | None:
+        """Start the process, or end the execution ``failed`` and return None."""
+        record = job.record
+        try:
+            home, cwd = _prepare_dirs(job.machine.directory, record.cwd)
+        except _DirError as exc:
+            self._fail(record, exc.code, str(exc))
+            return None
+        env = self._environment(record, home, cwd)
+        program = record.command[0]
+        loop = asyncio.get_running_loop()
+        try:
+            # A protocol rather than create_subprocess_exec: Process.wait() also waits for
+            # the pipes to close, which a background child holding stdout can delay
+            # forever; process_exited() says when the command itself ended.
+            return await loop.subprocess_exec(
+                lambda: _CommandProtocol(record, self.output_cap, loop),
+                *record.command,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL if record.stdin is None else subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                # its own process group, so that a timeout or a cancel can kill the
+                # command and everything it started, and a Ctrl-C meant for the backend
+                # does not reach it
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            self._fail(record, "COMMAND_NOT_FOUND", f"{program}: command not found")
+        except PermissionError:
+            self._fail(record, "COMMAND_NOT_EXECUTABLE", f"{program}: permission denied")
+        except ValueError as exc:  # a NUL in an argument or in env, '=' in an env name
+            self._fail(record, "INVALID_ARGUMENT", f"cannot start {program}: {exc}")
+        except OSError as exc:
+            self._fail(record, "SPAWN_FAILED", f"cannot start {program}: {exc}")
+        return None
+
+    async def _run(self, job: _Job) -> None:
+        record = job.record
+        spawned = await self._spawn(job)
+        if spawned is None:
+            return
+        transport, protocol = spawned
+        job.pid = transport.get_pid()
+        job.protocol = protocol
+        timed_out = False
+        try:
+            if record.is_terminal:  # cancelled while the process was being started
+                return
+            stdin = transport.get_pipe_transport(0)
+            if stdin is not None:
+                # buffered by the transport and flushed before it closes; a command that
+                # exits without reading it just closes the pipe (no error reaches us)
+                assert isinstance(stdin, asyncio.WriteTransport)
+                stdin.write((record.stdin or "").encode("utf-8", "surrogatepass"))
+                stdin.close()
+            limit = None if record.timeout_ms is None else record.timeout_ms / 1000
+            done, _ = await asyncio.wait([protocol.exited], timeout=limit)
+            if not done:
+                timed_out = True
+                job.kill()
+                await asyncio.wait([protocol.exited], timeout=_DRAIN_TIMEOUT)
+            # anything the command left behind in its group goes with it
+            _kill_group(job.pid)
+            # output written just before the exit may still be in the pipes
+            await asyncio.wait([protocol.closed], timeout=_DRAIN_TIMEOUT)
+        finally:
+            if job.kill():  # cancelled (the backend is closing): reap it before leaving
+                await asyncio.wait([protocol.exited], timeout=_DRAIN_TIMEOUT)
+            transport.close()
+        protocol.flush()
+        returncode = transport.get_returncode()
+        at = _now()
+        if timed_out:
+            record.finish(
+                "failed",
+                at,
+                signal=int(signal.SIGKILL),
+                error_code="TIMEOUT",
+                error_message=f"command exceeded timeout_ms={record.timeout_ms}",
+            )
+        elif returncode is None:  # it did not die within the drain time: report the kill
+            record.finish(
+                "failed",
+                at,
+                signal=int(signal.SIGKILL),
+                error_code="UNRESPONSIVE",
+                error_message="command did not end after SIGKILL",
+            )
+        elif returncode < 0:
+            record.finish(
+                "failed",
+                at,
+                signal=-returncode,
+                error_message=f"command killed by {_signal_name(-returncode)}",
+            )
+        elif returncode == 0:
+            record.finish("succeeded", at, exit_code=0)
+        else:
+            record.finish("failed", at, exit_code=returncode)
+
+
+class _Capture:
+    """One output stream of a command, copied into its record as it arrives."""
+
+    __slots__ = ("_decoder", "cap", "kept", "record", "stream", "total")
+
+    def __init__(self, record: ExecutionRecord, stream: str, cap: int) -> None:
+        self.record = record
+        self.stream = stream
+        self.cap = cap
+        self.total = 0
+        self.kept = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, data: bytes) -> None:
+        """Count ``data``; keep (and log as an event) what fits under the cap."""
+        self.total += len(data)
+        record = self.record
+        if record.is_terminal:
+            return  # the record never changes after its end; the data is drained, dropped
+        if self.kept < self.cap:
+            part = data[: self.cap - self.kept]
+            self.kept += len(part)
+            record.append_output(self.stream, self._decoder.decode(part), _now())
+        _set_bytes(record, self.stream, self.total)
+
+    def flush(self) -> None:
+        """At the end: a trailing incomplete character becomes U+FFFD, unless the cap cut
+        the stream (then the character cut in half is dropped)."""
+        if self.kept == self.total and not self.record.is_terminal:
+            tail = self._decoder.decode(b"", final=True)
+            if tail:
+                self.record.append_output(self.stream, tail, _now())
+                _set_bytes(self.record, self.stream, self.total)
+
+
+class _CommandProtocol(asyncio.SubprocessProtocol):
+    """Receives a command's output and tells when it exited and when its pipes closed."""
+
+    def __init__(self, record: ExecutionRecord, cap: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        #: monotonic time the process started
+        self.started = time.monotonic()
+        self._record = record
+        self._captures = {1: _Capture(record, "stdout", cap), 2: _Capture(record, "stderr", cap)}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio calls this before delivering any output, so the event log always
+        # reads "running" before the first chunk
+        self.started = time.monotonic()
+        self._record.transition("running", _now(), retry_after_ms=_RUNNING_HINT_MIN_MS)
+
+    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
+        capture = self._captures.get(fd)
+        if capture is not None:
+            capture.feed(bytes(data))
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # called once the process has exited and every pipe is closed
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def flush(self) -> None:
+        """Flush the decoders (call once, before the record is finished)."""
+        for capture in self._captures.values():
+            capture.flush()
+
+
+def _set_bytes(record: ExecutionRecord, stream: str, total: int) -> None:
+    # append_output counts the decoded text it keeps; the API's *_bytes is what the command
+    # wrote, bytes dropped by the cap and undecodable ones included
+    if stream == "stdout":
+        record.stdout_bytes = total
+    else:
+        record.stderr_bytes = total
+
+
+class LocalBackend:
+    """The executions API on ``127.0.0.1``, running commands as local processes.
+
+    ::
+
+        async with LocalBackend() as backend:
+            async with backend.session() as session:
+                result = await session.run("dm-local", ["uname", "-a"])
+
+    **Commands run as the current user, with no sandbox.** The server listens on
+    ``127.0.0.1`` only and accepts only :attr:`api_key`, drawn at random on every start.
+    The semantics of executions are in :mod:`dedalus_async._local`.
+
+    Arguments:
+        data_dir: where machines live (``<data_dir>/machines/...``); defaults to
+            :func:`default_data_dir`.
+        port: TCP port on 127.0.0.1; 0 picks a free one.
+        output_cap: bytes of each stream kept per execution.
+        idle_timeout: seconds without executions after which a machine falls asleep.
+        wake_delay: seconds a sleeping machine takes to wake.
+        max_concurrency: commands running at once; the others wait ``queued``.
+        announce: log a WARNING on start saying where it listens and whom it runs as.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+        port: int = 0,
+        output_cap: int = DEFAULT_OUTPUT_CAP,
+        idle_timeout: float = 300.0,
+        wake_delay: float = 0.2,
+        max_concurrency: int = 32,
+        announce: bool = True,
+    ) -> None:
+        self.data_dir: Path = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.machines_dir: Path = self.data_dir / "machines"
+        self.runner = SubprocessRunner(
+            self.machines_dir,
+            output_cap=output_cap,
+            idle_timeout=idle_timeout,
+            wake_delay=wake_delay,
+            max_concurrency=max_concurrency,
+        )
+        self._api_key = secrets.token_urlsafe(32)
+        self.announce = announce
+        #: The HTTP server (the fake's application, with :attr:`runner` behind it).
+        self.server = FakeDedalus(
+            api_key=self._api_key,
+            runner=self.runner,
+            host="127.0.0.1",
+            port=port,
+            output_cap=output_cap,
+            # a long-lived server must not keep every request body (stdin included)
+            record_requests=False,
+        )
+
+    def __repr__(self) -> str:
+        try:
+            where = self.base_url
+        except RuntimeError:
+            where = "not started"
+        return f"<LocalBackend {where} data_dir={str(self.data_dir)!r}>"
+
+    @property
+    def api_key(self) -> str:
+        """The key clients must send (``x-api-key`` or Bearer); new on every instance."""
+        return self._api_key
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT`` once started."""
+        return self.server.base_url
+
+    def machine_dir(self, machine_id: str) -> Path:
+        """The directory a machine's commands run in (created by its first execution)."""
+        return self.runner.machine_dir(machine_id)
+
+    def session(self, **kwargs: Any) -> Session:
+        """A new (not yet opened) :class:`Session` pointed at this backend.
+
+        Keyword arguments go to :class:`Session` (``poll``, ``retry``, ...).
+        """
+        return Session(
+            api_key=self._api_key, base_url=self.base_url, auth_scheme="x-api-key", **kwargs
+        )
+
+    async def start(self) -> None:
+        """Create the data directory and start serving (``async with`` does this)."""
+        self.machines_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self.server.start()
+        if self.announce:
+            logger.warning(
+                "dedalus-async local backend at %s runs commands as user %r on this computer, "
+                "without a sandbox (machines in %s)",
+                self.base_url,
+                current_user(),
+                self.machines_dir,
+            )
+
+    async def close(self) -> None:
+        """Stop serving and kill every command still running. Safe to call twice."""
+        await self.server.close()
+
+    async def __aenter__(self) -> LocalBackend:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def current_user() -> str:
+    """The name of the user commands run as (or ``uid N`` when it has none)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers): show the number
+        return f"uid {os.getuid()}"

@@ -1,0 +1,772 @@
+"""The command line, run as a real subprocess against the local backend (no mocks)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pty
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dedalus_async
+from dedalus_async import Execution
+from dedalus_async._cli import (
+    EXIT_API_ERROR,
+    EXIT_CANCELLED,
+    EXIT_EXPIRED,
+    EXIT_REMOTE_FAILED,
+    EXIT_WAIT_TIMEOUT,
+    exit_code_for,
+    main,
+)
+from dedalus_async._local import machine_dirname
+
+REPO = Path(dedalus_async.__file__).resolve().parent.parent
+LOCAL_NOTE = "running locally as user"
+
+
+def _base_env(home: Path) -> dict[str, str]:
+    """This environment without any Dedalus settings, the package importable, a tmp home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDALUS_")}
+    env["DEDALUS_LOCAL_HOME"] = str(home)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "local-home"
+
+
+def _cli(
+    home: Path,
+    *args: str,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "dedalus_async", *args],
+        input=input if input is not None else b"",
+        capture_output=True,
+        env={**_base_env(home), **(env or {})},
+        cwd=home.parent,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _cli_parallel(
+    home: Path, *calls: list[str], env: dict[str, str] | None = None, timeout: float = 30
+) -> list[subprocess.CompletedProcess[bytes]]:
+    """Independent invocations at once (the suite is mostly interpreter start-up)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dedalus_async", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**_base_env(home), **(env or {})},
+            cwd=home.parent,
+        )
+        for args in calls
+    ]
+    results = []
+    for args, proc in zip(calls, procs, strict=True):
+        with proc:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    return results
+
+
+def _start(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dedalus_async", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**_base_env(home), **(env or {})},
+        cwd=home.parent,
+        # unbuffered: _read_line selects on the pipe, so no line may hide in a buffer
+        bufsize=0,
+    )
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float = 15) -> bytes:
+    """One line of the child's stdout, or fail after ``timeout`` (never hang the suite)."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            proc.kill()
+            raise AssertionError(f"no output within {timeout} s")
+    return proc.stdout.readline()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _wait_dead(pid: int, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _notes(stderr: bytes) -> list[str]:
+    """The CLI's own lines on stderr."""
+    return [line for line in stderr.decode().splitlines() if line.startswith("dedalus-async:")]
+
+
+# --- run against the in-process local backend ------------------------------------------
+
+
+def test_run_streams_stdout_and_stderr_and_exits_with_the_exit_code(home: Path) -> None:
+    """Output goes to the matching stream; the exit code is the remote one; one note line."""
+    proc = _cli(home, "run", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert proc.returncode == 3
+    assert proc.stdout == b"out\n"
+    assert b"err\n" in proc.stderr
+    notes = _notes(proc.stderr)
+    assert len(notes) == 1
+    assert LOCAL_NOTE in notes[0]
+    assert "not sandboxed" in notes[0]
+    assert str(home) in notes[0]
+
+
+def test_run_sends_stdin_only_when_asked(home: Path, tmp_path: Path) -> None:
+    """--stdin-file - forwards our stdin, --stdin-file F a file; piped input alone is not."""
+    proc = _cli(home, "run", "--stdin-file", "-", "--", "cat", input=b"from a pipe\n")
+    assert (proc.returncode, proc.stdout) == (0, b"from a pipe\n")
+    source = tmp_path / "in.txt"
+    source.write_text("from a file ü\n", encoding="utf-8")
+    proc = _cli(home, "run", "--stdin-file", str(source), "--", "cat")
+    assert proc.stdout.decode() == "from a file ü\n"
+    proc = _cli(home, "run", "--", "cat", input=b"not sent\n")
+    assert (proc.returncode, proc.stdout) == (0, b"")
+
+
+def test_run_env_and_cwd(home: Path) -> None:
+    """--env K=V sets, a bare --env K passes our value; --cwd is inside the machine."""
+    proc = _cli(home, "run", "--machine-id", "dm-cli", "--", "mkdir", "-p", "work/dir")
+    assert proc.returncode == 0
+    proc = _cli(
+        home,
+        "run",
+        "--machine-id",
+        "dm-cli",
+        "--cwd",
+        "work/dir",
+        "--env",
+        "FOO=bar=baz",
+        "--env",
+        "PASSED",
+        "--",
+        "sh",
+        "-c",
+        'echo "$FOO|$PASSED"; pwd',
+        env={"PASSED": "through"},
+    )
+    machine = (home / "machines" / machine_dirname("dm-cli")).resolve()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode() == f"bar=baz|through\n{machine / 'work' / 'dir'}\n"
+
+
+def test_timeout_ms_kill_exits_128_plus_signal(home: Path) -> None:
+    """The remote time limit kills the command: exit 137 and a line saying TIMEOUT."""
+    proc = _cli(home, "run", "--timeout-ms", "300", "--", "sleep", "10")
+    assert proc.returncode == 128 + 9
+    notes = _notes(proc.stderr)
+    assert any("TIMEOUT" in line and "timeout_ms=300" in line for line in notes), notes
+
+
+def test_a_remote_signal_exits_128_plus_signal(home: Path) -> None:
+    """A command killed by SIGTERM makes the CLI exit 143."""
+    proc = _cli(home, "run", "--", "sh", "-c", "kill -TERM $$")
+    assert proc.returncode == 143
+
+
+def test_wait_timeout_has_its_own_exit_code(home: Path) -> None:
+    """--timeout passing first exits 124 with one error line, quickly."""
+    started = time.monotonic()
+    proc = _cli(home, "run", "--timeout", "0.5", "--", "sleep", "10")
+    assert time.monotonic() - started < 8
+    assert proc.returncode == 124
+    errors = [line for line in _notes(proc.stderr) if "error:" in line]
+    assert len(errors) == 1
+    assert "did not finish within 0.5 s" in errors[0]
+
+
+def test_command_not_found_is_a_remote_failure_without_exit_code(home: Path) -> None:
+    """No exit code, no signal: exit 126 and one line with the error code, no traceback."""
+    proc = _cli(home, "run", "--", "no-such-program-xyz")
+    assert proc.returncode == 126
+    assert b"Traceback" not in proc.stderr
+    notes = _notes(proc.stderr)
+    assert len(notes) == 2  # the local note, then the failure
+    assert "COMMAND_NOT_FOUND" in notes[1]
+
+
+def test_json_output(home: Path) -> None:
+    """--json prints one object with the execution and its output; exit code as usual."""
+    proc = _cli(home, "run", "--json", "--", "sh", "-c", "echo hi; echo oops >&2; exit 4")
+    assert proc.returncode == 4
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert (result["ok"], result["stdout"], result["stderr"], result["error"]) == (
+        False,
+        "hi\n",
+        "oops\n",
+        None,
+    )
+    execution = result["execution"]
+    assert (execution["status"], execution["exit_code"]) == ("failed", 4)
+    assert execution["command"] == ["sh", "-c", "echo hi; echo oops >&2; exit 4"]
+    assert execution["created_at"].endswith("Z")
+
+
+def test_local_flag_wins_over_a_configured_key(home: Path) -> None:
+    """--local runs here even when a key and a (dead) base URL are configured."""
+    dead = {"DEDALUS_X_API_KEY": "configured-key", "DEDALUS_BASE_URL": "http://127.0.0.1:9"}
+    proc = _cli(home, "run", "--local", "--", "echo", "here", env=dead)
+    assert (proc.returncode, proc.stdout) == (0, b"here\n")
+    assert "--local" in _notes(proc.stderr)[0]
+
+
+def test_ctrl_c_exits_130_and_stops_the_local_command(home: Path) -> None:
+    """SIGINT while waiting: exit 130, and the local command does not outlive the CLI."""
+    with _start(home, "run", "--", "sh", "-c", "echo $$; sleep 30") as proc:
+        pid = int(_read_line(proc))
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert _wait_dead(pid)
+    assert "interrupted" in stderr.decode()
+
+
+def test_sigterm_also_stops_cleanly(home: Path) -> None:
+    """SIGTERM: exit 143, and the local command is killed too."""
+    with _start(home, "run", "--", "sh", "-c", "echo $$; sleep 30") as proc:
+        pid = int(_read_line(proc))
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert proc.returncode == 143
+    assert _wait_dead(pid)
+
+
+def test_usage_errors_exit_2_with_one_line(home: Path, tmp_path: Path) -> None:
+    """Bad invocations exit 2 before anything runs, each with one readable line."""
+    cases: list[tuple[list[str], str]] = [
+        (["run"], "needs a command"),
+        (["run", "--stdin-file", str(tmp_path / "missing"), "--", "cat"], "cannot read"),
+        (["get", "dm-x", "exe-y"], "no API key"),
+        (["run", "--local", "--base-url", "https://x.example", "--", "true"], "--base-url"),
+        (["run", "--timeout", "-1", "--", "true"], "must be a positive number"),
+        (["run", "--env", "=x", "--", "true"], "expected K=V"),
+        (["frobnicate"], "invalid choice"),
+    ]
+    results = _cli_parallel(home, *(args for args, _ in cases))
+    for (args, expected), proc in zip(cases, results, strict=True):
+        assert proc.returncode == 2, args
+        assert proc.stdout == b""
+        notes = _notes(proc.stderr)
+        assert proc.stderr.count(b"\n") == len(notes) == 1, (args, proc.stderr)
+        assert expected in notes[0], notes
+
+
+def test_help_documents_the_exit_codes(home: Path) -> None:
+    """`run --help` lists every reserved exit code."""
+    proc = _cli(home, "run", "--help")
+    assert proc.returncode == 0
+    text = proc.stdout.decode()
+    for code in ("122", "123", "124", "125", "126", "130", "128+N"):
+        assert code in text, code
+
+
+# --- run-many --------------------------------------------------------------------------
+
+
+def test_run_many_fans_out_and_keeps_input_order(home: Path, tmp_path: Path) -> None:
+    """Results come back one line per request, in input order, with a failing exit 1."""
+    requests: list[dict[str, Any]] = [
+        {"command": ["sh", "-c", "sleep 0.4; echo slow"]},
+        {"command": ["echo", "fast"]},
+        {"command": ["sh", "-c", "exit 2"], "machine_id": "dm-other"},
+        {"command": ["cat"], "stdin": "fed\n"},
+        {"command": ["sh", "-c", "echo $X"], "env": {"X": "from-env"}},
+    ]
+    source = tmp_path / "requests.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in requests) + "\n\n")
+    out = tmp_path / "results.jsonl"
+    started = time.monotonic()
+    proc = _cli(home, "run-many", "--concurrency", "3", "--output", str(out), str(source))
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == b""
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in results] == [0, 1, 2, 3, 4]
+    assert [r["ok"] for r in results] == [True, True, False, True, True]
+    assert [r["stdout"] for r in results] == ["slow\n", "fast\n", "", "fed\n", "from-env\n"]
+    assert results[2]["execution"]["exit_code"] == 2
+    assert results[2]["execution"]["machine_id"] == "dm-other"
+    assert results[0]["execution"]["machine_id"] == "dm-local"
+    # stderr is not a terminal: no progress line, only the local note
+    assert len(_notes(proc.stderr)) == 1
+    assert elapsed < 15
+
+
+def test_run_many_draws_progress_on_a_terminal(home: Path, tmp_path: Path) -> None:
+    """With stderr on a terminal, a progress line is redrawn in place; results still go
+    to stdout."""
+    source = tmp_path / "requests.jsonl"
+    source.write_text('{"command": ["true"]}\n{"command": ["false"]}\n')
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dedalus_async", "run-many", str(source)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env=_base_env(home),
+            cwd=tmp_path,
+            timeout=30,
+            check=False,
+        )
+        os.close(slave)
+        slave = -1
+        screen = b""
+        with contextlib.suppress(OSError):  # EIO once everything written was read
+            while chunk := os.read(master, 65536):
+                screen += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 1
+    assert len(proc.stdout.splitlines()) == 2
+    assert b"\rdedalus-async: 2/2 done, 1 not ok, 0 running" in screen
+
+
+def test_run_many_checks_the_whole_file_first(home: Path, tmp_path: Path) -> None:
+    """A bad line is a usage error naming file and line; nothing runs."""
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"command": ["echo", "1"]}\n{"comand": ["echo"]}\n')
+    proc = _cli(home, "run-many", str(source))
+    assert proc.returncode == 2
+    assert proc.stdout == b""
+    notes = _notes(proc.stderr)
+    assert len(notes) == 1
+    assert f"{source}:2" in notes[0]
+    assert "comand" in notes[0]
+    assert not (home / "machines").exists()
+
+
+# --- against serve-local ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _serving(home: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
+    """A serve-local process and the settings it printed; terminated on the way out."""
+    with _start(home, "serve-local", "--data-dir", str(home), *extra) as proc:
+        try:
+            settings: dict[str, str] = {}
+            for _ in range(2):
+                line = _read_line(proc).decode().strip()
+                assert line.startswith("export "), line
+                name, _, value = line.removeprefix("export ").partition("=")
+                settings[name] = value
+            yield proc, settings
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A serve-local process shared by the tests below (small output cap)."""
+    with _serving(tmp_path_factory.mktemp("served"), "--output-cap", "1000") as (_, settings):
+        yield settings
+
+
+def _remote(server: dict[str, str]) -> dict[str, str]:
+    return {k: server[k] for k in ("DEDALUS_BASE_URL", "DEDALUS_X_API_KEY")}
+
+
+def test_serve_local_prints_settings_serves_and_stops(home: Path) -> None:
+    """serve-local prints the export lines and a warning, serves a run, stops on SIGTERM."""
+    with _serving(home) as (proc, settings):
+        url = settings["DEDALUS_BASE_URL"]
+        assert url.startswith("http://127.0.0.1:")
+        client = _cli(
+            home, "run", "--machine-id", "dm-served", "--", "echo", "served", env=settings
+        )
+        assert (client.returncode, client.stdout) == (0, b"served\n")
+        assert LOCAL_NOTE not in client.stderr.decode()  # it went to the server
+        assert (home / "machines" / machine_dirname("dm-served")).is_dir()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == 0
+    warning = stderr.decode()
+    assert "without a sandbox" in warning
+    assert settings["DEDALUS_X_API_KEY"] not in warning
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+
+
+def test_lookup_commands_print_json(home: Path, server: dict[str, str]) -> None:
+    """get/output/events/list/cancel print the API's objects as JSON."""
+    env = _remote(server)
+    proc = _cli(home, "run", "--json", "--machine-id", "dm-look", "--", "echo", "x", env=env)
+    execution = json.loads(proc.stdout)["execution"]
+    machine, execution_id = execution["machine_id"], execution["execution_id"]
+    got, output, events, listed = (
+        [json.loads(line) for line in proc.stdout.splitlines()]
+        for proc in _cli_parallel(
+            home,
+            ["get", machine, execution_id],
+            ["output", machine, execution_id],
+            ["events", machine, execution_id],
+            ["list", machine],
+            env=env,
+        )
+    )
+    assert [(e["execution_id"], e["status"]) for e in got] == [(execution_id, "succeeded")]
+    assert output[0]["stdout"] == "x\n"
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["type"] for e in events[-3:]] == ["lifecycle", "stdout", "lifecycle"]
+    assert (events[-3]["status"], events[-2]["chunk"]) == ("running", "x\n")
+    assert [e["execution_id"] for e in listed] == [execution_id]
+    cancelled = _cli(home, "cancel", machine, execution_id, env=env)
+    assert cancelled.returncode == 0
+    gone = _cli(home, "get", machine, execution_id, env=env)
+    assert gone.returncode == 125
+    assert "404" in _notes(gone.stderr)[0]
+
+
+def test_ctrl_c_with_cancel_remote_deletes_the_execution(
+    home: Path, server: dict[str, str]
+) -> None:
+    """With --cancel-remote, Ctrl-C cancels the execution on the server before exiting."""
+    env = _remote(server)
+    machine = "dm-cancel-remote"
+    argv = [
+        "run",
+        "--cancel-remote",
+        "--machine-id",
+        machine,
+        "--",
+        "sh",
+        "-c",
+        "echo $$; sleep 30",
+    ]
+    with _start(home, *argv, env=env) as proc:
+        pid = int(_read_line(proc))
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert "cancelled execution" in stderr.decode()
+    listed = [json.loads(line) for line in _cli(home, "list", machine, env=env).stdout.splitlines()]
+    assert [e["status"] for e in listed] == ["cancelled"]
+    assert _wait_dead(pid)
+
+
+def test_truncated_output_is_said_so(home: Path, server: dict[str, str]) -> None:
+    """Past the server's cap the CLI prints what was kept and one line about the rest."""
+    code = "import sys; sys.stdout.write('a' * 5000)"
+    proc = _cli(
+        home, "run", "--machine-id", "dm-big", "--", sys.executable, "-c", code, env=_remote(server)
+    )
+    assert proc.returncode == 0
+    assert proc.stdout == b"a" * 1000
+    notes = _notes(proc.stderr)
+    assert any("truncated" in n and "5000" in n and "1000" in n for n in notes), notes
+
+
+def test_errors_are_one_line_and_never_show_the_key(home: Path, server: dict[str, str]) -> None:
+    """A refused key is exit 125 with one line; the key appears nowhere, --debug included."""
+    wrong = {"DEDALUS_BASE_URL": server["DEDALUS_BASE_URL"], "DEDALUS_X_API_KEY": "wrong-key-31337"}
+    proc = _cli(home, "get", "dm-x", "exe-y", env=wrong)
+    assert proc.returncode == 125
+    notes = _notes(proc.stderr)
+    assert len(notes) == 1
+    assert "401" in notes[0]
+    assert proc.stderr.count(b"\n") == 1
+    debug = _cli(home, "get", "--debug", "dm-x", "exe-y", env=wrong)
+    assert debug.returncode == 125
+    assert b"Traceback" in debug.stderr  # --debug shows the details...
+    assert b"wrong-key-31337" not in debug.stderr + debug.stdout  # ...but not the key
+    right = _cli(home, "get", "--debug", "dm-x", "exe-y", env=_remote(server))
+    assert right.returncode == 125
+    assert server["DEDALUS_X_API_KEY"].encode() not in right.stderr + right.stdout
+    assert b"GET" in right.stderr or b"HTTP 404" in right.stderr
+
+
+# --- in-process: main() itself, and the pure helpers -------------------------------------
+# The same code the subprocess tests run, called directly so that it is measured (and
+# cheap): no interpreter start-up, output captured by pytest.
+
+
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No Dedalus settings in os.environ; local machines under tmp_path."""
+    for name in list(os.environ):
+        if name.startswith("DEDALUS_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "in-process-home"
+    monkeypatch.setenv("DEDALUS_LOCAL_HOME", str(home))
+    return home
+
+
+def _main(capsys: pytest.CaptureFixture[bytes], *args: str) -> tuple[int, bytes, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err.decode()
+
+
+def test_main_runs_locally_in_process(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """main() returns the exit code, streams both outputs, and leaves logging as it was."""
+    package = logging.getLogger("dedalus_async")
+    before = (package.handlers[:], package.level, package.propagate)
+    code, out, err = _main(capsysbinary, "run", "--", "sh", "-c", "echo o; echo e >&2; exit 5")
+    assert (code, out) == (5, b"o\n")
+    assert "e\n" in err
+    assert LOCAL_NOTE in err
+    assert (package.handlers, package.level, package.propagate) == before
+
+
+def test_main_json_wait_timeout(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """--json with --timeout: exit 124 and a JSON object carrying the error and snapshot."""
+    code, out, err = _main(capsysbinary, "run", "--json", "--timeout", "0.3", "--", "sleep", "5")
+    assert code == EXIT_WAIT_TIMEOUT
+    result = json.loads(out)
+    assert result["ok"] is False
+    assert result["error"]["type"] == "WaitTimeout"
+    assert result["execution"]["status"] in ("queued", "running")
+    assert "the local backend stops it on exit" in err
+
+
+def test_main_cancel_remote_on_wait_timeout(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """--cancel-remote with --timeout: the execution is deleted before exit 124."""
+    code, _, err = _main(
+        capsysbinary, "run", "--cancel-remote", "--timeout", "0.3", "--", "sleep", "5"
+    )
+    assert code == EXIT_WAIT_TIMEOUT
+    assert "cancelled execution" in err
+    assert "(cancelled)" in err
+
+
+def test_main_run_many_to_stdout(
+    in_process: Path, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """run-many writes results to stdout; a null field takes the command-line default."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"command": ["echo", "a"], "machine_id": null}\n{"command": ["true"]}\n')
+    code, out, _ = _main(capsysbinary, "run-many", "--machine-id", "dm-many", str(source))
+    assert code == 0
+    results = [json.loads(line) for line in out.splitlines()]
+    assert [r["execution"]["machine_id"] for r in results] == ["dm-many", "dm-many"]
+    assert [r["stdout"] for r in results] == ["a\n", ""]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("not json\n", "not JSON"),
+        ("[1]\n", "must be a JSON object"),
+        ('{"command": "echo hi"}\n', "command must be a list"),
+        ('{"command": []}\n', "must not be empty"),
+        ('{"command": ["x"], "env": {"A": 1}}\n', "env"),
+        ('{"command": ["x"], "timeout": -1}\n', "timeout"),
+    ],
+)
+def test_main_run_many_rejects_bad_lines(
+    in_process: Path,
+    tmp_path: Path,
+    capsysbinary: pytest.CaptureFixture[bytes],
+    content: str,
+    expected: str,
+) -> None:
+    """Each kind of bad line is a usage error naming the line."""
+    source = tmp_path / "bad.jsonl"
+    source.write_text(content)
+    code, out, err = _main(capsysbinary, "run-many", str(source))
+    assert (code, out) == (2, b"")
+    assert f"{source}:1" in err
+    assert expected in err
+
+
+def test_main_run_many_file_problems(
+    in_process: Path, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """A missing input or an unwritable output is a usage error before anything runs."""
+    code, _, err = _main(capsysbinary, "run-many", str(tmp_path / "missing.jsonl"))
+    assert code == 2
+    assert "cannot read" in err
+    source = tmp_path / "ok.jsonl"
+    source.write_text('{"command": ["true"]}\n')
+    code, _, err = _main(
+        capsysbinary, "run-many", "--output", str(tmp_path / "no" / "such" / "dir"), str(source)
+    )
+    assert code == 2
+    assert "cannot write" in err
+
+
+def test_main_against_a_server(
+    in_process: Path,
+    server: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    """Remote mode end to end: run, get, events --follow, list, cancel, errors."""
+    for name, value in _remote(server).items():
+        monkeypatch.setenv(name, value)
+    code, _, err = _main(capsysbinary, "run", "--", "true")
+    assert code == 2
+    assert "--machine-id is required" in err
+    code, out, err = _main(
+        capsysbinary, "run", "--json", "--machine-id", "dm-inproc", "--timeout", "0.3", "--",
+        "sh", "-c", "echo started; sleep 30",
+    )  # fmt: skip
+    assert code == EXIT_WAIT_TIMEOUT
+    assert "it keeps running (dedalus-async get dm-inproc " in err
+    execution_id = json.loads(out)["execution"]["execution_id"]
+    code, out, _ = _main(capsysbinary, "cancel", "dm-inproc", execution_id)
+    assert (code, json.loads(out)["status"]) == (0, "cancelled")
+    code, out, _ = _main(capsysbinary, "events", "--follow", "dm-inproc", execution_id)
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0
+    assert events[-1]["status"] == "cancelled"
+    assert {"type": "stdout", "chunk": "started\n"}.items() <= events[-2].items()
+    code, out, _ = _main(capsysbinary, "list", "--limit", "1", "dm-inproc")
+    assert [json.loads(line)["status"] for line in out.splitlines()] == ["cancelled"]
+    code, out, err = _main(capsysbinary, "get", "--debug", "dm-inproc", "exe-missing")
+    assert code == EXIT_API_ERROR
+    assert "HTTP 404" in err
+    assert server["DEDALUS_X_API_KEY"] not in err + out.decode()
+
+
+def test_main_without_a_subcommand_prints_help(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """No subcommand: the help on stderr and exit 2."""
+    code, out, err = _main(capsysbinary)
+    assert (code, out) == (2, b"")
+    assert "run-many" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+
+
+def _execution(**fields: Any) -> Execution:
+    base: dict[str, Any] = {
+        "execution_id": "exe-1",
+        "machine_id": "dm-1",
+        "command": ("x",),
+        "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+        "status": "failed",
+    }
+    return Execution(**{**base, **fields})
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"status": "succeeded", "exit_code": 0}, 0),
+        ({"status": "succeeded"}, 0),
+        ({"status": "failed", "exit_code": 3}, 3),
+        ({"status": "failed", "exit_code": 300}, EXIT_REMOTE_FAILED),
+        ({"status": "failed", "exit_code": -1}, EXIT_REMOTE_FAILED),
+        ({"status": "failed", "signal": 9, "error_code": "TIMEOUT"}, 137),
+        ({"status": "failed", "exit_code": 0}, EXIT_REMOTE_FAILED),
+        ({"status": "failed", "error_code": "COMMAND_NOT_FOUND"}, EXIT_REMOTE_FAILED),
+        ({"status": "cancelled", "signal": 9}, EXIT_CANCELLED),
+        ({"status": "expired"}, EXIT_EXPIRED),
+        ({"status": "something-new"}, EXIT_REMOTE_FAILED),
+    ],
+)
+def test_exit_code_for(fields: dict[str, Any], code: int) -> None:
+    """Each way an execution can end maps to its documented exit code."""
+    assert exit_code_for(_execution(**fields)) == code
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "--timeout", "soon", "--", "true"], "not a number of seconds"),
+        (["run", "--timeout", "inf", "--", "true"], "must be a positive number"),
+        (["run", "--timeout-ms", "1.5", "--", "true"], "not an integer"),
+        (["run", "--timeout-ms", "0", "--", "true"], "must be a positive integer"),
+        (["run", "--env", "NOT_SET_ANYWHERE_XYZ", "--", "true"], "is not set here"),
+        (["run-many", "--concurrency", "0", "f"], "must be a positive integer"),
+    ],
+)
+def test_bad_option_values_are_one_line_usage_errors(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes], args: list[str], expected: str
+) -> None:
+    """argparse's own errors also come as one line, with a pointer to --help."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsysbinary.readouterr().err.decode()
+    assert err.count("\n") == 1
+    assert expected in err
+    assert "--help" in err
+
+
+def test_main_reports_how_an_execution_ended(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """A signal, a remote timeout and a missing program each get their line and code."""
+    code, _, err = _main(capsysbinary, "run", "--", "sh", "-c", "kill -KILL $$")
+    assert code == 137
+    assert "failed: command killed by SIGKILL (signal 9)" in err
+    code, _, err = _main(capsysbinary, "run", "--timeout-ms", "200", "--", "sleep", "5")
+    assert code == 137
+    assert "TIMEOUT: command exceeded timeout_ms=200 (signal 9)" in err
+    code, out, err = _main(capsysbinary, "run", "--json", "--", "no-such-program-xyz")
+    assert code == EXIT_REMOTE_FAILED
+    assert json.loads(out)["execution"]["error_code"] == "COMMAND_NOT_FOUND"
+
+
+def test_main_says_when_output_was_truncated(
+    in_process: Path,
+    server: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    """Both streams past the server's cap: what was kept is printed, one line per stream."""
+    for name, value in _remote(server).items():
+        monkeypatch.setenv(name, value)
+    code = "import sys; sys.stdout.write('o' * 3000); sys.stderr.write('e' * 2000)"
+    status, out, err = _main(
+        capsysbinary, "run", "--machine-id", "dm-trunc", "--", sys.executable, "-c", code
+    )
+    assert (status, out) == (0, b"o" * 1000)
+    assert "stdout was truncated by the server: the command wrote 3000 bytes, 1000" in err
+    assert "stderr was truncated by the server: the command wrote 2000 bytes, 1000" in err

@@ -1,0 +1,261 @@
+"""The example FastAPI app (tests/fastapi_app.py), in-process, against FakeDedalus.
+
+Requests go through httpx's ASGITransport; the lifespan is driven with
+``app.router.lifespan_context(app)``, as a server would. Client disconnects are played at
+the ASGI level (the server's ``http.disconnect`` message), which ASGITransport cannot do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.types import Message, Scope
+
+from dedalus_async import PollPolicy, Session
+from dedalus_async.testing import FakeDedalus, Outcome, Phase, Script
+
+from .fastapi_app import create_app
+
+FAST_POLL = PollPolicy(hint_floor=0.01, hint_jitter=0.005, initial_interval=0.01)
+QUICK = Script((Phase("running", 0.03, 10),), Outcome(stdout="hi\n"))
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDedalus]:
+    async with FakeDedalus(script=QUICK) as server:
+        yield server
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app started (lifespan entered) and a client talking to it in-process."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            yield client
+
+
+def _app_for(fake: FakeDedalus) -> FastAPI:
+    return create_app(lambda: Session(api_key="test-key", base_url=fake.base_url, poll=FAST_POLL))
+
+
+async def _asgi_call(
+    app: FastAPI, path: str, body: dict[str, Any], disconnect: anyio.Event
+) -> list[dict[str, Any]]:
+    """POST ``body`` to ``path`` as an ASGI server would; the client "leaves" when
+    ``disconnect`` is set. Returns the messages the app sent."""
+    raw = json.dumps(body).encode()
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"app"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("app", 80),
+    }
+    delivered = False
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(dict(message))
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def _until(condition: Any, seconds: float = 5.0) -> None:
+    with anyio.fail_after(seconds):
+        # the fake's counters signal nothing, so they are looked at now and then
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def test_run_returns_the_result(fake: FakeDedalus) -> None:
+    """POST /run runs the command to its end and answers with its result."""
+    async with running(_app_for(fake)) as client:
+        response = await client.post("/run", json={"machine_id": "dm-a", "command": ["echo"]})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "succeeded"
+    assert body["exit_code"] == 0
+    assert body["ok"] is True
+    assert body["stdout"] == "hi\n"
+    assert fake.create_count == 1
+
+
+async def test_start_answers_at_once_and_events_stream_until_the_end(fake: FakeDedalus) -> None:
+    """POST /start returns the reference; GET .../events streams SSE until terminal."""
+    fake.set_script(
+        Script(
+            (
+                Phase("queued", 0.03, 10),
+                Phase("running", 0.05, 10, stdout="one\n"),
+                Phase("running", 0.05, 10, stdout="two\n"),
+            ),
+            Outcome(stdout="three\n"),
+        )
+    )
+    async with running(_app_for(fake)) as client:
+        started = await client.post("/start", json={"machine_id": "dm-a", "command": ["x"]})
+        ref = started.json()
+        assert ref["machine_id"] == "dm-a"
+        assert ref["status"] == "queued"
+        assert ref["idempotency_key"]
+        path = f"/executions/{ref['machine_id']}/{ref['execution_id']}/events"
+        async with client.stream("GET", path) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            text = (await response.aread()).decode()
+    messages = [m for m in text.split("\n\n") if m]
+    assert messages[-1] == "event: end\ndata: {}"
+    events = [json.loads(m.split("data: ", 1)[1]) for m in messages[:-1]]
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["chunk"] for e in events if e["type"] == "stdout"] == ["one\n", "two\n", "three\n"]
+    assert events[-1] == {**events[-1], "type": "lifecycle", "status": "succeeded"}
+
+
+async def test_errors_map_to_http_statuses(fake: FakeDedalus) -> None:
+    """The server's 409 stays a 409; a wait past its deadline is a 504 with the ref."""
+    fake.destroy_machine("dm-gone")
+    async with running(_app_for(fake)) as client:
+        gone = await client.post("/run", json={"machine_id": "dm-gone", "command": ["x"]})
+        fake.set_script(Script.stuck(retry_after_ms=20))
+        slow = await client.post(
+            "/run", json={"machine_id": "dm-a", "command": ["x"], "timeout": 0.2}
+        )
+        bad = await client.post("/run", json={"machine_id": "dm-a", "command": []})
+    assert gone.status_code == 409
+    assert slow.status_code == 504
+    assert slow.json()["ref"]["machine_id"] == "dm-a"
+    assert bad.status_code == 422
+
+
+async def test_concurrent_requests_share_one_session_and_its_pool(fake: FakeDedalus) -> None:
+    """20 concurrent runs: one Session made, at most 4 connections opened (its pool)."""
+    made: list[Session] = []
+    connections = 0
+
+    async def on_connection(*_: Any) -> None:
+        nonlocal connections
+        connections += 1
+
+    @asynccontextmanager
+    async def pooled() -> AsyncIterator[Session]:
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(on_connection)
+        connector = aiohttp.TCPConnector(limit=4)
+        async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as client:
+            clients.append(client)
+            session = Session(
+                api_key="test-key", base_url=fake.base_url, poll=FAST_POLL, client_session=client
+            )
+            made.append(session)
+            async with session:
+                yield session
+
+    clients: list[aiohttp.ClientSession] = []
+    async with running(create_app(pooled)) as client:
+        responses = await asyncio.gather(
+            *(
+                client.post("/run", json={"machine_id": f"dm-{i % 3}", "command": ["echo"]})
+                for i in range(20)
+            )
+        )
+    assert [r.status_code for r in responses] == [200] * 20
+    assert fake.create_count == 20
+    assert len(made) == 1
+    assert 1 <= connections <= 4
+    assert clients[0].closed  # closed by the lifespan's exit
+
+
+@pytest.mark.parametrize("cancel_remote", [True, False])
+async def test_a_client_that_disconnects_cancels_the_wait(
+    fake: FakeDedalus, cancel_remote: bool
+) -> None:
+    """The client leaves mid-wait: the wait stops at once; with cancel_remote the fake
+    sees the DELETE, without it the execution keeps running."""
+    fake.set_script(Script.stuck(retry_after_ms=20))
+    app = _app_for(fake)
+    disconnect = anyio.Event()
+    body = {"machine_id": "dm-a", "command": ["x"], "cancel_remote": cancel_remote}
+    async with app.router.lifespan_context(app):
+        sent: list[list[dict[str, Any]]] = []
+
+        async def call() -> None:
+            sent.append(await _asgi_call(app, "/run", body, disconnect))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            # wait until the run is well into its wait (created and polled)
+            await _until(lambda: len(fake.requests_for("GET")) >= 2)
+            disconnect.set()
+            with anyio.fail_after(2):
+                await _until(lambda: bool(sent))
+        gets_after = len(fake.requests_for("GET"))
+        await anyio.sleep(0.1)
+        assert len(fake.requests_for("GET")) == gets_after  # nobody polls any more
+    assert sent[0][0]["status"] == 499
+    (execution_id,) = fake.executions
+    if cancel_remote:
+        assert len(fake.requests_for("DELETE")) == 1
+        assert fake.get_record(execution_id).status == "cancelled"
+    else:
+        assert fake.requests_for("DELETE") == []
+        assert fake.get_record(execution_id).status == "running"
+
+
+async def test_a_cancelled_client_request_cancels_the_handler(fake: FakeDedalus) -> None:
+    """In-process, the client's cancellation reaches the handler (same task): with
+    cancel_remote the execution is deleted before the cancellation completes."""
+    fake.set_script(Script.stuck(retry_after_ms=20))
+    async with running(_app_for(fake)) as client:
+        body = {"machine_id": "dm-a", "command": ["x"], "cancel_remote": True}
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.post("/run", json=body), 0.2)
+        assert len(fake.requests_for("DELETE")) == 1
+
+
+async def test_shutdown_closes_everything(fake: FakeDedalus) -> None:
+    """After the lifespan: the Session is closed, the app refuses work (503), and
+    collecting the Session warns about nothing."""
+    app = _app_for(fake)
+    async with running(app) as client:
+        assert (await client.post("/run", json={"machine_id": "dm-a", "command": ["x"]})).is_success
+        session = app.state.session
+        assert isinstance(session, Session)
+        assert not session.closed
+    assert session.closed
+    assert app.state.session is None
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        refused = await client.post("/run", json={"machine_id": "dm-a", "command": ["x"]})
+    assert refused.status_code == 503
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del session
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
