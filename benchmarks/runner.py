@@ -43,7 +43,7 @@ import attrs
 
 from .drivers import DRIVERS, available
 
-__all__ = ["Scenario", "collect", "main", "render", "summarise"]
+__all__ = ["Scenario", "collect", "main", "merge", "render", "summarise"]
 
 BASELINE = "aiohttp"
 DEFAULT_DRIVERS = ("aiohttp", "dedalus_async", "dedalus_async-run_many", "sdk", "sdk-aiohttp")
@@ -96,10 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=list(DEFAULT_DRIVERS),
         help=f"comma-separated, from: {', '.join(DRIVERS)}",
     )
-    parser.add_argument("--cpu-executions", type=int, default=1000)
+    parser.add_argument(
+        "--cpu-executions", type=int, default=1000, help="0: no CPU (concurrency) scenario"
+    )
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--lag-executions", type=int, default=200, help="0: no lag scenario")
-    parser.add_argument("--lag-concurrency", type=int, default=20)
+    parser.add_argument("--lag-concurrency", type=int, default=40)
     parser.add_argument(
         "--slow-max-size",
         type=int,
@@ -123,6 +125,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="one server process for every run instead of a fresh one per run",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every raw result here")
+    parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        nargs="+",
+        help="run nothing: render the results saved by earlier --json runs, merged",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -148,14 +156,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
-    out = [
-        Scenario(
-            f"c{args.concurrency}",
-            f"{args.cpu_executions:,} executions, concurrency {args.concurrency}",
-            args.cpu_executions,
-            args.concurrency,
+    out: list[Scenario] = []
+    if args.cpu_executions > 0:
+        out.append(
+            Scenario(
+                f"c{args.concurrency}",
+                f"{args.cpu_executions:,} executions, concurrency {args.concurrency}",
+                args.cpu_executions,
+                args.concurrency,
+            )
         )
-    ]
     out += [Scenario(f"fanout-{n}", f"{n:,} at once", n, None) for n in args.sizes]
     if args.lag_executions > 0:
         out.append(
@@ -388,6 +398,10 @@ def _cpu_per_request(result: Result) -> float | None:
     return float(result["cpu_s"]) / requests if requests else None
 
 
+def _cpu_per_execution(result: Result) -> float:
+    return float(result["cpu_s"]) / float(result["executions"])
+
+
 def _wall(result: Result) -> float:
     return float(result["wall_s"])
 
@@ -432,6 +446,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 "wall_s": _median([_wall(r) for r in ok]),
                 "cpu_s": _median([r["cpu_s"] for r in ok]),
                 "cpu_per_request": _median([_cpu_per_request(r) for r in ok]),
+                "cpu_per_execution": _median([r["cpu_s"] / r["executions"] for r in ok]),
                 "requests_per_execution": _median(
                     [s["requests"] / r["executions"] for s, r in zip(server, ok, strict=True)]
                 ),
@@ -455,6 +470,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             if baseline:
                 row["wall_ratios"] = _ratios(results, baseline, _wall)
                 row["cpu_ratios"] = _ratios(results, baseline, _cpu_per_request)
+                row["cpu_exec_ratios"] = _ratios(results, baseline, _cpu_per_execution)
             traced = raw["memory"].get(name, {}).get(driver)
             if traced and traced.get("traced_peak_bytes") is not None:
                 n = traced["executions"]
@@ -514,41 +530,51 @@ def render(raw: dict[str, Any]) -> str:
         f"dedalus_async benchmarks, {meta['date']}, {meta['machine']}, "
         f"Python {meta['python']} ({versions})",
         "",
-        f"Medians of {meta['rounds']} round(s); (Nx) = median of the per-round ratios to "
-        "the bare aiohttp loop run in the same round.",
+        "Medians over the rounds of each scenario; (Nx) = median of the per-round ratios "
+        "to the bare aiohttp loop run in the same round.",
         "",
     ]
-    cpu = scen[0]
+    limited = [s for s in scen if s.concurrency is not None and s.name != "lag"]
+    cpu = limited[0] if limited else None
     fanouts = [s for s in scen if s.concurrency is None]
     lag = next((s for s in scen if s.name == "lag"), cpu)
     largest = fanouts[-1] if fanouts else cpu
-    head = ["client", f"client CPU per request, concurrency {cpu.concurrency}"]
+    head = ["client"]
+    if cpu is not None:
+        head.append(f"client CPU per request, concurrency {cpu.concurrency}")
     head += [f"wall time, {s.title}" for s in fanouts]
-    head += [
-        f"requests / execution ({largest.title})",
-        f"memory / waiting execution ({largest.title})",
-        "polls before the hint",
-        f"detection lag p50 / p99 ({lag.title})",
-    ]
+    if largest is not None:
+        head += [
+            f"requests / execution ({largest.title})",
+            f"memory / waiting execution ({largest.title})",
+        ]
+    head.append("polls before the hint")
+    if lag is not None:
+        head.append(f"detection lag p50 / p99 ({lag.title})")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for driver in drivers:
-        cells = [_label(driver), _cpu_cell(summary[cpu.name].get(driver))]
+        cells = [_label(driver)]
+        if cpu is not None:
+            cells.append(_cpu_cell(summary[cpu.name].get(driver)))
         for s in fanouts:
             why = raw["not_run"].get(s.name, {}).get(driver, "not run")
             cells.append(_wall_cell(summary[s.name].get(driver), why))
-        big = _usable(summary[largest.name].get(driver))
-        cells.append(_fmt(big.get("requests_per_execution"), ".2f"))
-        cells.append(_fmt(big.get("waiting_kib_per_execution"), ".2f", " KiB"))
+        if largest is not None:
+            big = _usable(summary[largest.name].get(driver))
+            cells.append(_fmt(big.get("requests_per_execution"), ".2f"))
+            cells.append(_fmt(big.get("waiting_kib_per_execution"), ".2f", " KiB"))
         cells.append(_early_cell(summary, driver))
-        row = _usable(summary[lag.name].get(driver))
-        cells.append(
-            _fmt(row.get("lag_p50_ms"), ".0f") + " / " + _fmt(row.get("lag_p99_ms"), ".0f", " ms")
-        )
+        if lag is not None:
+            row = _usable(summary[lag.name].get(driver))
+            p50, p99 = row.get("lag_p50_ms"), row.get("lag_p99_ms")
+            cells.append(_fmt(p50, ".0f") + " / " + _fmt(p99, ".0f", " ms"))
         lines.append("| " + " | ".join(cells) + " |")
     for name, why in raw["skipped"].items():
         lines += ["", f"{name}: skipped, {why}"]
     for s in scen:
-        lines += ["", f"### {s.name}: {s.title}", ""]
+        rounds = max((len(r) for r in raw["runs"][s.name].values()), default=0)
+        plural = "" if rounds == 1 else "s"
+        lines += ["", f"### {s.name}: {s.title} ({rounds} round{plural})", ""]
         lines += _detail(summary[s.name], drivers, raw["not_run"].get(s.name, {}))
     return "\n".join(lines) + "\n"
 
@@ -571,6 +597,7 @@ _DETAIL_HEAD = [
     "wall (ratio, range)",
     "client CPU",
     "CPU / request (ratio, range)",
+    "CPU / execution (ratio)",
     "requests / exec",
     "RSS growth / exec",
     "traced peak / exec",
@@ -602,6 +629,8 @@ def _detail(
             _wall_cell(row, "", spread=True),
             _fmt(row["cpu_s"], ".2f", " s"),
             _cpu_cell(row, spread=True),
+            _fmt(row["cpu_per_execution"] * 1000, ".2f", " ms")
+            + _ratio(row.get("cpu_exec_ratios")),
             _fmt(row["requests_per_execution"], ".2f"),
             _fmt(row["rss_kib_per_execution"], ".2f", " KiB"),
             _fmt(row.get("traced_kib_per_execution"), ".2f", " KiB"),
@@ -615,8 +644,40 @@ def _detail(
     return out
 
 
+def merge(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' raw results as one, e.g. fan-out sizes run by separate commands."""
+    out: dict[str, Any] = {
+        "meta": dict(raws[0]["meta"]),
+        "scenarios": [],
+        "drivers": [],
+        "skipped": {},
+        "not_run": {},
+        "runs": {},
+        "memory": {},
+    }
+    for raw in raws:
+        for scenario in raw["scenarios"]:  # a scenario run twice: the later run wins
+            if scenario["name"] not in out["runs"]:
+                out["scenarios"].append(scenario)
+            out["runs"][scenario["name"]] = raw["runs"][scenario["name"]]
+        out["drivers"] += [d for d in raw["drivers"] if d not in out["drivers"]]
+        for key in ("skipped", "not_run", "memory"):
+            out[key].update(raw[key])
+    # fan-outs smallest first, then the rest as they came
+    fanouts = sorted(
+        (s for s in out["scenarios"] if s["concurrency"] is None), key=lambda s: s["executions"]
+    )
+    others = [s for s in out["scenarios"] if s["concurrency"] is not None]
+    out["scenarios"] = others[:1] + fanouts + others[1:]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        raw = merge([json.loads(Path(p).read_text()) for p in args.from_json])
+        print(render(raw), end="")
+        return 0
     raw = collect(args)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))

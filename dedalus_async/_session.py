@@ -226,7 +226,9 @@ class Session:
                 f"auth_scheme must be 'x-api-key' or 'bearer', got {auth_scheme!r}"
             )
         key, scheme = _resolve_credentials(api_key, auth_scheme)
-        url = base_url or os.environ.get("DEDALUS_BASE_URL") or DEFAULT_BASE_URL
+        if base_url is None:
+            base_url = os.environ.get("DEDALUS_BASE_URL") or DEFAULT_BASE_URL
+        url = base_url
         self.base_url: str = _check_base_url(url, allow_insecure_http)
         _check_instance("org_id", org_id, str, "a str")
         org = org_id if org_id is not None else os.environ.get("DEDALUS_ORG_ID")

@@ -268,19 +268,24 @@ def _snippet(body: bytes) -> str:
     return body[:_BODY_SNIPPET].decode("utf-8", "replace")
 
 
-def decode(response: Response, cls: type[T]) -> T:
-    """Decode a successful response holding one ``cls``."""
-    return structure(_json(response), cls)
+def _structure(data: object, cls: type[T], response: Response) -> T:
+    try:
+        return structure(data, cls)
+    except ResponseDecodeError as exc:
+        # the converter knows the field; the response knows the status and the body
+        exc.status = response.status
+        exc.body = _snippet(response.body)
+        raise
 
 
 def decode_execution(response: Response) -> Execution:
     """Decode a response holding one Execution."""
-    return structure(_json(response), Execution)
+    return _structure(_json(response), Execution, response)
 
 
 def decode_output(response: Response) -> ExecutionOutput:
     """Decode the ``/output`` response."""
-    return structure(_json(response), ExecutionOutput)
+    return _structure(_json(response), ExecutionOutput, response)
 
 
 def decode_page(response: Response, cls: type[T]) -> tuple[list[T], str | None]:
@@ -306,7 +311,7 @@ def decode_page(response: Response, cls: type[T]) -> tuple[list[T], str | None]:
             field="next_cursor",
             status=response.status,
         )
-    return [structure(item, cls) for item in items], (cursor or None)
+    return [_structure(item, cls, response) for item in items], (cursor or None)
 
 
 def decode_events(response: Response) -> tuple[list[ExecutionEvent], str | None]:
@@ -381,16 +386,18 @@ def error_from_response(
                 for k, v in data.items()
                 if k not in ("error_code", "code", "message", "retryable", "status")
             }
-    if message is None:
-        if 300 <= status < 400:
-            message = (
-                "the server answered with a redirect, which is not followed "
-                "(credentials are never sent to another location); check base_url"
-            )
-        else:
-            ctype = response.headers.get("content-type", "no content type")
-            size = len(response.body)
-            message = f"error response without a JSON error body ({ctype}, {size} bytes)"
+    if 300 <= status < 400:
+        where = response.headers.get("location")
+        note = (
+            f"the server answered with a redirect{f' to {where[:200]}' if where else ''}, "
+            "which is not followed (credentials are never sent to another location); "
+            "check base_url"
+        )
+        message = note if message is None else f"{message}; {note}"
+    elif message is None:
+        ctype = response.headers.get("content-type", "no content type")
+        size = len(response.body)
+        message = f"error response without a JSON error body ({ctype}, {size} bytes)"
     request_id = next(
         (response.headers[h] for h in _REQUEST_ID_HEADERS if h in response.headers), None
     )

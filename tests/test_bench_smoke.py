@@ -27,17 +27,22 @@ def _run_quick() -> subprocess.CompletedProcess[str]:
     )
 
 
-def _table_rows(report: str, heading: str) -> dict[str, list[str]]:
-    """The rows of the Markdown table that follows ``heading`` (or the first table)."""
+def _table_rows(report: str, heading: str) -> dict[str, dict[str, str]]:
+    """The Markdown table after ``heading`` (the first one if empty): row -> column -> cell."""
     lines = report.splitlines()
     start = lines.index(heading) if heading else 0
-    rows: dict[str, list[str]] = {}
+    header: list[str] = []
+    rows: dict[str, dict[str, str]] = {}
     for line in lines[start:]:
-        if line.startswith("| ") and not line.startswith("|---"):
-            cells = [cell.strip() for cell in line.strip("|").split("|")]
-            rows[cells[0]] = cells[1:]
-        elif rows and not line.startswith("|"):
-            break
+        if not line.startswith("|"):
+            if header:
+                break
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if not header:
+            header = cells
+        elif not line.startswith("|---"):
+            rows[cells[0]] = dict(zip(header, cells, strict=True))
     return rows
 
 
@@ -50,19 +55,23 @@ def test_quick_run_prints_the_comparison_table() -> None:
     headline = _table_rows(report, "")
     floor = headline["bare aiohttp loop (the floor)"]
     ours = headline["dedalus_async, Session.run per execution"]
-    assert floor[0].endswith("(1.00x)")  # the floor is its own baseline
-    assert " ms (" in ours[0]  # CPU per request...
-    assert ours[0].endswith("x)")  # ...and its ratio to the floor
-    assert ours[-2].startswith("0 of ")  # no poll before the server's hint
+    cpu = "client CPU per request, concurrency 10"
+    assert floor[cpu].endswith("(1.00x)")  # the floor is its own baseline
+    assert " ms (" in ours[cpu]  # CPU per request...
+    assert ours[cpu].endswith("x)")  # ...and its ratio to the floor
+    assert ours["polls before the hint"].startswith("0 of ")
 
-    for heading in ("### c10: 20 executions, concurrency 10", "### fanout-30: 30 at once"):
+    for heading in (
+        "### c10: 20 executions, concurrency 10 (1 round)",
+        "### fanout-30: 30 at once (1 round)",
+    ):
         rows = _table_rows(report, heading)
         assert set(rows) >= {"aiohttp", "dedalus_async"}, heading
         for driver in ("aiohttp", "dedalus_async"):
-            cells = rows[driver]
-            assert cells[3] == "5.00", (heading, driver, cells)  # requests per execution
-            assert cells[-1] == "0", (heading, driver, cells)  # errors
+            row = rows[driver]
+            assert row["requests / exec"] == "5.00", (heading, row)
+            assert row["errors"] == "0", (heading, row)
     # the tracemalloc run of the fan-out filled in the memory columns
-    memory = _table_rows(report, "### fanout-30: 30 at once")["dedalus_async"]
-    assert memory[5].endswith("KiB")
-    assert memory[6].endswith("KiB")
+    memory = _table_rows(report, "### fanout-30: 30 at once (1 round)")["dedalus_async"]
+    assert memory["traced peak / exec"].endswith("KiB")
+    assert memory["waiting / exec"].endswith("KiB")

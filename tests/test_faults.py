@@ -242,6 +242,9 @@ async def test_transient_fault_is_ridden_out(
         pytest.param({}, BACKOFF_1, id="absent-means-backoff"),
         pytest.param({"Retry-After": "soon"}, BACKOFF_1, id="garbage-means-backoff"),
         pytest.param({"Retry-After": "nan"}, BACKOFF_1, id="nan-means-backoff"),
+        pytest.param(
+            {"Retry-After": "Thu, 01 Jan 2026 00:00:30 -0000"}, BACKOFF_1, id="zoneless-date"
+        ),
         pytest.param({"retry-after-ms": "inf", "Retry-After": "2"}, 2.0, id="bad-ms-falls-back"),
         pytest.param({"Retry-After": OVERFLOWING_DATE}, BACKOFF_1, id="overflowing-date-backoff"),
     ],
@@ -469,6 +472,7 @@ MISTYPED = [
     pytest.param(_execution(command="echo hi"), "command", id="command-string"),
     pytest.param(_execution(exit_code="0"), "exit_code", id="exit_code-string"),
     pytest.param(_execution(exit_code=True), "exit_code", id="exit_code-bool"),
+    pytest.param(_execution(stdout_truncated="no"), "stdout_truncated", id="flag-string"),
     pytest.param(_execution(execution_id=7), "execution_id", id="execution_id-number"),
     pytest.param(_execution(retry_after_ms=1.5), "retry_after_ms", id="hint-float"),
     pytest.param(_execution(artifacts=[{"name": "a"}]), "artifacts", id="artifact-incomplete"),

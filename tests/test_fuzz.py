@@ -303,6 +303,7 @@ OVERFLOWING_DATE = "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"
 @example(status=429, headers={"retry-after-ms": "1e400"}, body=b"{}")
 @example(status=409, headers={}, body=b'{"error_code": "IDEMPOTENCY_KEY_REUSED", "details": []}')
 @example(status=422, headers={}, body=b'{"title": 5, "detail": "", "status": "x"}')
+@example(status=400, headers={}, body=b'{"code": "BAD", "error": "no", "details": {"a": 1}}')
 def test_error_responses_always_give_a_typed_error(
     status: int, headers: dict[str, str], body: bytes
 ) -> None:
@@ -662,6 +663,12 @@ BAD_CALLS: list[Any] = [
     ("attach", ({"machine_id": "dm-1"},), {}, "execution_id"),
     ("attach", ({"machine_id": 5, "execution_id": "e"},), {}, "machine_id"),
     ("attach", ({"machine_id": "", "execution_id": "e"},), {}, "machine_id"),
+    (
+        "attach",
+        ({"machine_id": "dm-1", "execution_id": "e", "idempotency_key": 5},),
+        {},
+        "idempotency_key",
+    ),
     ("run", ("dm-1", "ls"), {}, "command"),
     ("run", ("dm-1", ["x"]), {"env": {"A": None}}, "env"),
     ("run", ("dm-1", ["x"]), {"timeout": "5"}, "timeout"),

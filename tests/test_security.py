@@ -261,7 +261,17 @@ async def path_wait_timeout(w: World) -> None:
 
 async def path_execution_failed(w: World) -> None:
     w.fake.set_script(
-        Script.immediate(Outcome(status="failed", exit_code=3, stdout="out", stderr="err"))
+        Script.immediate(
+            Outcome(
+                status="failed",
+                exit_code=None,
+                signal=9,
+                error_code="OOM_KILLED",
+                error_message="the command ran out of memory",
+                stdout="out",
+                stderr="err",
+            )
+        )
     )
     error = await w.expect(
         ExecutionFailed,

@@ -65,6 +65,7 @@ def test_missing_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
         ("https://user:pw@host", False),
         ("https://host/?q=1", False),
         ("dcs.dedaluslabs.ai", False),
+        ("", False),
     ],
 )
 def test_base_url_rules(url: str, ok: bool) -> None:

@@ -99,6 +99,8 @@ def test_bad_execution_names_the_field(sample: str, field: str) -> None:
         wire.decode_execution(response(sample))
     assert info.value.field == field
     assert field in str(info.value)
+    assert info.value.status == 200
+    assert info.value.body.startswith("{")
 
 
 @pytest.mark.parametrize(
@@ -238,10 +240,12 @@ def test_status_classes(status: int, cls: type[APIStatusError]) -> None:
 
 
 def test_redirect_is_an_error_with_a_reason() -> None:
-    """A 3xx is not followed: it becomes an error saying why."""
+    """A 3xx is not followed: it becomes an error saying why, whatever its body says."""
     e = err(b"", 307, Location="https://elsewhere.example.com/")
     assert type(e) is APIStatusError
-    assert "redirect" in e.message
+    assert "redirect to https://elsewhere.example.com/" in e.message
+    e = err(b'{"message": "Found", "error_code": "MOVED"}', 302)
+    assert e.message.startswith("Found; the server answered with a redirect")
 
 
 def test_rate_limited_carries_retry_after() -> None:
