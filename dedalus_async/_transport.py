@@ -33,6 +33,7 @@ class AiohttpTransport:
     __slots__ = (
         "_base",
         "_borrowed",
+        "_gate",
         "_headers",
         "_idem_headers",
         "_limit",
@@ -59,20 +60,32 @@ class AiohttpTransport:
         self._session = client_session
         self._borrowed = client_session is not None
         self._limit = max_connections
+        self._gate: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
         return f"AiohttpTransport({self._base!r}, borrowed={self._borrowed})"
 
     async def open(self) -> None:
         """Create the aiohttp session (inside the running loop) unless one was borrowed."""
+        limit = self._limit
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
                 auto_decompress=True,
                 raise_for_status=False,
             )
+        else:
+            borrowed = self._session.connector
+            limit = borrowed.limit if borrowed is not None else 0
+        # Requests beyond the pool's size queue here rather than inside aiohttp: a request
+        # waiting for a connection then holds no aiohttp request object (memory, with
+        # thousands waiting), and its timeout starts when it can actually be sent. Inside
+        # aiohttp the queueing counted against the request timeout, so with 50,000
+        # executions at once queued creates timed out, went to the back of the queue and
+        # timed out again (59,340 retried creates in one run).
+        self._gate = asyncio.Semaphore(limit) if limit > 0 else None
 
     async def aclose(self) -> None:
         """Close the aiohttp session if it is ours; leave a borrowed one open."""
@@ -95,9 +108,29 @@ class AiohttpTransport:
         if request.params:
             url = url.with_query(request.params)
         client_timeout = self._timeout
-        if timeout is not None and timeout != client_timeout.total:
+        default = client_timeout.total
+        near_deadline: float | None = None
+        if timeout is not None and timeout != default:
             # the session asks for less than the full request timeout only near a deadline
             client_timeout = aiohttp.ClientTimeout(total=timeout)
+            if default is None or timeout < default:
+                near_deadline = timeout
+        gate = self._gate
+        if gate is not None:
+            if near_deadline is not None:
+                # close to the caller's deadline, waiting for a connection counts too
+                try:
+                    async with asyncio.timeout(near_deadline):
+                        await gate.acquire()
+                except TimeoutError as exc:
+                    raise RequestTimeout(
+                        f"{request.method} {request.path} found no free connection "
+                        f"within {near_deadline:g} s",
+                        method=request.method,
+                        path=request.path,
+                    ) from exc
+            else:
+                await gate.acquire()
         try:
             async with session.request(
                 request.method,
@@ -139,6 +172,9 @@ class AiohttpTransport:
                 method=request.method,
                 path=request.path,
             ) from exc
+        finally:
+            if gate is not None:
+                gate.release()
         raise scrubbed
 
 
