@@ -22,7 +22,9 @@ from ._convert import structure
 from ._errors import APIStatusError, RateLimitedError, ResponseDecodeError, error_for_status
 from ._models import Execution, ExecutionEvent, ExecutionOutput
 
-try:  # orjson is optional (the "fast" extra): same results, less CPU on the hot path
+try:  # orjson is optional (the "fast" extra): less CPU on the hot path; on odd input (NaN,
+    # integers past 64 bits) it differs from json, but either way the outcome is a model or
+    # a ResponseDecodeError
     import orjson
 
     _loads: Any = orjson.loads
