@@ -14,6 +14,9 @@ detection lag it saw, or the error it ended with.
   installed ``Session`` has it).
 * ``sdk`` / ``sdk-aiohttp``: the official ``dedalus_sdk.AsyncDedalus`` (on httpx, or on
   its aiohttp transport) with the polling loop its users write by hand.
+* experiments, not run by default: ``aiohttp-jitter`` (the bare loop plus the library's
+  0-10 ms poll jitter) and ``dedalus_async-nojitter`` (``hint_jitter=0``) price the jitter
+  alone; see ``PROFILE.md``.
 
 Concurrency is the same scaffolding for every driver except ``run_many``, which brings its
 own: with a limit, that many worker tasks take executions one after another; without

@@ -539,15 +539,17 @@ def render(raw: dict[str, Any]) -> str:
     fanouts = [s for s in scen if s.concurrency is None]
     lag = next((s for s in scen if s.name == "lag"), cpu)
     largest = fanouts[-1] if fanouts else cpu
+    # tracemalloc runs may exist for smaller fan-outs only (they are slow at the largest)
+    traced = [s for s in fanouts if raw["memory"].get(s.name)]
+    memory = traced[-1] if traced else largest
     head = ["client"]
     if cpu is not None:
         head.append(f"client CPU per request, concurrency {cpu.concurrency}")
     head += [f"wall time, {s.title}" for s in fanouts]
     if largest is not None:
-        head += [
-            f"requests / execution ({largest.title})",
-            f"memory / waiting execution ({largest.title})",
-        ]
+        head.append(f"requests / execution ({largest.title})")
+    if memory is not None:
+        head.append(f"memory / waiting execution ({memory.title})")
     head.append("polls before the hint")
     if lag is not None:
         head.append(f"detection lag p50 / p99 ({lag.title})")
@@ -562,7 +564,9 @@ def render(raw: dict[str, Any]) -> str:
         if largest is not None:
             big = _usable(summary[largest.name].get(driver))
             cells.append(_fmt(big.get("requests_per_execution"), ".2f"))
-            cells.append(_fmt(big.get("waiting_kib_per_execution"), ".2f", " KiB"))
+        if memory is not None:
+            row = _usable(summary[memory.name].get(driver))
+            cells.append(_fmt(row.get("waiting_kib_per_execution"), ".2f", " KiB"))
         cells.append(_early_cell(summary, driver))
         if lag is not None:
             row = _usable(summary[lag.name].get(driver))

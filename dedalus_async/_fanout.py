@@ -292,8 +292,6 @@ class _FanOut:
         self._failed = 0
         self._in_flight = 0
         self._refreshers: dict[str, _Refresher] = {}
-        # as in Session._wait: a poll retries transient errors while the deadline allows
-        self._poll_retry = attrs.evolve(session.retry, max_attempts=1 << 30, budget=1e12)
 
     async def run(self) -> None:
         plan = self.plan
@@ -392,7 +390,15 @@ class _FanOut:
             # only a schedule of our own choosing may be served early; the deadline and
             # expires_at are moments to look at exactly
             early = _EARLY_FRACTION if decision.reason in ("hint", "backoff") else 0.0
-            return await refresher.look(look, decision.seconds, early)
+            snapshot = await refresher.look(look, decision.seconds, early)
+            if snapshot is None:
+                # no page served us: GET for ourselves, but not before the latest hint a
+                # page gave for this execution (nor past the deadline)
+                now = clock.monotonic()
+                until = look.not_before if deadline is None else min(look.not_before, deadline)
+                if until > now:
+                    await clock.sleep(until - now)
+            return snapshot
 
         try:
             return await session._wait(
@@ -431,11 +437,14 @@ class _FanOut:
 class _Look:
     """One waiter's standing request to its machine's refresher."""
 
-    __slots__ = ("deadline", "due", "early_by", "event", "execution_id", "snapshot")
+    __slots__ = ("deadline", "due", "early_by", "event", "execution_id", "not_before", "snapshot")
 
     def __init__(self, execution_id: str, deadline: float | None) -> None:
         self.execution_id = execution_id
         self.deadline = deadline
+        # the latest hint a page gave for this execution, as a moment: a GET of its own
+        # never goes out before it, even when the waiter's schedule is older than the page
+        self.not_before = 0.0
         self.due: float | None = None  # None: not waiting for a look right now
         self.early_by = 0.0
         self.event: anyio.Event | None = None
@@ -602,7 +611,14 @@ class _Refresher:
                     if item.execution_id in missing:
                         missing.discard(item.execution_id)
                     elif not item.is_terminal:
-                        continue  # not due yet, and nothing it needs to know early
+                        # not due yet, and nothing it needs to know early; but the server
+                        # just told us when to look again
+                        if item.retry_after_ms is not None and item.retry_after_ms > 0:
+                            hinted = self.session.clock.monotonic() + min(
+                                item.retry_after_ms / 1000, self.session.poll.hint_ceiling
+                            )
+                            waiter.not_before = max(waiter.not_before, hinted)
+                        continue
                     self._serve(waiter, item)
                     served += 1
                 if next_cursor is None or (not items and next_cursor == cursor):

@@ -280,6 +280,7 @@ class Session:
             max_connections=max_connections,
         )
         self._state: Literal["new", "open", "closed"] = "new"
+        self._poll_retry_cache: tuple[RetryPolicy, RetryPolicy] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.base_url} auth={self.auth_scheme} {self._state}>"
@@ -759,8 +760,7 @@ class Session:
         clock = self.clock
         start = clock.monotonic()
         counters = _Counters()
-        # polls retry transient errors for as long as the deadline allows (P9 of _policy)
-        poll_retry = attrs.evolve(self.retry, max_attempts=1 << 30, budget=1e12)
+        poll_retry = self._poll_retry()
         state = PollState()
         request = _wire.execution_request("GET", handle.machine_id, handle.execution_id)
         snapshot = handle.last
@@ -818,6 +818,18 @@ class Session:
         finally:
             if not finished and cancel_remote:
                 await self._cancel_remote(handle)
+
+    def _poll_retry(self) -> RetryPolicy:
+        """The retry policy of a wait's polls: the Session's, bounded by the deadline alone.
+
+        Polls retry transient errors for as long as the deadline allows (P9 of _policy).
+        Built once per RetryPolicy (``retry`` may be replaced), not once per wait.
+        """
+        cached = self._poll_retry_cache
+        if cached is None or cached[0] is not self.retry:
+            cached = (self.retry, attrs.evolve(self.retry, max_attempts=1 << 30, budget=1e12))
+            self._poll_retry_cache = cached
+        return cached[1]
 
     @staticmethod
     def _wait_timeout(handle: ExecutionHandle, timeout: float) -> WaitTimeout:

@@ -348,7 +348,7 @@ def test_retry_rejects_programming_errors(kwargs: dict[str, Any]) -> None:
 
 def test_poll_policy_defaults() -> None:
     policy = PollPolicy()
-    assert (policy.hint_floor, policy.hint_ceiling, policy.hint_jitter) == (0.05, 30.0, 0.01)
+    assert (policy.hint_floor, policy.hint_ceiling, policy.hint_jitter) == (0.05, 30.0, 0.005)
     assert (policy.initial_interval, policy.max_interval) == (0.2, 5.0)
     assert (policy.multiplier, policy.jitter) == (1.5, 0.2)
     assert (policy.timeout, policy.expiry_grace) == (900.0, 0.05)
@@ -421,7 +421,7 @@ def test_give_up_once_the_deadline_passed(remaining: float) -> None:
     ("retry_after_ms", "rand", "expected"),
     [
         (1000, 0.0, 1.0),
-        (1000, 0.5, 1.005),  # jitter is added, never subtracted
+        (1000, 0.5, 1.0025),  # jitter is added, never subtracted
         (250, 0.0, 0.25),
         (50, 0.0, 0.05),
         (10, 0.0, 0.05),  # below the floor: raised
@@ -429,7 +429,7 @@ def test_give_up_once_the_deadline_passed(remaining: float) -> None:
         (-1000, 0.0, 0.05),
         (30_000, 0.0, 30.0),
         (45_000, 0.0, 30.0),  # above the ceiling: lowered
-        pytest.param(10**400, 0.5, 30.005, id="int-too-large-for-a-float"),
+        pytest.param(10**400, 0.5, 30.0025, id="int-too-large-for-a-float"),
         pytest.param(-(10**400), 0.0, 0.05, id="negative-int-too-large-for-a-float"),
     ],
 )

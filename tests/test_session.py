@@ -29,6 +29,8 @@ from dedalus_async import (
     TransportError,
     UnprocessableEntityError,
 )
+from dedalus_async._transport import AiohttpTransport
+from dedalus_async._wire import Request
 from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Script
 
 from .conftest import API_KEY
@@ -601,3 +603,24 @@ async def test_many_concurrent_calls_share_the_pool(session: Session, fake: Fake
     assert len({h.execution_id for h in handles}) == 200
     assert fake.create_count == 200
     assert all(isinstance(h.last, Execution) for h in handles)
+
+
+async def test_queued_request_near_its_deadline_gives_up_waiting_for_a_connection() -> None:
+    """Requests beyond the pool wait in the transport; near a deadline that wait counts,
+    and the queue moves on once the connection is free again."""
+    async with FakeDedalus(api_key="k") as fake:
+        fake.add_fault(Fault(method="GET", path="/slow", delay=0.5, status=404))
+        transport = AiohttpTransport(
+            fake.base_url, {"x-api-key": "k"}, request_timeout=30.0, max_connections=1
+        )
+        await transport.open()
+        try:
+            busy = asyncio.create_task(transport.send(Request("GET", "/slow")))
+            await asyncio.sleep(0.05)
+            with pytest.raises(RequestTimeout, match="no free connection"):
+                await transport.send(Request("GET", "/v1/machines/m/executions"), timeout=0.1)
+            later = await transport.send(Request("GET", "/v1/machines/m/executions"))
+            assert later.status == 200
+            assert (await busy).status == 404
+        finally:
+            await transport.aclose()
