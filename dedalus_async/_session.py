@@ -13,6 +13,7 @@ import os
 import random as _random
 import secrets
 import warnings
+from collections import deque
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -1039,7 +1040,7 @@ class EventStream:
         self._handle = handle
         self.cursor = cursor
         self._follow = follow
-        self._buffer: list[ExecutionEvent] = []
+        self._buffer: deque[ExecutionEvent] = deque()
         self._next: str | None = cursor
         self._finished = False
         self._last_sequence: int | None = None
@@ -1057,7 +1058,7 @@ class EventStream:
             if self._finished:
                 raise StopAsyncIteration
             await self._fetch()
-        event = self._buffer.pop(0)
+        event = self._buffer.popleft()
         self._last_sequence = event.sequence
         if not self._buffer:
             self.cursor = self._next

@@ -60,6 +60,18 @@ def _cap_utf8(text: str, cap: int) -> str:
     return text.encode("utf-8", "surrogatepass")[:cap].decode("utf-8", "ignore")
 
 
+_OUTCOME_FIELDS = ("exit_code", "signal", "error_code", "error_message")
+_EVENT_OPTIONAL = ("chunk", "status", *_OUTCOME_FIELDS)
+
+
+def _put_present(out: dict[str, Any], source: object, names: tuple[str, ...]) -> None:
+    # the wire leaves out optional fields that have no value
+    for name in names:
+        value = getattr(source, name)
+        if value is not None:
+            out[name] = value
+
+
 @attrs.frozen
 class EventRecord:
     """One entry of an execution's event log (``sequence`` starts at 1)."""
@@ -81,18 +93,7 @@ class EventRecord:
             "sequence": self.sequence,
             "type": self.type,
         }
-        if self.chunk is not None:
-            out["chunk"] = self.chunk
-        if self.status is not None:
-            out["status"] = self.status
-        if self.exit_code is not None:
-            out["exit_code"] = self.exit_code
-        if self.signal is not None:
-            out["signal"] = self.signal
-        if self.error_code is not None:
-            out["error_code"] = self.error_code
-        if self.error_message is not None:
-            out["error_message"] = self.error_message
+        _put_present(out, self, _EVENT_OPTIONAL)
         return out
 
 
@@ -267,14 +268,7 @@ class ExecutionRecord:
             out["cwd"] = self.cwd
         if self.env is not None:
             out["env_keys"] = sorted(self.env)
-        if self.exit_code is not None:
-            out["exit_code"] = self.exit_code
-        if self.signal is not None:
-            out["signal"] = self.signal
-        if self.error_code is not None:
-            out["error_code"] = self.error_code
-        if self.error_message is not None:
-            out["error_message"] = self.error_message
+        _put_present(out, self, _OUTCOME_FIELDS)
         if terminal or self.started_at is not None:
             out["stdout_bytes"] = self.stdout_bytes
             out["stderr_bytes"] = self.stderr_bytes
