@@ -27,6 +27,7 @@ import urllib.request
 from typing import Any
 
 from .drivers import DRIVERS, Sample
+from .server import percentile, to_ms
 
 __all__ = ["main", "measure", "percentile"]
 
@@ -56,15 +57,6 @@ def _rss_kib() -> int:
 def _maxrss_kib() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB elsewhere
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The nearest-rank ``q``-th percentile (0 < q <= 100) of ``values``, None if empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100), at least 1
-    return ordered[int(rank) - 1]
 
 
 async def measure(
@@ -132,15 +124,11 @@ async def measure(
         "rss_growth_kib": max(0, rss_peak - rss_before),
         "traced_peak_bytes": traced_peak,
         "traced_kept_bytes": traced_kept,
-        "lag_p50_ms": _ms(percentile(lags, 50)),
-        "lag_p99_ms": _ms(percentile(lags, 99)),
-        "lag_max_ms": _ms(max(lags) if lags else None),
+        "lag_p50_ms": to_ms(percentile(lags, 50)),
+        "lag_p99_ms": to_ms(percentile(lags, 99)),
+        "lag_max_ms": to_ms(max(lags) if lags else None),
         "server": server,
     }
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000.0
 
 
 def main(argv: list[str] | None = None) -> int:

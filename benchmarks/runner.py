@@ -456,6 +456,9 @@ def summarise(raw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 "lag_p50_ms": _median([r["lag_p50_ms"] for r in ok]),
                 "lag_p99_ms": _median([r["lag_p99_ms"] for r in ok]),
                 "lag_max_ms": max((r["lag_max_ms"] or 0.0) for r in ok),
+                "over_hint_p50_ms": _median([s.get("over_hint_p50_ms") for s in server]),
+                "over_hint_p99_ms": _median([s.get("over_hint_p99_ms") for s in server]),
+                "over_hint_max_ms": max((s.get("over_hint_max_ms") or 0.0) for s in server),
                 "early_polls": sum(s["early_polls"] for s in server),
                 "early_own": sum(s.get("early_own", 0) for s in server),
                 "checked_polls": sum(s["checked_polls"] for s in server),
@@ -553,6 +556,7 @@ def render(raw: dict[str, Any]) -> str:
     head.append("polls before the hint")
     if lag is not None:
         head.append(f"detection lag p50 / p99 ({lag.title})")
+        head.append("lag over the hint p50 / p99")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for driver in drivers:
         cells = [_label(driver)]
@@ -572,6 +576,8 @@ def render(raw: dict[str, Any]) -> str:
             row = _usable(summary[lag.name].get(driver))
             p50, p99 = row.get("lag_p50_ms"), row.get("lag_p99_ms")
             cells.append(_fmt(p50, ".0f") + " / " + _fmt(p99, ".0f", " ms"))
+            p50, p99 = row.get("over_hint_p50_ms"), row.get("over_hint_p99_ms")
+            cells.append(_fmt(p50, ".1f") + " / " + _fmt(p99, ".1f", " ms"))
         lines.append("| " + " | ".join(cells) + " |")
     for name, why in raw["skipped"].items():
         lines += ["", f"{name}: skipped, {why}"]
@@ -609,6 +615,7 @@ _DETAIL_HEAD = [
     "early polls (own hints)",
     "min margin",
     "lag p50 / p99 / max",
+    "over the hint p50 / p99 / max",
     "errors",
 ]
 
@@ -642,6 +649,11 @@ def _detail(
             f"{row['early_polls']} ({row['early_own']}) of {row['checked_polls']:,}",
             _fmt(row["min_margin_ms"], ".1f", " ms"),
             lags + " ms",
+            " / ".join(
+                _fmt(row[k], ".1f")
+                for k in ("over_hint_p50_ms", "over_hint_p99_ms", "over_hint_max_ms")
+            )
+            + " ms",
             errors,
         ]
         out.append("| " + " | ".join(cells) + " |")

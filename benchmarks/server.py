@@ -20,6 +20,13 @@ A middleware watches the traffic without changing it:
   the client looked early; none is ever counted wrongly. ``early_own`` counts the same
   way but only against the hints of the execution's own create and GETs, not those it
   appeared with in a page of the list.
+* the first response that shows an execution terminal (a GET, or an item of a list page)
+  gives its *lag over the hint*: the moment that response was sent, less the later of the
+  moment the execution finished and the moment the latest hint shown for it before
+  elapsed. The script's hints are each phase's whole duration, so a client that follows
+  them to the letter reaches the end of the script later by every poll's small delay
+  added up; the lag counted from ``completed_at`` includes that, the lag over the hint
+  is only what the client (and the server's answer) added once it was free to look.
 
 ``GET /_bench/stats`` answers the counters as JSON, ``POST /_bench/reset`` zeroes them
 (the client calls it after its warm-up). Both are answered by the middleware and never
@@ -38,14 +45,17 @@ from typing import Any
 
 from aiohttp import web
 
+from dedalus_async import TERMINAL_STATUSES
 from dedalus_async.testing import FakeDedalus, Outcome, Phase, Script
 
-__all__ = ["API_KEY", "MACHINE_ID", "ServerStats", "bench_script", "main"]
+__all__ = ["API_KEY", "MACHINE_ID", "ServerStats", "bench_script", "main", "percentile", "to_ms"]
 
 #: The key every benchmark client presents.
 API_KEY = "bench-key"
 #: The machine every benchmark execution runs on.
 MACHINE_ID = "dm-bench"
+
+TERMINAL = frozenset(str(status) for status in TERMINAL_STATUSES)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,6 +77,8 @@ class ServerStats:
         self.reset()
 
     def reset(self) -> None:
+        # executions created before this moment (the warm-up's) are not counted
+        self.since = time.monotonic()
         self.requests = 0
         self.by_kind: dict[str, int] = {}
         self.errors = 0
@@ -74,6 +86,11 @@ class ServerStats:
         self.early_polls = 0
         self.early_own = 0
         self.min_margin_ms: float | None = None
+        # seconds: each finished execution's lag over the hint (see the module docstring)
+        self.over_hint: list[float] = []
+        # execution id -> monotonic moment the latest hint shown for it elapses
+        self.due: dict[str, float] = {}
+        self.seen_terminal: set[str] = set()
         # execution id -> (monotonic time the hint was sent, hint in seconds), from any
         # response that showed the execution (list pages included) ...
         self.hints: dict[str, tuple[float, float]] = {}
@@ -89,6 +106,10 @@ class ServerStats:
             "early_polls": self.early_polls,
             "early_own": self.early_own,
             "min_margin_ms": self.min_margin_ms,
+            "over_hint_count": len(self.over_hint),
+            "over_hint_p50_ms": to_ms(percentile(self.over_hint, 50)),
+            "over_hint_p99_ms": to_ms(percentile(self.over_hint, 99)),
+            "over_hint_max_ms": to_ms(max(self.over_hint, default=None)),
         }
 
     def hint_sent(
@@ -97,6 +118,8 @@ class ServerStats:
         """A response told the client to wait ``hint_ms`` before looking at it again."""
         if execution_id is None:
             return
+        if hint_ms is not None:
+            self.due[execution_id] = sent + hint_ms / 1000.0
         for hints in (self.hints, self.own_hints) if own else (self.hints,):
             if hint_ms is None:  # no hint (a terminal execution): nothing to check
                 hints.pop(execution_id, None)
@@ -118,6 +141,36 @@ class ServerStats:
             self.early_polls += 1
         if self.min_margin_ms is None or margin_ms < self.min_margin_ms:
             self.min_margin_ms = margin_ms
+
+    def shown_terminal(self, execution_id: str, completed: float, sent: float) -> None:
+        """A response sent at ``sent`` shows the execution finished (at ``completed``)."""
+        if execution_id in self.seen_terminal:
+            return
+        self.seen_terminal.add(execution_id)
+        free = max(completed, self.due.pop(execution_id, completed))
+        self.over_hint.append(max(0.0, sent - free))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank ``q``-th percentile (0 < q <= 100) of ``values``, None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100), at least 1
+    return ordered[int(rank) - 1]
+
+
+def to_ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def _completed(fake: FakeDedalus, execution_id: str, since: float) -> float | None:
+    """The server's monotonic moment the execution finished, if it has (and was created
+    after ``since``)."""
+    record = fake.executions.get(execution_id)
+    if record is None or record.completed_at is None or record.created_mono < since:
+        return None
+    return record.created_mono + (record.completed_at - record.created_at).total_seconds()
 
 
 def _kind(method: str, parts: list[str]) -> str:
@@ -157,6 +210,9 @@ def make_middleware(fake: FakeDedalus, stats: ServerStats) -> Any:
             record = fake.executions.get(parts[5])
             if record is not None:
                 stats.hint_sent(record.execution_id, record.retry_after_ms, sent, own=True)
+                completed = _completed(fake, record.execution_id, stats.since)
+                if completed is not None:
+                    stats.shown_terminal(record.execution_id, completed, sent)
         elif kind in ("create", "list") and isinstance(response, web.Response):
             body = response.body
             if isinstance(body, bytes):
@@ -164,12 +220,15 @@ def make_middleware(fake: FakeDedalus, stats: ServerStats) -> Any:
                 # a page of the list carries each execution's hint just like a GET does
                 items = (data.get("items") or ()) if kind == "list" else (data,)
                 for item in items:
+                    execution_id = item.get("execution_id")
                     stats.hint_sent(
-                        item.get("execution_id"),
-                        item.get("retry_after_ms"),
-                        sent,
-                        own=kind == "create",
+                        execution_id, item.get("retry_after_ms"), sent, own=kind == "create"
                     )
+                    if execution_id is None or item.get("status") not in TERMINAL:
+                        continue
+                    completed = _completed(fake, execution_id, stats.since)
+                    if completed is not None:
+                        stats.shown_terminal(execution_id, completed, sent)
         return response
 
     return watch

@@ -60,6 +60,9 @@ _PAGE_SIZE: Final = 100
 # little early costs nothing when the page is read anyway, and it lets one page serve
 # waiters whose schedules are close but not equal.
 _EARLY_FRACTION: Final = 0.5
+# Seconds a waiter about to GET for itself waits for a page being read at that moment
+# (real seconds: it is a wait for network I/O, not part of anyone's schedule).
+_SWEEP_GRACE: Final = 0.1
 # A machine's waiters go back to their own GETs for the rest of the fan-out when, over
 # this many sweeps in a row, the pages read served no more looks than there were pages.
 _LEDGER_SWEEPS: Final = 8
@@ -384,21 +387,29 @@ class _FanOut:
         look = refresher.register(handle.execution_id, deadline)
 
         async def pause(decision: Sleep) -> Execution | None:
-            if not refresher.engaged:
+            if look.seen is not None:
+                return look.seen  # a page showed it finished while we were busy
+            if refresher.engaged:
+                # only a schedule of our own choosing may be served early; the deadline
+                # and expires_at are moments to look at exactly
+                early = _EARLY_FRACTION if decision.reason in ("hint", "backoff") else 0.0
+                snapshot = await refresher.look(look, decision.seconds, early)
+                if snapshot is not None:
+                    return snapshot
+            else:
                 await clock.sleep(decision.seconds)
-                return None
-            # only a schedule of our own choosing may be served early; the deadline and
-            # expires_at are moments to look at exactly
-            early = _EARLY_FRACTION if decision.reason in ("hint", "backoff") else 0.0
-            snapshot = await refresher.look(look, decision.seconds, early)
-            if snapshot is None:
-                # no page served us: GET for ourselves, but not before the latest hint a
-                # page gave for this execution (nor past the deadline)
+            # No page served us: GET for ourselves, but not before the latest hint a page
+            # gave for this execution (nor past the deadline). A page being read right now
+            # may show it: waiting for it a moment costs less than a GET alongside.
+            while True:
+                await refresher.sweep_finished(_SWEEP_GRACE)
+                if look.seen is not None:
+                    return look.seen
                 now = clock.monotonic()
                 until = look.not_before if deadline is None else min(look.not_before, deadline)
-                if until > now:
-                    await clock.sleep(until - now)
-            return snapshot
+                if until <= now:
+                    return None
+                await clock.sleep(until - now)
 
         try:
             return await session._wait(
@@ -437,7 +448,16 @@ class _FanOut:
 class _Look:
     """One waiter's standing request to its machine's refresher."""
 
-    __slots__ = ("deadline", "due", "early_by", "event", "execution_id", "not_before", "snapshot")
+    __slots__ = (
+        "deadline",
+        "due",
+        "early_by",
+        "event",
+        "execution_id",
+        "not_before",
+        "seen",
+        "snapshot",
+    )
 
     def __init__(self, execution_id: str, deadline: float | None) -> None:
         self.execution_id = execution_id
@@ -445,6 +465,8 @@ class _Look:
         # the latest hint a page gave for this execution, as a moment: a GET of its own
         # never goes out before it, even when the waiter's schedule is older than the page
         self.not_before = 0.0
+        # a terminal snapshot a page showed while the waiter was not asking for a look
+        self.seen: Execution | None = None
         self.due: float | None = None  # None: not waiting for a look right now
         self.early_by = 0.0
         self.event: anyio.Event | None = None
@@ -477,6 +499,7 @@ class _Refresher:
         self._path = _wire.executions_path(_wire.check_id("machine_id", machine_id))
         self._looks: dict[str, _Look] = {}
         self._running = False
+        self._sweeping: anyio.Event | None = None  # set when the sweep in progress ends
         self._wake: anyio.Event | None = None
         self._nap: anyio.CancelScope | None = None
         self._nap_until = math.inf
@@ -527,6 +550,13 @@ class _Refresher:
             look.event = None
         return look.snapshot
 
+    async def sweep_finished(self, grace: float) -> None:
+        """Wait until the sweep in progress (if any) ends, for at most ``grace`` seconds."""
+        sweeping = self._sweeping
+        if sweeping is not None:
+            with anyio.move_on_after(grace):
+                await sweeping.wait()
+
     def _serve(self, look: _Look, snapshot: Execution | None) -> None:
         look.snapshot = snapshot
         look.due = None
@@ -559,7 +589,12 @@ class _Refresher:
                         await clock.sleep(first - now)
                     self._nap, self._nap_until = None, math.inf
                     continue
-                await self._sweep(waiting)
+                self._sweeping = anyio.Event()
+                try:
+                    await self._sweep(waiting)
+                finally:
+                    self._sweeping.set()
+                    self._sweeping = None
         finally:
             self._running = False
             self._wake = None
@@ -607,17 +642,14 @@ class _Refresher:
                         continue
                     first.setdefault(wrapped and start is not None, cursor)
                     if waiter.due is None:
-                        continue  # that waiter is busy with something else right now
+                        # busy (its own GET, or between looks): keep what the page says
+                        self._note(waiter, item)
+                        continue
                     if item.execution_id in missing:
                         missing.discard(item.execution_id)
                     elif not item.is_terminal:
-                        # not due yet, and nothing it needs to know early; but the server
-                        # just told us when to look again
-                        if item.retry_after_ms is not None and item.retry_after_ms > 0:
-                            hinted = self.session.clock.monotonic() + min(
-                                item.retry_after_ms / 1000, self.session.poll.hint_ceiling
-                            )
-                            waiter.not_before = max(waiter.not_before, hinted)
+                        # not due yet, and nothing it needs to know early
+                        self._note(waiter, item)
                         continue
                     self._serve(waiter, item)
                     served += 1
@@ -649,6 +681,18 @@ class _Refresher:
             self._account(pages, served)
         for execution_id in missing:
             self._release(due[execution_id], now)
+
+    def _note(self, look: _Look, item: Execution) -> None:
+        """What a page showed of a waiter it does not serve: a finish to hand over at its
+        next pause, or a hint its own GET must respect."""
+        if item.is_terminal:
+            look.seen = item
+        elif item.retry_after_ms is not None and item.retry_after_ms > 0:
+            policy = self.session.poll
+            hinted = self.session.clock.monotonic() + min(
+                item.retry_after_ms / 1000, policy.hint_ceiling
+            )
+            look.not_before = max(look.not_before, hinted)
 
     def _release(self, look: _Look, now: float) -> None:
         """A look no page served: GET for yourself, but not before your own moment."""

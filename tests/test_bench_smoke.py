@@ -75,3 +75,7 @@ def test_quick_run_prints_the_comparison_table() -> None:
     memory = _table_rows(report, "### fanout-30: 30 at once (1 round)")["dedalus_async"]
     assert memory["traced peak / exec"].endswith("KiB")
     assert memory["waiting / exec"].endswith("KiB")
+    # the server measured every execution's lag over the hint (a number of ms, not "-")
+    over = memory["over the hint p50 / p99 / max"]
+    assert over.endswith(" ms"), over
+    assert "-" not in over, over

@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 import pytest
 
+from benchmarks.server import ServerStats, bench_script, make_middleware
 from dedalus_async import (
     Completed,
     ConflictError,
@@ -528,6 +529,33 @@ async def test_batch_refresh_skips_a_long_history() -> None:
     print(f"with history: polling {per_execution:.2f}, batched {batched:.2f} per execution")
     assert got == expected
     assert batched < per_execution / 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "concurrency"), [(200, 40), (600, 600)])
+async def test_batch_refresh_never_polls_before_any_hint_and_notices_finishes_on_time(
+    n: int, concurrency: int
+) -> None:
+    """No GET of an execution goes out before the latest hint the server gave for it,
+    whether in its own responses or in a page of the list; and each finish is seen within
+    a few tens of milliseconds of the moment the server's hints allowed a look.
+
+    Waves of ``concurrency``: each wave's first waiters start before the machine has
+    enough of them to be read by pages, so pages and GETs of their own mix (the case
+    that once polled early).
+    """
+    stats = ServerStats()
+    fake = FakeDedalus(api_key="test-key", script=bench_script(0.5))
+    fake.app.middlewares.append(make_middleware(fake, stats))  # watches, changes nothing
+    async with fake, Session(api_key="test-key", base_url=fake.base_url) as session:
+        requests = [ExecutionRequest(machine_id="dm-one", command=["true"]) for _ in range(n)]
+        results = await session.run_many(requests, concurrency=concurrency)
+    assert [r.execution.status for r in results] == ["succeeded"] * n
+    seen = stats.as_dict()
+    assert seen["by_kind"]["list"] > 0  # pages were read
+    assert seen["early_polls"] == 0, seen
+    assert seen["over_hint_count"] == n
+    assert seen["over_hint_p99_ms"] < 100, seen
 
 
 async def test_batch_refresh_falls_back_to_gets_when_listing_fails(
