@@ -482,7 +482,10 @@ class _Refresher:
     execution the page shows terminal, whenever it was due. A due waiter the sweep cannot
     serve (too few due, not on the pages read, the list failed) is told to GET for itself,
     and one that was only nearly due keeps waiting for its own moment: a waiter never
-    polls more often than it would alone.
+    polls more often than it would alone. What a page shows of a waiter it does not serve
+    is kept for it (:meth:`_note`): a finish, handed over at its next pause instead of a
+    GET, or a hint, before which its own GET never goes out. A waiter about to GET while
+    a page is being read waits for that page first (up to ``_SWEEP_GRACE``).
 
     Pages are read from where the oldest waited-on execution was found last time (the
     API lists oldest first, so the rest of a long history is skipped), wrapping around to
