@@ -60,9 +60,6 @@ _PAGE_SIZE: Final = 100
 # little early costs nothing when the page is read anyway, and it lets one page serve
 # waiters whose schedules are close but not equal.
 _EARLY_FRACTION: Final = 0.5
-# Seconds a waiter about to GET for itself waits for a page being read at that moment
-# (real seconds: it is a wait for network I/O, not part of anyone's schedule).
-_SWEEP_GRACE: Final = 0.1
 # A machine's waiters go back to their own GETs for the rest of the fan-out when, over
 # this many sweeps in a row, the pages read served no more looks than there were pages.
 _LEDGER_SWEEPS: Final = 8
@@ -386,6 +383,12 @@ class _FanOut:
         refresher = self._refresher(handle.machine_id)
         look = refresher.register(handle.execution_id, deadline)
 
+        def grace(now: float) -> float:
+            # how long a page being read may keep us from our own GET: as long as a GET
+            # of our own could take, and never past the deadline
+            limit = session.request_timeout
+            return limit if deadline is None else max(0.0, min(limit, deadline - now))
+
         async def pause(decision: Sleep) -> Execution | None:
             if look.seen is not None:
                 return look.seen  # a page showed it finished while we were busy
@@ -402,7 +405,7 @@ class _FanOut:
             # gave for this execution (nor past the deadline). A page being read right now
             # may show it: waiting for it a moment costs less than a GET alongside.
             while True:
-                await refresher.sweep_finished(_SWEEP_GRACE)
+                await refresher.sweep_finished(grace(clock.monotonic()))
                 if look.seen is not None:
                     return look.seen
                 now = clock.monotonic()
@@ -427,7 +430,9 @@ class _FanOut:
     def _refresher(self, machine_id: str) -> _Refresher:
         refresher = self._refreshers.get(machine_id)
         if refresher is None:
-            refresher = _Refresher(self.session, machine_id, self._tg)
+            refresher = _Refresher(
+                self.session, machine_id, self._tg, self.plan.poll or self.session.poll
+            )
             self._refreshers[machine_id] = refresher
         return refresher
 
@@ -485,7 +490,9 @@ class _Refresher:
     polls more often than it would alone. What a page shows of a waiter it does not serve
     is kept for it (:meth:`_note`): a finish, handed over at its next pause instead of a
     GET, or a hint, before which its own GET never goes out. A waiter about to GET while
-    a page is being read waits for that page first (up to ``_SWEEP_GRACE``).
+    a page is being read waits for the sweep to end first: the page is as good as the GET
+    it would send, and a GET sent alongside could reach the server after the page and
+    before the hint the page carries.
 
     Pages are read from where the oldest waited-on execution was found last time (the
     API lists oldest first, so the rest of a long history is skipped), wrapping around to
@@ -495,8 +502,11 @@ class _Refresher:
     (or the server refuses the list) the machine's waiters go back to their own GETs.
     """
 
-    def __init__(self, session: Session, machine_id: str, tg: TaskGroup) -> None:
+    def __init__(
+        self, session: Session, machine_id: str, tg: TaskGroup, policy: PollPolicy
+    ) -> None:
         self.session = session
+        self.policy = policy  # the fan-out's: how far a page's hint may push a look
         self.machine_id = machine_id
         self._tg = tg
         self._path = _wire.executions_path(_wire.check_id("machine_id", machine_id))
@@ -554,7 +564,8 @@ class _Refresher:
         return look.snapshot
 
     async def sweep_finished(self, grace: float) -> None:
-        """Wait until the sweep in progress (if any) ends, for at most ``grace`` seconds."""
+        """Wait until the sweep in progress (if any) ends, for at most ``grace`` seconds
+        (real seconds: this waits for network I/O, not for anyone's schedule)."""
         sweeping = self._sweeping
         if sweeping is not None:
             with anyio.move_on_after(grace):
@@ -691,9 +702,8 @@ class _Refresher:
         if item.is_terminal:
             look.seen = item
         elif item.retry_after_ms is not None and item.retry_after_ms > 0:
-            policy = self.session.poll
             hinted = self.session.clock.monotonic() + min(
-                item.retry_after_ms / 1000, policy.hint_ceiling
+                item.retry_after_ms / 1000, self.policy.hint_ceiling
             )
             look.not_before = max(look.not_before, hinted)
 
