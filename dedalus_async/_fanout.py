@@ -402,8 +402,8 @@ class _FanOut:
             else:
                 await clock.sleep(decision.seconds)
             # No page served us: GET for ourselves, but not before the latest hint a page
-            # gave for this execution (nor past the deadline). A page being read right now
-            # may show it: waiting for it a moment costs less than a GET alongside.
+            # gave for this execution (nor past the deadline). Pages being read right now
+            # may show it: we wait for them rather than send a GET alongside.
             while True:
                 await refresher.sweep_finished(grace(clock.monotonic()))
                 if look.seen is not None:
