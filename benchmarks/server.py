@@ -55,8 +55,6 @@ API_KEY = "bench-key"
 #: The machine every benchmark execution runs on.
 MACHINE_ID = "dm-bench"
 
-TERMINAL = frozenset(str(status) for status in TERMINAL_STATUSES)
-
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -88,14 +86,15 @@ class ServerStats:
         self.min_margin_ms: float | None = None
         # seconds: each finished execution's lag over the hint (see the module docstring)
         self.over_hint: list[float] = []
-        # execution id -> monotonic moment the latest hint shown for it elapses
-        self.due: dict[str, float] = {}
         self.seen_terminal: set[str] = set()
-        # execution id -> (monotonic time the hint was sent, hint in seconds), from any
-        # response that showed the execution (list pages included) ...
-        self.hints: dict[str, tuple[float, float]] = {}
+        # execution id -> monotonic moment the latest hint shown for it elapses: from any
+        # response that showed the execution (list pages included), kept until it is shown
+        # finished ...
+        self.due: dict[str, float] = {}
+        # ... the same, until the next GET of it arrives (each hint is checked once) ...
+        self.hints: dict[str, float] = {}
         # ... and from the execution's own responses only (its create and its GETs)
-        self.own_hints: dict[str, tuple[float, float]] = {}
+        self.own_hints: dict[str, float] = {}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -118,24 +117,25 @@ class ServerStats:
         """A response told the client to wait ``hint_ms`` before looking at it again."""
         if execution_id is None:
             return
-        if hint_ms is not None:
-            self.due[execution_id] = sent + hint_ms / 1000.0
-        for hints in (self.hints, self.own_hints) if own else (self.hints,):
-            if hint_ms is None:  # no hint (a terminal execution): nothing to check
-                hints.pop(execution_id, None)
-            else:
-                hints[execution_id] = (sent, hint_ms / 1000.0)
+        if hint_ms is None:  # no hint (a terminal execution): nothing to check
+            self.hints.pop(execution_id, None)
+            if own:
+                self.own_hints.pop(execution_id, None)
+            return
+        due = sent + hint_ms / 1000.0
+        self.due[execution_id] = self.hints[execution_id] = due
+        if own:
+            self.own_hints[execution_id] = due
 
     def poll_arrived(self, execution_id: str, now: float) -> None:
         """A GET of this execution arrived: was it at least the last hint after it?"""
         own = self.own_hints.pop(execution_id, None)
-        if own is not None and now - own[0] < own[1]:
+        if own is not None and now < own:
             self.early_own += 1
-        seen = self.hints.pop(execution_id, None)
-        if seen is None:
+        due = self.hints.pop(execution_id, None)
+        if due is None:
             return
-        sent, hint = seen
-        margin_ms = (now - sent - hint) * 1000.0
+        margin_ms = (now - due) * 1000.0
         self.checked_polls += 1
         if margin_ms < 0:
             self.early_polls += 1
@@ -224,7 +224,7 @@ def make_middleware(fake: FakeDedalus, stats: ServerStats) -> Any:
                     stats.hint_sent(
                         execution_id, item.get("retry_after_ms"), sent, own=kind == "create"
                     )
-                    if execution_id is None or item.get("status") not in TERMINAL:
+                    if execution_id is None or item.get("status") not in TERMINAL_STATUSES:
                         continue
                     completed = _completed(fake, execution_id, stats.since)
                     if completed is not None:
