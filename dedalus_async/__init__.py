@@ -45,16 +45,19 @@ from ._models import (
     ExecutionOutput,
     ExecutionRef,
     ExecutionStatus,
+    LogCapture,
+    LogPublication,
+    LogReadToken,
+    LogStatus,
 )
 from ._policy import PollPolicy, RetryPolicy
 from ._results import ExecutionResult, WaitStats
 from ._session import DEFAULT_BASE_URL, EventStream, ExecutionHandle, Session
 from ._throttle import Throttle
+from ._version import __version__
 
 if TYPE_CHECKING:
     from ._local import LocalBackend
-
-__version__ = "0.1.0.dev0"
 
 
 def __getattr__(name: str) -> Any:
@@ -90,6 +93,10 @@ __all__ = [
     "ExecutionStatus",
     "IdempotencyKeyReusedError",
     "LocalBackend",
+    "LogCapture",
+    "LogPublication",
+    "LogReadToken",
+    "LogStatus",
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",

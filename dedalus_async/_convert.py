@@ -8,14 +8,25 @@ name the offending field in :class:`~dedalus_async.ResponseDecodeError`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import cattrs
+import cattrs.gen
 
 from ._errors import ResponseDecodeError
-from ._models import ArtifactRef, Execution, ExecutionEvent, ExecutionOutput
+from ._models import (
+    ArtifactRef,
+    Execution,
+    ExecutionEvent,
+    ExecutionOutput,
+    LogCapture,
+    LogPublication,
+    LogReadToken,
+    LogStatus,
+)
 
 __all__ = ["structure"]
 
@@ -41,15 +52,55 @@ def _structure_bool(value: object, _: object) -> bool:
     raise TypeError(f"expected a boolean, got {type(value).__name__}")
 
 
+# RFC 3339 (section 5.6): "T" and "Z" may be lower case, the time may carry any number of
+# fractional digits and a leap second (:60). datetime.fromisoformat takes the common form
+# directly; this is the fallback for the rest.
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})?"
+)
+
+
 def _structure_datetime(value: object, _: object) -> datetime:
     if type(value) is not str:
         raise TypeError(f"expected an RFC 3339 date-time string, got {type(value).__name__}")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise ValueError(f"not an RFC 3339 date-time: {value[:40]!r}") from None
+        parsed = _parse_rfc3339(value)
     # RFC 3339 requires an offset; tolerate a server that omits it by reading it as UTC
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _parse_rfc3339(value: str) -> datetime:
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 date-time: {value[:40]!r}")
+    date, hour, minute, second, fraction, offset = match.groups()
+    leap = second == "60"
+    text = f"{date}T{hour}:{minute}:{'59' if leap else second}"
+    if fraction:
+        text += "." + fraction[:6].ljust(6, "0")
+    if offset:
+        text += "+00:00" if offset in "Zz" else offset
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not an RFC 3339 date-time: {value[:40]!r}") from None
+    # 23:59:60 is the leap second after 23:59:59: the same instant as the next 00:00:00
+    return parsed + timedelta(seconds=1) if leap else parsed
+
+
+_BYTE_COUNT = re.compile(r"[0-9]{1,20}")
+
+
+def _structure_byte_count(value: object, _: object) -> int:
+    # the API sends 64-bit byte counts as decimal strings (JSON numbers lose precision in
+    # some languages); a plain integer is read too
+    if type(value) is int and value >= 0:
+        return value
+    if type(value) is str and _BYTE_COUNT.fullmatch(value) is not None:
+        return int(value)
+    raise TypeError(f"expected a byte count (a string of digits), got {value!r:.40}")
 
 
 def _structure_str_tuple(value: object, _: object) -> tuple[str, ...]:
@@ -83,6 +134,12 @@ def _make(detailed: bool) -> cattrs.Converter:
             raise TypeError(f"expected a list, got {type(value).__name__}")
         return tuple(conv.structure(item, ArtifactRef) for item in value)
 
+    def structure_object(value: object, type_: Any) -> Any:
+        # a nested record must be a JSON object; cattrs would read a list or a string too
+        if type(value) is not dict:
+            raise TypeError(f"expected an object, got {type(value).__name__}")
+        return nested[type_](value, type_)
+
     conv.register_structure_hook(str, _structure_str)
     conv.register_structure_hook(int, _structure_int)
     conv.register_structure_hook(bool, _structure_bool)
@@ -102,7 +159,28 @@ def _make(detailed: bool) -> cattrs.Converter:
     ]
     for union, hook in optional:
         conv.register_structure_hook_func(_equal_to(union), _or_none(hook))
+    # Byte counts of the log capture are strings on the wire, ints in the model.
+    byte_counts = cattrs.gen.make_dict_structure_fn(
+        LogCapture,
+        conv,
+        lost_bytes=cattrs.gen.override(struct_hook=_or_none(_structure_byte_count)),
+        unconfirmed_bytes=cattrs.gen.override(struct_hook=_or_none(_structure_byte_count)),
+    )
+    nested: dict[Any, Callable[[Any, Any], Any]] = {
+        LogCapture: byte_counts,
+        LogPublication: conv.get_structure_hook(LogPublication),
+    }
+    for cls in (LogCapture, LogPublication):
+        conv.register_structure_hook(cls, structure_object)
+        conv.register_structure_hook_func(
+            _equal_to(cls | None), _or_none(_bound(structure_object, cls))
+        )
     return conv
+
+
+def _bound(hook: Callable[[object, Any], T], cls: type[T]) -> Callable[[object, object], T]:
+    """``hook`` with its type argument fixed (the ``X | None`` hook passes the union)."""
+    return lambda value, _: hook(value, cls)
 
 
 _FAST = _make(detailed=False)
@@ -111,7 +189,14 @@ _DETAILED = _make(detailed=True)
 # Generated once per model: cattrs compiles a structuring function for each class.
 _FAST_FNS: dict[type[Any], Callable[[Any, Any], Any]] = {
     cls: _FAST.get_structure_hook(cls)
-    for cls in (Execution, ExecutionOutput, ExecutionEvent, ArtifactRef)
+    for cls in (
+        Execution,
+        ExecutionOutput,
+        ExecutionEvent,
+        ArtifactRef,
+        LogStatus,
+        LogReadToken,
+    )
 }
 
 

@@ -68,6 +68,11 @@ Timeout
     ``timeout_ms`` counts from the moment the process started. When it passes, the whole
     process group gets SIGKILL and the execution ends ``failed`` with ``signal=9``, no exit
     code and ``error_code="TIMEOUT"`` (as the fake server reports it).
+Logs
+    Output is kept for ``/output`` and ``/events``; no log stream is captured or published:
+    every execution's ``log_capture`` is ``{"state": "unavailable", "code":
+    "LOCAL_BACKEND_NO_LOG_STREAM"}``, ``GET .../logs`` says the same and
+    ``POST .../logs/token`` is 409 ``LOGS_UNAVAILABLE``.
 Cancel
     DELETE of an execution that has not ended kills its process group with SIGKILL and
     reports ``cancelled`` at once (``signal=9`` when a process was killed).
@@ -102,6 +107,7 @@ from .testing._fake_records import ExecutionRecord, to_millis
 
 __all__ = [
     "DEFAULT_OUTPUT_CAP",
+    "LOG_CAPTURE",
     "MACHINE_HOME",
     "LocalBackend",
     "SubprocessRunner",
@@ -115,6 +121,9 @@ logger = logging.getLogger("dedalus_async.local")
 
 #: Bytes of each stream an execution keeps by default (1 MiB, as the fake server).
 DEFAULT_OUTPUT_CAP: Final = 1_048_576
+#: The ``log_capture`` of every local execution: it keeps output for ``/output`` and
+#: ``/events`` but captures no log stream, so ``.../logs/token`` is 409.
+LOG_CAPTURE: Final = {"state": "unavailable", "code": "LOCAL_BACKEND_NO_LOG_STREAM"}
 #: The absolute path that stands for a machine's directory in ``cwd``.
 MACHINE_HOME: Final = PurePosixPath("/home/machine")
 
@@ -328,6 +337,8 @@ class SubprocessRunner:
 
     def start(self, record: ExecutionRecord) -> None:
         """Decide wake or not, log the first status, and start the execution's task."""
+        # output is kept in /output and /events only: there is no log stream to publish
+        record.log_capture = dict(LOG_CAPTURE)
         if self._closed:
             record.finish("failed", _now(), error_code="BACKEND_CLOSED", error_message="closed")
             return

@@ -24,6 +24,10 @@ __all__ = [
     "ExecutionOutput",
     "ExecutionRef",
     "ExecutionStatus",
+    "LogCapture",
+    "LogPublication",
+    "LogReadToken",
+    "LogStatus",
 ]
 
 
@@ -59,14 +63,35 @@ class ArtifactRef:
 
 
 @attrs.frozen(kw_only=True)
+class LogCapture:
+    """How much of an execution's output the server's log capture holds.
+
+    ``state`` is ``"pending"``, ``"incomplete"`` or ``"unavailable"`` (an open set: other
+    values decode unchanged); ``None`` when the server reports no particular state.
+    ``lost_bytes`` and ``unconfirmed_bytes`` travel as decimal strings on the wire and are
+    ints here.
+    """
+
+    state: str | None = None
+    code: str | None = None
+    lost_bytes: int | None = None
+    unconfirmed_bytes: int | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Execution:
-    """One snapshot of an execution, as the server reported it."""
+    """One snapshot of an execution, as the server reported it.
+
+    ``log_capture`` is always sent by the current API; it is ``None`` only from a server
+    that predates it. ``creation_request_id`` and ``creation_trace_id`` identify the
+    request that created the execution (quote them in a support request).
+    """
 
     execution_id: str
     machine_id: str
-    command: tuple[str, ...] | None
     created_at: datetime
     status: str
+    command: tuple[str, ...] | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
     cwd: str | None = None
@@ -82,6 +107,9 @@ class Execution:
     retry_after_ms: int | None = None
     expires_at: datetime | None = None
     artifacts: tuple[ArtifactRef, ...] | None = None
+    log_capture: LogCapture | None = None
+    creation_request_id: str | None = None
+    creation_trace_id: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -127,6 +155,45 @@ class ExecutionEvent:
     signal: int | None = None
     error_code: str | None = None
     error_message: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class LogPublication:
+    """Where publication of the execution's logs to their stream stands.
+
+    ``state`` is ``"active"``, ``"finishing"``, ``"failed"`` or ``"closed"`` (an open set).
+    """
+
+    complete: bool
+    queued_messages: int
+    state: str
+    code: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class LogStatus:
+    """The answer of ``GET .../logs`` and ``POST .../logs/reauthorize``."""
+
+    execution_id: str
+    capture: LogCapture
+    code: str | None = None
+    publication: LogPublication | None = None
+    stream_id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class LogReadToken:
+    """A short-lived credential to read an execution's log stream.
+
+    ``access_token`` is a secret: it is left out of the repr.
+    """
+
+    access_token: str = attrs.field(repr=False)
+    base_url: str
+    execution_id: str
+    expires_at: datetime
+    stream_id: str
+    token_type: str
 
 
 @attrs.frozen(kw_only=True)

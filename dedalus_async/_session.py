@@ -48,6 +48,8 @@ from ._models import (
     ExecutionEvent,
     ExecutionOutput,
     ExecutionRef,
+    LogReadToken,
+    LogStatus,
 )
 from ._policy import (
     Done,
@@ -63,6 +65,7 @@ from ._policy import (
 from ._results import ExecutionResult, WaitStats
 from ._throttle import Throttle, check_rate
 from ._transport import AiohttpTransport
+from ._version import __version__
 from ._wire import Request, Response
 
 if TYPE_CHECKING:
@@ -78,7 +81,6 @@ __all__ = ["DEFAULT_BASE_URL", "EventStream", "ExecutionHandle", "Session"]
 logger = logging.getLogger("dedalus_async")
 
 DEFAULT_BASE_URL: Final = "https://dcs.dedaluslabs.ai"
-_VERSION: Final = "0.1.0"
 T = TypeVar("T")
 
 
@@ -264,7 +266,7 @@ class Session:
         )
         headers = {
             "Accept": "application/json",
-            "User-Agent": f"dedalus-async/{_VERSION}",
+            "User-Agent": f"dedalus-async/{__version__}",
         }
         if scheme == "bearer":
             headers["Authorization"] = f"Bearer {key}"
@@ -485,15 +487,47 @@ class Session:
         request = _wire.execution_request("GET", machine_id, execution_id)
         return await self._call(request, _wire.decode_execution)
 
-    async def delete_execution(self, machine_id: str, execution_id: str) -> Execution:
-        """Delete an execution; for one still running, this is how it is cancelled."""
-        request = _wire.execution_request("DELETE", machine_id, execution_id)
+    async def delete_execution(
+        self, machine_id: str, execution_id: str, *, idempotency_key: str | None = None
+    ) -> Execution:
+        """Delete an execution; for one still running, this is how it is cancelled.
+
+        Sent under an Idempotency-Key (a fresh one unless you pass your own), re-sent on
+        every retry of this call.
+        """
+        key = _wire.check_idempotency_key(idempotency_key) or self.new_idempotency_key()
+        request = _wire.execution_request("DELETE", machine_id, execution_id, idempotency_key=key)
         return await self._call(request, _wire.decode_execution)
 
     async def get_output(self, machine_id: str, execution_id: str) -> ExecutionOutput:
         """Fetch an execution's captured stdout and stderr."""
         request = _wire.execution_request("GET", machine_id, execution_id, "/output")
         return await self._call(request, _wire.decode_output)
+
+    async def get_logs(self, machine_id: str, execution_id: str) -> LogStatus:
+        """Where the capture and the publication of an execution's logs stand."""
+        request = _wire.execution_request("GET", machine_id, execution_id, "/logs")
+        return await self._call(request, _wire.decode_log_status)
+
+    async def create_log_token(
+        self, machine_id: str, execution_id: str, *, idempotency_key: str | None = None
+    ) -> LogReadToken:
+        """A short-lived token to read the execution's log stream (``POST .../logs/token``)."""
+        key = _wire.check_idempotency_key(idempotency_key) or self.new_idempotency_key()
+        request = _wire.execution_request(
+            "POST", machine_id, execution_id, "/logs/token", idempotency_key=key
+        )
+        return await self._call(request, _wire.decode_log_token)
+
+    async def reauthorize_logs(
+        self, machine_id: str, execution_id: str, *, idempotency_key: str | None = None
+    ) -> LogStatus:
+        """Re-authorise publication of the execution's logs (``POST .../logs/reauthorize``)."""
+        key = _wire.check_idempotency_key(idempotency_key) or self.new_idempotency_key()
+        request = _wire.execution_request(
+            "POST", machine_id, execution_id, "/logs/reauthorize", idempotency_key=key
+        )
+        return await self._call(request, _wire.decode_log_status)
 
     async def list_executions(
         self, machine_id: str, *, limit: int | None = None
@@ -522,13 +556,17 @@ class Session:
         *,
         cursor: str | None = None,
         follow: bool = False,
+        limit: int | None = None,
     ) -> EventStream:
         """The execution's event log from ``cursor`` (the start when None).
 
         Without ``follow`` it ends when the log has no more entries now; with ``follow`` it
-        keeps polling until the execution is terminal and the log is drained.
+        keeps polling until the execution is terminal and the log is drained. ``limit`` is
+        the page size asked of the server (its default when None).
         """
-        return EventStream(self, self.execution(machine_id, execution_id), cursor, follow)
+        return EventStream(
+            self, self.execution(machine_id, execution_id), cursor, follow, limit=limit
+        )
 
     def execution(self, machine_id: str, execution_id: str) -> ExecutionHandle:
         """A handle on an existing execution (no request is sent)."""
@@ -947,9 +985,11 @@ class ExecutionHandle:
         self.last = await self._session.delete_execution(self.machine_id, self.execution_id)
         return self.last
 
-    def events(self, *, cursor: str | None = None, follow: bool = False) -> EventStream:
+    def events(
+        self, *, cursor: str | None = None, follow: bool = False, limit: int | None = None
+    ) -> EventStream:
         """The event log; see :meth:`Session.iter_events`."""
-        return EventStream(self._session, self, cursor, follow)
+        return EventStream(self._session, self, cursor, follow, limit=limit)
 
     async def wait(
         self,
@@ -1032,10 +1072,17 @@ class EventStream:
     """
 
     def __init__(
-        self, session: Session, handle: ExecutionHandle, cursor: str | None, follow: bool
+        self,
+        session: Session,
+        handle: ExecutionHandle,
+        cursor: str | None,
+        follow: bool,
+        *,
+        limit: int | None = None,
     ) -> None:
         if cursor is not None and not isinstance(cursor, str):
             raise TypeError(f"cursor must be a str or None, not {type(cursor).__name__}")
+        self._limit = _wire.check_limit(limit)
         self._session = session
         self._handle = handle
         self.cursor = cursor
@@ -1066,7 +1113,7 @@ class EventStream:
 
     async def _fetch(self) -> None:
         session = self._session
-        request = _wire.page_request(self._path, limit=None, cursor=self._next)
+        request = _wire.page_request(self._path, limit=self._limit, cursor=self._next)
         items, next_cursor = await session._call(request, _wire.decode_events)
         if self._last_sequence is not None:
             # a resumed cursor may replay part of a page already delivered

@@ -20,7 +20,7 @@ import attrs
 
 from ._convert import structure
 from ._errors import APIStatusError, RateLimitedError, ResponseDecodeError, error_for_status
-from ._models import Execution, ExecutionEvent, ExecutionOutput
+from ._models import Execution, ExecutionEvent, ExecutionOutput, LogReadToken, LogStatus
 
 try:  # orjson is optional (the "fast" extra): less CPU on the hot path; on odd input (NaN,
     # integers past 64 bits) it differs from json, but either way the outcome is a model or
@@ -36,6 +36,8 @@ __all__ = [
     "Response",
     "create_request",
     "decode_execution",
+    "decode_log_status",
+    "decode_log_token",
     "decode_output",
     "decode_page",
     "error_from_response",
@@ -59,7 +61,11 @@ _REQUEST_ID_HEADERS: Final = ("x-request-id", "request-id", "x-dedalus-request-i
 
 @attrs.frozen(slots=True)
 class Request:
-    """One HTTP request, minus credentials. ``path`` is already percent-encoded."""
+    """One HTTP request, minus credentials. ``path`` is already percent-encoded.
+
+    Every request that is not a GET carries an ``idempotency_key``: the API requires the
+    header on every mutating request, and every retry of one call re-sends the same key.
+    """
 
     method: str
     path: str
@@ -234,11 +240,24 @@ def create_request(
     return Request("POST", executions_path(mid), None, raw, idempotency_key)
 
 
-def execution_request(method: str, machine_id: str, execution_id: str, suffix: str = "") -> Request:
-    """GET/DELETE of one execution, or of its ``/output`` or ``/events`` (``suffix``)."""
+def execution_request(
+    method: str,
+    machine_id: str,
+    execution_id: str,
+    suffix: str = "",
+    *,
+    idempotency_key: str | None = None,
+) -> Request:
+    """A request on one execution (``suffix``: ``/output``, ``/events``, ``/logs``...).
+
+    Anything but a GET mutates, so it must carry an Idempotency-Key (minted once per call
+    by the caller, re-sent on every retry).
+    """
     mid = check_id("machine_id", machine_id)
     eid = check_id("execution_id", execution_id)
-    return Request(method, f"{executions_path(mid)}/{eid}{suffix}")
+    if method != "GET" and idempotency_key is None:
+        raise ValueError(f"a {method} request needs an Idempotency-Key")
+    return Request(method, f"{executions_path(mid)}/{eid}{suffix}", None, None, idempotency_key)
 
 
 def page_request(path: str, *, limit: int | None, cursor: str | None) -> Request:
@@ -288,6 +307,16 @@ def decode_execution(response: Response) -> Execution:
 def decode_output(response: Response) -> ExecutionOutput:
     """Decode the ``/output`` response."""
     return _structure(_json(response), ExecutionOutput, response)
+
+
+def decode_log_status(response: Response) -> LogStatus:
+    """Decode the ``/logs`` (and ``/logs/reauthorize``) response."""
+    return _structure(_json(response), LogStatus, response)
+
+
+def decode_log_token(response: Response) -> LogReadToken:
+    """Decode the ``/logs/token`` response."""
+    return _structure(_json(response), LogReadToken, response)
 
 
 def decode_page(response: Response, cls: type[T]) -> tuple[list[T], str | None]:

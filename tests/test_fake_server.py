@@ -67,6 +67,12 @@ def new_key() -> str:
     return f"key-{_key_counter}"
 
 
+async def delete(http: aiohttp.ClientSession, path: str, *, key: str | None = None) -> Any:
+    """DELETE ``path`` under an Idempotency-Key (a fresh one unless given); (status, JSON)."""
+    async with http.delete(path, headers={"Idempotency-Key": key or new_key()}) as resp:
+        return resp.status, await resp.json()
+
+
 async def create(
     http: aiohttp.ClientSession,
     body: dict[str, Any] | None = None,
@@ -200,7 +206,11 @@ async def test_create_returns_the_execution_object(
         "cwd": "/home/machine",
         "env_keys": ["A", "B"],
         "retry_after_ms": 200,
+        "log_capture": {"state": "pending"},
+        "creation_request_id": resp.headers["x-request-id"],
+        "creation_trace_id": data["creation_trace_id"],
     }
+    assert re.fullmatch(r"[0-9a-f]{32}", data["creation_trace_id"])
     assert "secret" not in text
     assert fake.executions[data["execution_id"]].env == {"B": "secret", "A": "x"}
     assert fake.create_count == 1
@@ -519,8 +529,7 @@ async def test_list_skips_deleted_executions_and_clamps_the_limit(
     ):
         fake.set_script(Script.immediate())
         ids = [(await create(http))["execution_id"] for _ in range(5)]
-        async with http.delete(f"{EXECS}/{ids[1]}") as resp:
-            assert resp.status == 200
+        assert (await delete(http, f"{EXECS}/{ids[1]}"))[0] == 200
         _, page = await get_json(http, EXECS)
         assert [i["execution_id"] for i in page["items"]] == [ids[0], ids[2]]
         _, page = await get_json(http, EXECS + "?limit=1000")
@@ -555,24 +564,24 @@ async def test_delete_cancels_a_running_execution_then_removes_it(
     created = await create(http, key="del")
     path = f"{EXECS}/{created['execution_id']}"
     clock.advance(2)
-    async with http.delete(path) as resp:
-        cancelled = await resp.json()
-    assert resp.status == 200
+    status, cancelled = await delete(http, path, key="cancel-1")
+    assert status == 200
     assert cancelled["status"] == "cancelled"
     assert cancelled["completed_at"] == "2026-01-01T00:00:02.000Z"
     assert "exit_code" not in cancelled
     assert (await get_json(http, path))[1]["status"] == "cancelled"  # still there
+    # a retry under the same key replays the answer: it does not turn cancel into forget
+    assert await delete(http, path, key="cancel-1") == (200, cancelled)
+    assert (await get_json(http, path))[1]["status"] == "cancelled"
 
-    async with http.delete(path) as resp:
-        removed = await resp.json()
-    assert resp.status == 200
+    status, removed = await delete(http, path)
+    assert status == 200
     assert removed["execution_id"] == created["execution_id"]
     for suffix in ("", "/output", "/events"):
         status, body = await get_json(http, path + suffix)
         assert status == 404
         assert body["error_code"] == "NOT_FOUND"
-    async with http.delete(path) as resp:
-        assert resp.status == 404
+    assert (await delete(http, path))[0] == 404
     # The key of a forgotten execution creates afresh.
     again = await create(http, key="del")
     assert again["execution_id"] != created["execution_id"]
@@ -583,9 +592,102 @@ async def test_delete_of_a_terminal_execution_removes_it(
 ) -> None:
     fake.set_script(Script.immediate())
     created = await create(http)
-    async with http.delete(f"{EXECS}/{created['execution_id']}") as resp:
-        assert (await resp.json())["status"] == "succeeded"
+    assert (await delete(http, f"{EXECS}/{created['execution_id']}"))[1]["status"] == "succeeded"
     assert created["execution_id"] not in fake.executions
+
+
+@pytest.mark.parametrize("suffix", ["", "/logs/token", "/logs/reauthorize"])
+async def test_every_mutating_request_needs_an_idempotency_key(
+    fake: FakeDedalus, http: aiohttp.ClientSession, suffix: str
+) -> None:
+    """DELETE and every POST route answer 400 IDEMPOTENCY_KEY_REQUIRED without the header,
+    and change nothing."""
+    fake.set_script(Script.stuck())
+    created = await create(http)
+    path = f"{EXECS}/{created['execution_id']}{suffix}"
+    method = "DELETE" if not suffix else "POST"
+    async with http.request(method, path) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+    assert body["error_code"] == "IDEMPOTENCY_KEY_REQUIRED"
+    assert method in body["message"]
+    assert fake.get_record(created["execution_id"]).status == "running"
+
+
+async def test_a_key_reused_on_another_request_is_refused(
+    fake: FakeDedalus, http: aiohttp.ClientSession
+) -> None:
+    fake.set_script(Script.stuck())
+    first, second = (await create(http))["execution_id"], (await create(http))["execution_id"]
+    assert (await delete(http, f"{EXECS}/{first}", key="one-key"))[0] == 200
+    status, body = await delete(http, f"{EXECS}/{second}", key="one-key")
+    assert (status, body["error_code"]) == (400, "IDEMPOTENCY_KEY_REUSED")
+    assert fake.get_record(second).status == "running"
+
+
+async def test_creation_trace_id_comes_from_traceparent(http: aiohttp.ClientSession) -> None:
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with http.post(
+        EXECS,
+        json={"command": ["true"]},
+        headers={"Idempotency-Key": new_key(), "traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+    ) as resp:
+        assert (await resp.json())["creation_trace_id"] == trace
+
+
+# -- logs ----------------------------------------------------------------------------
+
+
+async def test_logs_follow_the_execution_from_active_to_closed(
+    fake: FakeDedalus, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    created = await create(http)
+    path = f"{EXECS}/{created['execution_id']}/logs"
+    status, logs = await get_json(http, path)
+    assert status == 200
+    assert logs == {
+        "execution_id": created["execution_id"],
+        "capture": {"state": "pending"},
+        "publication": {"complete": False, "queued_messages": 0, "state": "active"},
+        "stream_id": f"logs-{created['execution_id']}",
+    }
+    clock.advance(5)
+    _, done = await get_json(http, path)
+    assert done["capture"] == {}
+    assert done["publication"] == {"complete": True, "queued_messages": 0, "state": "closed"}
+    async with http.post(path + "/reauthorize", headers={"Idempotency-Key": new_key()}) as resp:
+        assert (resp.status, await resp.json()) == (200, done)
+
+
+async def test_a_log_token_expires_in_15_minutes_and_is_replayed_for_its_key(
+    fake: FakeDedalus, http: aiohttp.ClientSession
+) -> None:
+    created = await create(http)
+    path = f"{EXECS}/{created['execution_id']}/logs/token"
+    async with http.post(path, headers={"Idempotency-Key": "tok"}) as resp:
+        token = await resp.json()
+    assert resp.status == 200
+    assert token["execution_id"] == created["execution_id"]
+    assert token["token_type"] == "Bearer"
+    assert token["stream_id"] == f"logs-{created['execution_id']}"
+    assert ts(token["expires_at"]) - ts(created["created_at"]) == timedelta(minutes=15)
+    assert token["access_token"].startswith("lrt_")
+    async with http.post(path, headers={"Idempotency-Key": "tok"}) as resp:
+        assert await resp.json() == token
+    async with http.post(path, headers={"Idempotency-Key": "tok2"}) as resp:
+        assert (await resp.json())["access_token"] != token["access_token"]
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix"), [("POST", "/logs"), ("GET", "/logs/token"), ("GET", "/logs/x")]
+)
+async def test_logs_routes_refuse_other_methods(
+    http: aiohttp.ClientSession, method: str, suffix: str
+) -> None:
+    created = await create(http)
+    path = f"{EXECS}/{created['execution_id']}{suffix}"
+    async with http.request(method, path, headers={"Idempotency-Key": new_key()}) as resp:
+        assert resp.status == (404 if suffix == "/logs/x" else 405)
 
 
 # -- output --------------------------------------------------------------------------
@@ -1011,8 +1113,7 @@ async def test_a_custom_runner_plays_the_executions(clock: FakeClock) -> None:
         created = await create(http)
         eid = created["execution_id"]
         assert (created["status"], created["stdout_bytes"]) == ("running", 8)
-        async with http.delete(f"{EXECS}/{eid}") as resp:
-            assert (await resp.json())["signal"] == 15
+        assert (await delete(http, f"{EXECS}/{eid}"))[1]["signal"] == 15
         with pytest.raises(TypeError):
             fake.set_script(Script.immediate())
     assert runner.calls == [("start", eid), ("refresh", eid), ("cancel", eid), ("aclose", "")]

@@ -108,7 +108,8 @@ def rfc3339(dt: datetime, zulu: bool) -> str:
 
 
 EXECUTION_FIELDS = {a.name for a in Execution.__attrs_attrs__}
-REQUIRED = ("execution_id", "machine_id", "command", "created_at", "status")
+# what the official SDK (0.6.0) requires of an Execution; `command` is optional there
+REQUIRED = ("execution_id", "machine_id", "created_at", "status")
 
 
 @st.composite

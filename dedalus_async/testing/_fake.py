@@ -20,12 +20,33 @@ Errors
     (``application/problem+json``) whose ``detail`` starts with the field name, so clients
     meet both shapes. Every response carries ``x-request-id``.
 
+Idempotency-Key
+    Required on every mutating request (every POST and DELETE route): without it, 400
+    ``IDEMPOTENCY_KEY_REQUIRED`` (after auth and routing). Keys are scoped per
+    machine. A create with a key seen before and the same body (parsed JSON compared
+    canonically) returns that execution's current state without creating; with a
+    different body, 400 ``IDEMPOTENCY_KEY_REUSED``; once the execution is deleted its key
+    is forgotten and may create again. Any other mutating request with a key seen before
+    on the same method and path replays the first answer (a retried DELETE does not turn
+    "cancel" into "forget"); on another method or path it is 400 ``IDEMPOTENCY_KEY_REUSED``.
+
 Create
-    HTTP 200 with the Execution. ``Idempotency-Key`` is required (400
-    ``IDEMPOTENCY_KEY_REQUIRED``) and scoped per machine: the same key with the same body
-    (parsed JSON compared canonically) returns the same execution's current state without
-    creating; with a different body, 400 ``IDEMPOTENCY_KEY_REUSED``. Once an execution is
-    deleted its key is forgotten and may create again.
+    HTTP 200 with the Execution, whose ``creation_request_id`` is the create's
+    ``x-request-id`` and ``creation_trace_id`` the trace id of a W3C ``traceparent``
+    header when one was sent (else a random one).
+
+Executions
+    Every field the official types mark required is sent, ``log_capture`` included:
+    ``{"state": "pending"}`` until the execution ends, then ``{}`` (capture complete,
+    nothing lost), unless the runner set its own (the local backend's is
+    ``unavailable``). Optional fields without a value are left out.
+
+Logs
+    ``GET .../logs`` answers ``{execution_id, capture, publication, stream_id}`` with the
+    same capture; publication is ``active`` until the execution ends, then ``closed`` and
+    complete. ``POST .../logs/token`` answers a read token valid for 15 minutes (409
+    ``LOGS_UNAVAILABLE`` when capture is ``unavailable``); ``POST .../logs/reauthorize``
+    answers like ``GET .../logs``.
 
 Lists and events
     ``?limit=`` defaults to ``page_size``, is clamped to ``max_page_size``, and must be a
@@ -78,7 +99,8 @@ import logging
 import random
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import timedelta
 from http import HTTPStatus
 from types import TracebackType
 from typing import Any
@@ -89,7 +111,7 @@ from aiohttp import web
 
 from dedalus_async._clock import Clock, SystemClock
 
-from ._fake_records import ExecutionRecord, Runner, to_millis
+from ._fake_records import ExecutionRecord, Runner, format_time, to_millis
 from ._fake_script import Script, ScriptedRunner, ScriptFactory
 
 __all__ = ["FakeDedalus", "Fault", "RecordedRequest"]
@@ -104,6 +126,9 @@ _LIMIT = re.compile(r"[0-9]{1,9}")
 # The "compact UUIDv7" the newest SDK sends: 12 hex of Unix ms, "7", 19 random hex.
 _UUID7_COMPACT = re.compile(r"[0-9a-f]{12}7[0-9a-f]{19}")
 _INT64_MAX = 2**63 - 1
+# W3C trace context: version "00", 32 hex of trace id, 16 hex of parent id, 2 hex of flags
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_LOG_TOKEN_TTL = timedelta(minutes=15)
 
 _ERROR_CODES: dict[int, str] = {
     400: "BAD_REQUEST",
@@ -394,6 +419,9 @@ class FakeDedalus:
         self._active_faults: list[Fault] = []
         self._by_machine: dict[str, list[str]] = {}
         self._idempotency: dict[tuple[str, str], tuple[str, str]] = {}
+        # (machine, key) -> (method and path, status, body) of mutating requests other
+        # than creates, replayed when the same key comes again
+        self._replays: dict[tuple[str, str], tuple[str, int, bytes]] = {}
         self._request_counter = 0
         self._app_runner: web.AppRunner | None = None
         self._base_url: str | None = None
@@ -567,7 +595,7 @@ class FakeDedalus:
                 fault = self._random_fault()
             if fault is not None:
                 return await self._apply_fault(fault, request, parsed, request_id)
-            response = self._process(request, parsed)
+            response = self._process(request, parsed, request_id)
             response.headers["x-request-id"] = request_id
             return response
         finally:
@@ -602,7 +630,7 @@ class FakeDedalus:
         if fault.status is not None:
             response = _fault_response(fault, fault.status)
         else:
-            response = self._process(request, parsed)
+            response = self._process(request, parsed, request_id)
             if fault.drop_after_commit:
                 return _drop(request)
             if fault.malformed is not None:
@@ -619,12 +647,12 @@ class FakeDedalus:
             return await _send_truncated(request, response)
         return response
 
-    def _process(self, request: web.Request, parsed: Any) -> web.Response:
+    def _process(self, request: web.Request, parsed: Any, request_id: str) -> web.Response:
         try:
             denied = self._check_auth(request)
             if denied is not None:
                 return denied
-            return self._route(request, parsed)
+            return self._route(request, parsed, request_id)
         except Exception as exc:
             # A bug in the fake (or a runner) must be loud, but must not hang the client.
             _log.exception("FakeDedalus handler failed")
@@ -653,12 +681,29 @@ class FakeDedalus:
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
-    def _route(self, request: web.Request, parsed: Any) -> web.Response:
+    def _check_idempotency_key(self, request: web.Request) -> web.Response | None:
+        """The 400 for a mutating request without a usable key (checked once routed)."""
+        key = request.headers.get("Idempotency-Key")
+        if not key:
+            if not self.require_idempotency_key:
+                return None
+            return _error(
+                400,
+                "IDEMPOTENCY_KEY_REQUIRED",
+                f"the Idempotency-Key header is required on {request.method} requests",
+            )
+        if len(key) > 255 or (
+            self.strict_idempotency_keys and _UUID7_COMPACT.fullmatch(key) is None
+        ):
+            return _error(400, "IDEMPOTENCY_KEY_INVALID", "the Idempotency-Key is malformed")
+        return None
+
+    def _route(self, request: web.Request, parsed: Any, request_id: str) -> web.Response:
         parts = request.rel_url.raw_path.split("/")
         count = len(parts)
         if (
             count < 5
-            or count > 7
+            or count > 8
             or parts[0]
             or parts[1] != "v1"
             or parts[2] != "machines"
@@ -671,7 +716,7 @@ class FakeDedalus:
         method = request.method
         if count == 5:
             if method == "POST":
-                return self._create(request, machine_id, parsed)
+                return self._create(request, machine_id, parsed, request_id)
             if method == "GET":
                 return self._list(request, machine_id)
             return _method_not_allowed("GET, POST")
@@ -682,8 +727,14 @@ class FakeDedalus:
             if method == "GET":
                 return self._get(machine_id, execution_id)
             if method == "DELETE":
-                return self._delete(machine_id, execution_id)
+                return self._replayed(
+                    request, machine_id, lambda: self._delete(machine_id, execution_id)
+                )
             return _method_not_allowed("DELETE, GET")
+        if parts[6] == "logs":
+            return self._logs_route(request, machine_id, execution_id, parts[7:])
+        if count == 8:
+            return _not_found(f"no route for {request.method} {request.path}")
         if parts[6] == "output":
             if method != "GET":
                 return _method_not_allowed("GET")
@@ -707,7 +758,35 @@ class FakeDedalus:
         self.runner.refresh(record)
         return record
 
-    def _create(self, request: web.Request, machine_id: str, parsed: Any) -> web.Response:
+    def _replayed(
+        self, request: web.Request, machine_id: str, handle: Callable[[], web.Response]
+    ) -> web.Response:
+        """Answer a mutating request once per Idempotency-Key; replay it for a retry."""
+        denied = self._check_idempotency_key(request)
+        if denied is not None:
+            return denied
+        key = request.headers.get("Idempotency-Key") or None
+        if key is None:
+            return handle()
+        target = f"{request.method} {request.rel_url.raw_path}"
+        seen = self._replays.get((machine_id, key))
+        if seen is not None:
+            if seen[0] != target:
+                return _error(
+                    400,
+                    "IDEMPOTENCY_KEY_REUSED",
+                    "idempotency key reused with different request parameters",
+                )
+            return web.Response(status=seen[1], body=seen[2], content_type="application/json")
+        response = handle()
+        if response.status < 500 and isinstance(response.body, bytes):
+            # server errors are not remembered: a retry must get a real second chance
+            self._replays[(machine_id, key)] = (target, response.status, response.body)
+        return response
+
+    def _create(
+        self, request: web.Request, machine_id: str, parsed: Any, request_id: str
+    ) -> web.Response:
         if machine_id in self.destroyed_machines:
             return _error(
                 409,
@@ -715,16 +794,10 @@ class FakeDedalus:
                 f"machine {machine_id} was destroyed",
                 details={"machine_id": machine_id},
             )
+        denied = self._check_idempotency_key(request)
+        if denied is not None:
+            return denied
         key = request.headers.get("Idempotency-Key") or None
-        if key is None:
-            if self.require_idempotency_key:
-                return _error(
-                    400, "IDEMPOTENCY_KEY_REQUIRED", "the Idempotency-Key header is required"
-                )
-        elif len(key) > 255 or (
-            self.strict_idempotency_keys and _UUID7_COMPACT.fullmatch(key) is None
-        ):
-            return _error(400, "IDEMPOTENCY_KEY_INVALID", "the Idempotency-Key is malformed")
         problem = _validate_create(parsed)
         if problem is not None:
             return _problem(*problem)
@@ -742,7 +815,7 @@ class FakeDedalus:
                 if existing is not None:
                     self.runner.refresh(existing)
                     return _json_response(existing.to_json(self.output_cap))
-        record = self._new_record(request, machine_id, key, parsed)
+        record = self._new_record(request, machine_id, key, parsed, request_id)
         self.executions[record.execution_id] = record
         ids = self._by_machine.setdefault(machine_id, [])
         ids.append(record.execution_id)
@@ -761,7 +834,12 @@ class FakeDedalus:
         return _json_response(record.to_json(self.output_cap))
 
     def _new_record(
-        self, request: web.Request, machine_id: str, key: str | None, body: dict[str, Any]
+        self,
+        request: web.Request,
+        machine_id: str,
+        key: str | None,
+        body: dict[str, Any],
+        request_id: str,
     ) -> ExecutionRecord:
         execution_id = "exe-" + secrets.token_hex(8)
         while execution_id in self.executions:
@@ -779,6 +857,8 @@ class FakeDedalus:
             timeout_ms=body.get("timeout_ms"),
             idempotency_key=key,
             org_id=request.headers.get("X-Dedalus-Org-Id"),
+            creation_request_id=request_id,
+            creation_trace_id=_trace_id(request.headers.get("traceparent")),
         )
 
     def _get(self, machine_id: str, execution_id: str) -> web.Response:
@@ -807,6 +887,55 @@ class FakeDedalus:
         if isinstance(found, web.Response):
             return found
         return _json_response(found.output_json(self.output_cap))
+
+    def _logs_route(
+        self, request: web.Request, machine_id: str, execution_id: str, rest: list[str]
+    ) -> web.Response:
+        method = request.method
+        if not rest:
+            if method != "GET":
+                return _method_not_allowed("GET")
+            return self._logs(machine_id, execution_id)
+        if rest[0] in ("token", "reauthorize"):
+            if method != "POST":
+                return _method_not_allowed("POST")
+            if rest[0] == "token":
+                return self._replayed(
+                    request, machine_id, lambda: self._log_token(machine_id, execution_id)
+                )
+            return self._replayed(request, machine_id, lambda: self._logs(machine_id, execution_id))
+        return _not_found(f"no route for {request.method} {request.path}")
+
+    def _logs(self, machine_id: str, execution_id: str) -> web.Response:
+        found = self._lookup(machine_id, execution_id)
+        if isinstance(found, web.Response):
+            return found
+        return _json_response(_log_status(found))
+
+    def _log_token(self, machine_id: str, execution_id: str) -> web.Response:
+        found = self._lookup(machine_id, execution_id)
+        if isinstance(found, web.Response):
+            return found
+        capture = found.log_capture_json()
+        if capture.get("state") == "unavailable":
+            return _error(
+                409,
+                "LOGS_UNAVAILABLE",
+                f"execution {execution_id} has no log stream to read"
+                f" ({capture.get('code') or 'capture unavailable'}); read its /output"
+                " or /events instead",
+            )
+        expires = to_millis(self.clock.now()) + _LOG_TOKEN_TTL
+        return _json_response(
+            {
+                "access_token": "lrt_" + secrets.token_urlsafe(24),
+                "base_url": f"{self._base_url or ''}/_logs",
+                "execution_id": execution_id,
+                "expires_at": format_time(expires),
+                "stream_id": _stream_id(found),
+                "token_type": "Bearer",
+            }
+        )
 
     def _page_args(self, request: web.Request, end: int) -> tuple[int, int] | web.Response:
         """``(limit, start)`` from the query, or the error response."""
@@ -869,6 +998,33 @@ class FakeDedalus:
                 "next_cursor": None if drained else f"c{stop}",
             }
         )
+
+
+def _trace_id(traceparent: str | None) -> str:
+    match = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
+    return match.group(1) if match is not None else secrets.token_hex(16)
+
+
+def _stream_id(record: ExecutionRecord) -> str:
+    return f"logs-{record.execution_id}"
+
+
+def _log_status(record: ExecutionRecord) -> dict[str, Any]:
+    """The ``/logs`` body of one execution (see the module docstring)."""
+    capture = record.log_capture_json()
+    out: dict[str, Any] = {"execution_id": record.execution_id, "capture": capture}
+    if capture.get("state") == "unavailable":
+        if "code" in capture:
+            out["code"] = capture["code"]
+        return out
+    done = record.is_terminal
+    out["publication"] = {
+        "complete": done,
+        "queued_messages": 0,
+        "state": "closed" if done else "active",
+    }
+    out["stream_id"] = _stream_id(record)
+    return out
 
 
 def _decode_id(segment: str) -> str | None:

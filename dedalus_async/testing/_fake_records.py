@@ -118,6 +118,11 @@ class ExecutionRecord:
     timeout_ms: int | None = None
     idempotency_key: str | None = None
     org_id: str | None = None
+    creation_request_id: str | None = None
+    creation_trace_id: str | None = None
+    #: the wire ``log_capture`` object; ``None``: derived from the status (see
+    #: :meth:`log_capture_json`). A runner that captures no logs sets its own.
+    log_capture: dict[str, str] | None = None
     status: str = "queued"
     started_at: datetime | None = None
     completed_at: datetime | None = None
@@ -280,7 +285,19 @@ class ExecutionRecord:
             out["expires_at"] = format_time(self.expires_at)
         if self.artifacts is not None:
             out["artifacts"] = [dict(a) for a in self.artifacts]
+        out["log_capture"] = self.log_capture_json()
+        if self.creation_request_id is not None:
+            out["creation_request_id"] = self.creation_request_id
+        if self.creation_trace_id is not None:
+            out["creation_trace_id"] = self.creation_trace_id
         return out
+
+    def log_capture_json(self) -> dict[str, str]:
+        """The wire ``log_capture``: the runner's own, else ``pending`` until the
+        execution ends and then no state (complete; nothing lost)."""
+        if self.log_capture is not None:
+            return dict(self.log_capture)
+        return {} if self.status in TERMINAL_STATUSES else {"state": "pending"}
 
     def output_json(self, output_cap: int) -> dict[str, Any]:
         """The ``/output`` body: each stream capped at ``output_cap`` UTF-8 bytes.
