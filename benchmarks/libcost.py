@@ -40,7 +40,7 @@ _STARTED = {
 def _execution(status: str, **fields: Any) -> bytes:
     body = {
         "execution_id": "exe-0123456789abcdef",
-        "machine_id": "dm-bench",
+        "machine_id": "dm-654ed9cb-4d87-556a-a534-d08332976a86",
         "command": ["echo", "ok"],
         "created_at": "2026-01-01T00:00:00.000Z",
         "status": status,
@@ -109,14 +109,16 @@ async def measure(executions: int, repeats: int, profile: bool) -> float:
     best = float("inf")
     async with session:
         for _ in range(200):  # warm-up
-            await session.run("dm-bench", ["echo", "ok"])
+            await session.run("dm-654ed9cb-4d87-556a-a534-d08332976a86", ["echo", "ok"])
         profiler = cProfile.Profile(time.process_time) if profile else None
         for _ in range(repeats):
             if profiler is not None:
                 profiler.enable()
             start = time.process_time()
             for _ in range(executions):
-                result = await session.run("dm-bench", ["echo", "ok"])
+                result = await session.run(
+                    "dm-654ed9cb-4d87-556a-a534-d08332976a86", ["echo", "ok"]
+                )
             best = min(best, (time.process_time() - start) / executions)
             if profiler is not None:
                 profiler.disable()

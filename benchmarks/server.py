@@ -53,7 +53,7 @@ __all__ = ["API_KEY", "MACHINE_ID", "ServerStats", "bench_script", "main", "perc
 #: The key every benchmark client presents.
 API_KEY = "bench-key"
 #: The machine every benchmark execution runs on.
-MACHINE_ID = "dm-bench"
+MACHINE_ID = "dm-654ed9cb-4d87-556a-a534-d08332976a86"
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -7,7 +7,8 @@ testing kit and the command line sit on top of the session.
 ::
 
     async with dedalus_async.Session() as session:
-        result = await session.run("dm-abc123", ["uname", "-a"], timeout=60)
+        machine_id = "dm-0199a8f2-6c1e-7d3a-9b42-5e8f1a2b3c4d"
+        result = await session.run(machine_id, ["uname", "-a"], timeout=60)
         print(result.exit_code, result.stdout)
 """
 

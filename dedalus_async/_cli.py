@@ -106,7 +106,8 @@ HOME is that directory, and the command is killed when this program exits.
 
 examples:
   dedalus-async run -- uname -a
-  dedalus-async run --machine-id dm-abc123 --timeout 60 -- sh -c 'make test'
+  dedalus-async run --machine-id dm-0199a8f2-6c1e-7d3a-9b42-5e8f1a2b3c4d --timeout 60 \\
+      -- sh -c 'make test'
   dedalus-async run --stdin-file - --json -- wc -l < data.txt
 """
 

@@ -167,13 +167,22 @@ def test_run_sends_stdin_only_when_asked(home: Path, tmp_path: Path) -> None:
 
 def test_run_env_and_cwd(home: Path) -> None:
     """--env K=V sets, a bare --env K passes our value; --cwd is inside the machine."""
-    proc = _cli(home, "run", "--machine-id", "dm-cli", "--", "mkdir", "-p", "work/dir")
+    proc = _cli(
+        home,
+        "run",
+        "--machine-id",
+        "dm-e379f91f-ad44-550a-9e07-e105a5aecd3d",
+        "--",
+        "mkdir",
+        "-p",
+        "work/dir",
+    )
     assert proc.returncode == 0
     proc = _cli(
         home,
         "run",
         "--machine-id",
-        "dm-cli",
+        "dm-e379f91f-ad44-550a-9e07-e105a5aecd3d",
         "--cwd",
         "work/dir",
         "--env",
@@ -186,7 +195,9 @@ def test_run_env_and_cwd(home: Path) -> None:
         'echo "$FOO|$PASSED"; pwd',
         env={"PASSED": "through"},
     )
-    machine = (home / "machines" / machine_dirname("dm-cli")).resolve()
+    machine = (
+        home / "machines" / machine_dirname("dm-e379f91f-ad44-550a-9e07-e105a5aecd3d")
+    ).resolve()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode() == f"bar=baz|through\n{machine / 'work' / 'dir'}\n"
 
@@ -279,7 +290,7 @@ def test_usage_errors_exit_2_with_one_line(home: Path, tmp_path: Path) -> None:
     cases: list[tuple[list[str], str]] = [
         (["run"], "needs a command"),
         (["run", "--stdin-file", str(tmp_path / "missing"), "--", "cat"], "cannot read"),
-        (["get", "dm-x", "exe-y"], "no API key"),
+        (["get", "dm-2f6c0432-4e72-5276-adda-6b1916a48fdd", "exe-y"], "no API key"),
         (["run", "--local", "--base-url", "https://x.example", "--", "true"], "--base-url"),
         (["run", "--timeout", "-1", "--", "true"], "must be a positive number"),
         (["run", "--env", "=x", "--", "true"], "expected K=V"),
@@ -311,7 +322,10 @@ def test_run_many_fans_out_and_keeps_input_order(home: Path, tmp_path: Path) -> 
     requests: list[dict[str, Any]] = [
         {"command": ["sh", "-c", "sleep 0.4; echo slow"]},
         {"command": ["echo", "fast"]},
-        {"command": ["sh", "-c", "exit 2"], "machine_id": "dm-other"},
+        {
+            "command": ["sh", "-c", "exit 2"],
+            "machine_id": "dm-7f5bf56c-8390-58ff-a89a-cd813a7323a7",
+        },
         {"command": ["cat"], "stdin": "fed\n"},
         {"command": ["sh", "-c", "echo $X"], "env": {"X": "from-env"}},
     ]
@@ -328,7 +342,7 @@ def test_run_many_fans_out_and_keeps_input_order(home: Path, tmp_path: Path) -> 
     assert [r["ok"] for r in results] == [True, True, False, True, True]
     assert [r["stdout"] for r in results] == ["slow\n", "fast\n", "", "fed\n", "from-env\n"]
     assert results[2]["execution"]["exit_code"] == 2
-    assert results[2]["execution"]["machine_id"] == "dm-other"
+    assert results[2]["execution"]["machine_id"] == "dm-7f5bf56c-8390-58ff-a89a-cd813a7323a7"
     assert results[0]["execution"]["machine_id"] == "dm-local"
     # stderr is not a terminal: no progress line, only the local note
     assert len(_notes(proc.stderr)) == 1
@@ -419,11 +433,20 @@ def test_serve_local_prints_settings_serves_and_stops(home: Path) -> None:
         url = settings["DEDALUS_BASE_URL"]
         assert url.startswith("http://127.0.0.1:")
         client = _cli(
-            home, "run", "--machine-id", "dm-served", "--", "echo", "served", env=settings
+            home,
+            "run",
+            "--machine-id",
+            "dm-cec7a105-ef8c-5f91-a6bd-3e7a22c82f47",
+            "--",
+            "echo",
+            "served",
+            env=settings,
         )
         assert (client.returncode, client.stdout) == (0, b"served\n")
         assert LOCAL_NOTE not in client.stderr.decode()  # it went to the server
-        assert (home / "machines" / machine_dirname("dm-served")).is_dir()
+        assert (
+            home / "machines" / machine_dirname("dm-cec7a105-ef8c-5f91-a6bd-3e7a22c82f47")
+        ).is_dir()
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=10)
         assert proc.returncode == 0
@@ -438,7 +461,17 @@ def test_serve_local_prints_settings_serves_and_stops(home: Path) -> None:
 def test_lookup_commands_print_json(home: Path, server: dict[str, str]) -> None:
     """get/output/events/list/cancel print the API's objects as JSON."""
     env = _remote(server)
-    proc = _cli(home, "run", "--json", "--machine-id", "dm-look", "--", "echo", "x", env=env)
+    proc = _cli(
+        home,
+        "run",
+        "--json",
+        "--machine-id",
+        "dm-47de9a51-8c26-5f16-bcfb-5b41173d1aac",
+        "--",
+        "echo",
+        "x",
+        env=env,
+    )
     execution = json.loads(proc.stdout)["execution"]
     machine, execution_id = execution["machine_id"], execution["execution_id"]
     got, output, events, listed = (
@@ -470,7 +503,7 @@ def test_ctrl_c_with_cancel_remote_deletes_the_execution(
 ) -> None:
     """With --cancel-remote, Ctrl-C cancels the execution on the server before exiting."""
     env = _remote(server)
-    machine = "dm-cancel-remote"
+    machine = "dm-24b8eba8-557c-5e05-bd3e-8864933ac4c0"
     argv = [
         "run",
         "--cancel-remote",
@@ -496,7 +529,15 @@ def test_truncated_output_is_said_so(home: Path, server: dict[str, str]) -> None
     """Past the server's cap the CLI prints what was kept and one line about the rest."""
     code = "import sys; sys.stdout.write('a' * 5000)"
     proc = _cli(
-        home, "run", "--machine-id", "dm-big", "--", sys.executable, "-c", code, env=_remote(server)
+        home,
+        "run",
+        "--machine-id",
+        "dm-c16cdbb3-150f-539f-8cfc-ec128ddeaf9f",
+        "--",
+        sys.executable,
+        "-c",
+        code,
+        env=_remote(server),
     )
     assert proc.returncode == 0
     assert proc.stdout == b"a" * 1000
@@ -507,17 +548,26 @@ def test_truncated_output_is_said_so(home: Path, server: dict[str, str]) -> None
 def test_errors_are_one_line_and_never_show_the_key(home: Path, server: dict[str, str]) -> None:
     """A refused key is exit 125 with one line; the key appears nowhere, --debug included."""
     wrong = {"DEDALUS_BASE_URL": server["DEDALUS_BASE_URL"], "DEDALUS_X_API_KEY": "wrong-key-31337"}
-    proc = _cli(home, "get", "dm-x", "exe-y", env=wrong)
+    proc = _cli(home, "get", "dm-2f6c0432-4e72-5276-adda-6b1916a48fdd", "exe-y", env=wrong)
     assert proc.returncode == 125
     notes = _notes(proc.stderr)
     assert len(notes) == 1
     assert "401" in notes[0]
     assert proc.stderr.count(b"\n") == 1
-    debug = _cli(home, "get", "--debug", "dm-x", "exe-y", env=wrong)
+    debug = _cli(
+        home, "get", "--debug", "dm-2f6c0432-4e72-5276-adda-6b1916a48fdd", "exe-y", env=wrong
+    )
     assert debug.returncode == 125
     assert b"Traceback" in debug.stderr  # --debug shows the details...
     assert b"wrong-key-31337" not in debug.stderr + debug.stdout  # ...but not the key
-    right = _cli(home, "get", "--debug", "dm-x", "exe-y", env=_remote(server))
+    right = _cli(
+        home,
+        "get",
+        "--debug",
+        "dm-2f6c0432-4e72-5276-adda-6b1916a48fdd",
+        "exe-y",
+        env=_remote(server),
+    )
     assert right.returncode == 125
     assert server["DEDALUS_X_API_KEY"].encode() not in right.stderr + right.stdout
     assert b"GET" in right.stderr or b"HTTP 404" in right.stderr
@@ -589,10 +639,19 @@ def test_main_run_many_to_stdout(
     """run-many writes results to stdout; a null field takes the command-line default."""
     source = tmp_path / "in.jsonl"
     source.write_text('{"command": ["echo", "a"], "machine_id": null}\n{"command": ["true"]}\n')
-    code, out, _ = _main(capsysbinary, "run-many", "--machine-id", "dm-many", str(source))
+    code, out, _ = _main(
+        capsysbinary,
+        "run-many",
+        "--machine-id",
+        "dm-6c9797bf-e8f4-5f12-a798-adeb268cfaf9",
+        str(source),
+    )
     assert code == 0
     results = [json.loads(line) for line in out.splitlines()]
-    assert [r["execution"]["machine_id"] for r in results] == ["dm-many", "dm-many"]
+    assert [r["execution"]["machine_id"] for r in results] == [
+        "dm-6c9797bf-e8f4-5f12-a798-adeb268cfaf9",
+        "dm-6c9797bf-e8f4-5f12-a798-adeb268cfaf9",
+    ]
     assert [r["stdout"] for r in results] == ["a\n", ""]
 
 
@@ -652,22 +711,31 @@ def test_main_against_a_server(
     assert code == 2
     assert "--machine-id is required" in err
     code, out, err = _main(
-        capsysbinary, "run", "--json", "--machine-id", "dm-inproc", "--timeout", "0.3", "--",
+        capsysbinary, "run", "--json", "--machine-id", "dm-c2a40383-8856-5fb0-84aa-c0dcf1fa2d6d",
+        "--timeout", "0.3", "--",
         "sh", "-c", "echo started; sleep 30",
     )  # fmt: skip
     assert code == EXIT_WAIT_TIMEOUT
-    assert "it keeps running (dedalus-async get dm-inproc " in err
+    assert "it keeps running (dedalus-async get dm-c2a40383-8856-5fb0-84aa-c0dcf1fa2d6d " in err
     execution_id = json.loads(out)["execution"]["execution_id"]
-    code, out, _ = _main(capsysbinary, "cancel", "dm-inproc", execution_id)
+    code, out, _ = _main(
+        capsysbinary, "cancel", "dm-c2a40383-8856-5fb0-84aa-c0dcf1fa2d6d", execution_id
+    )
     assert (code, json.loads(out)["status"]) == (0, "cancelled")
-    code, out, _ = _main(capsysbinary, "events", "--follow", "dm-inproc", execution_id)
+    code, out, _ = _main(
+        capsysbinary, "events", "--follow", "dm-c2a40383-8856-5fb0-84aa-c0dcf1fa2d6d", execution_id
+    )
     events = [json.loads(line) for line in out.splitlines()]
     assert code == 0
     assert events[-1]["status"] == "cancelled"
     assert {"type": "stdout", "chunk": "started\n"}.items() <= events[-2].items()
-    code, out, _ = _main(capsysbinary, "list", "--limit", "1", "dm-inproc")
+    code, out, _ = _main(
+        capsysbinary, "list", "--limit", "1", "dm-c2a40383-8856-5fb0-84aa-c0dcf1fa2d6d"
+    )
     assert [json.loads(line)["status"] for line in out.splitlines()] == ["cancelled"]
-    code, out, err = _main(capsysbinary, "get", "--debug", "dm-inproc", "exe-missing")
+    code, out, err = _main(
+        capsysbinary, "get", "--debug", "dm-c2a40383-8856-5fb0-84aa-c0dcf1fa2d6d", "exe-missing"
+    )
     assert code == EXIT_API_ERROR
     assert "HTTP 404" in err
     assert server["DEDALUS_X_API_KEY"] not in err + out.decode()
@@ -686,7 +754,7 @@ def test_main_without_a_subcommand_prints_help(capsysbinary: pytest.CaptureFixtu
 def _execution(**fields: Any) -> Execution:
     base: dict[str, Any] = {
         "execution_id": "exe-1",
-        "machine_id": "dm-1",
+        "machine_id": "dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0",
         "command": ("x",),
         "created_at": datetime(2026, 1, 1, tzinfo=UTC),
         "status": "failed",
@@ -765,7 +833,14 @@ def test_main_says_when_output_was_truncated(
         monkeypatch.setenv(name, value)
     code = "import sys; sys.stdout.write('o' * 3000); sys.stderr.write('e' * 2000)"
     status, out, err = _main(
-        capsysbinary, "run", "--machine-id", "dm-trunc", "--", sys.executable, "-c", code
+        capsysbinary,
+        "run",
+        "--machine-id",
+        "dm-90794f84-6225-5202-a932-d9289d3b7d20",
+        "--",
+        sys.executable,
+        "-c",
+        code,
     )
     assert (status, out) == (0, b"o" * 1000)
     assert "stdout was truncated by the server: the command wrote 3000 bytes, 1000" in err

@@ -30,7 +30,7 @@ from dedalus_async.testing import (
     ScriptedRunner,
 )
 
-MACHINE = "dm-test1"
+MACHINE = "dm-135ce9da-ac51-5d5c-8f90-0d6e8fad17c3"
 EXECS = f"/v1/machines/{MACHINE}/executions"
 KEY = "test-key"
 
@@ -232,8 +232,8 @@ async def test_idempotent_replay_returns_the_same_execution(
 async def test_idempotency_keys_are_scoped_per_machine(
     fake: FakeDedalus, http: aiohttp.ClientSession
 ) -> None:
-    a = await create(http, key="shared", machine="dm-a")
-    b = await create(http, key="shared", machine="dm-b")
+    a = await create(http, key="shared", machine="dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1")
+    b = await create(http, key="shared", machine="dm-67d209e8-5872-57c2-b293-3e1494a6cb05")
     assert a["execution_id"] != b["execution_id"]
     assert fake.create_count == 2
 
@@ -501,7 +501,7 @@ def test_script_rejects_nonsense() -> None:
 
 async def test_list_paginates_oldest_first(fake: FakeDedalus, http: aiohttp.ClientSession) -> None:
     ids = [(await create(http))["execution_id"] for _ in range(5)]
-    await create(http, machine="dm-other")
+    await create(http, machine="dm-7f5bf56c-8390-58ff-a89a-cd813a7323a7")
     seen: list[str] = []
     pages = 0
     cursor: str | None = None
@@ -985,7 +985,7 @@ async def test_destroyed_machine_refuses_creates_and_hides_executions(
     assert body["error_code"] == "INVALID_STATE"
     assert body["details"] == {"machine_id": MACHINE}
     # Other machines are unaffected.
-    await create(http, machine="dm-alive")
+    await create(http, machine="dm-f7028f2f-4d9e-5bb2-9eb2-d53c94a07925")
 
 
 async def test_peak_in_flight_counts_concurrent_requests(
@@ -1032,13 +1032,21 @@ async def test_repr_never_shows_the_api_key() -> None:
     ("method", "path", "status"),
     [
         ("GET", "/", 404),
-        ("GET", "/v2/machines/dm-a/executions", 404),
-        ("GET", "/v1/machines/dm-a/executions/exe-1/bogus", 404),
-        ("GET", "/v1/machines/dm-a/executions/exe-1/events/more/", 404),
-        ("GET", "/v1/machines/dm-a/executions/exe-unknown", 404),
-        ("GET", "/v1/machines/dm-a%2Fb/executions", 404),
-        ("PUT", "/v1/machines/dm-a/executions", 405),
-        ("POST", "/v1/machines/dm-a/executions/exe-1/output", 405),
+        ("GET", "/v2/machines/dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1/executions", 404),
+        ("GET", "/v1/machines/dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1/executions/exe-1/bogus", 404),
+        (
+            "GET",
+            "/v1/machines/dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1/executions/exe-1/events/more/",
+            404,
+        ),
+        ("GET", "/v1/machines/dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1/executions/exe-unknown", 404),
+        ("GET", "/v1/machines/dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1%2Fb/executions", 404),
+        ("PUT", "/v1/machines/dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1/executions", 405),
+        (
+            "POST",
+            "/v1/machines/dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1/executions/exe-1/output",
+            405,
+        ),
     ],
 )
 async def test_unknown_routes_and_methods(

@@ -25,6 +25,8 @@ from dedalus_async import (
 )
 from dedalus_async.testing import FakeDedalus, Fault, Outcome, Phase, Script
 
+MACHINE = "dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1"  # the real form: "dm-" and a UUID
+
 # Quick polls for short scripted executions: a hint is obeyed down to 10 ms.
 FAST_POLL = PollPolicy(hint_floor=0.01, hint_jitter=0.005, initial_interval=0.01)
 
@@ -41,7 +43,10 @@ def _our_tasks() -> set[asyncio.Task[Any]]:
 
 def _requests(n: int, *, machines: int = 4, program: str = "echo") -> list[ExecutionRequest]:
     return [
-        ExecutionRequest(machine_id=f"dm-m{i % machines}", command=[program, str(i)])
+        ExecutionRequest(
+            machine_id=f"dm-7586c7cd-886a-5a0d-8099-14472fd2e084{i % machines}",
+            command=[program, str(i)],
+        )
         for i in range(n)
     ]
 
@@ -146,30 +151,40 @@ async def test_empty_input_sends_nothing(fake: FakeDedalus, session: Session) ->
 def test_execution_request_validates_when_built() -> None:
     """Each field is checked by the constructor, with the library's own validators."""
     with pytest.raises(TypeError, match="not a string"):
-        ExecutionRequest(machine_id="dm-a", command="ls -l")  # a str is a Sequence[str]
+        ExecutionRequest(machine_id=MACHINE, command="ls -l")  # a str is a Sequence[str]
     with pytest.raises(ValueError, match="must not be empty"):
-        ExecutionRequest(machine_id="dm-a", command=[])
+        ExecutionRequest(machine_id=MACHINE, command=[])
     with pytest.raises(ValueError, match="'/'"):
-        ExecutionRequest(machine_id="dm-a/b", command=["ls"])
+        ExecutionRequest(machine_id=f"{MACHINE}/b", command=["ls"])
     with pytest.raises(TypeError, match="timeout_ms"):
-        ExecutionRequest(machine_id="dm-a", command=["ls"], timeout_ms=1.5)  # type: ignore[arg-type]
+        ExecutionRequest(machine_id=MACHINE, command=["ls"], timeout_ms=1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="env"):
-        ExecutionRequest(machine_id="dm-a", command=["ls"], env={"A": 1})  # type: ignore[dict-item]
+        ExecutionRequest(machine_id=MACHINE, command=["ls"], env={"A": 1})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="idempotency_key"):
-        ExecutionRequest(machine_id="dm-a", command=["ls"], idempotency_key="has space")
+        ExecutionRequest(
+            machine_id=MACHINE,
+            command=["ls"],
+            idempotency_key="has space",
+        )
     with pytest.raises(ValueError, match="timeout"):
-        ExecutionRequest(machine_id="dm-a", command=["ls"], timeout=0)
+        ExecutionRequest(machine_id=MACHINE, command=["ls"], timeout=0)
     with pytest.raises(TypeError, match="cwd"):
-        ExecutionRequest(machine_id="dm-a", command=["ls"], cwd=3)  # type: ignore[arg-type]
+        ExecutionRequest(machine_id=MACHINE, command=["ls"], cwd=3)  # type: ignore[arg-type]
 
 
 def test_execution_request_is_frozen_hashable_and_keeps_secrets_out_of_repr() -> None:
     """A request is an immutable value; its repr shows env keys and stdin size only."""
     request = ExecutionRequest(
-        machine_id="dm-a", command=["env"], env={"TOKEN": "s3cret"}, stdin="password"
+        machine_id=MACHINE,
+        command=["env"],
+        env={"TOKEN": "s3cret"},
+        stdin="password",
     )
     assert request == ExecutionRequest(
-        machine_id="dm-a", command=("env",), env={"TOKEN": "s3cret"}, stdin="password"
+        machine_id=MACHINE,
+        command=("env",),
+        env={"TOKEN": "s3cret"},
+        stdin="password",
     )
     assert hash(request) == hash(attrs.evolve(request))
     assert "s3cret" not in repr(request)
@@ -192,8 +207,16 @@ def test_execution_request_is_frozen_hashable_and_keeps_secrets_out_of_repr() ->
         (_requests(3), {"on_progress": "print"}, TypeError),
         (
             [
-                ExecutionRequest(machine_id="dm-a", command=["a"], idempotency_key="k1"),
-                ExecutionRequest(machine_id="dm-a", command=["b"], idempotency_key="k1"),
+                ExecutionRequest(
+                    machine_id=MACHINE,
+                    command=["a"],
+                    idempotency_key="k1",
+                ),
+                ExecutionRequest(
+                    machine_id=MACHINE,
+                    command=["b"],
+                    idempotency_key="k1",
+                ),
             ],
             {},
             ValueError,
@@ -231,7 +254,11 @@ async def test_caller_keys_are_used_and_generated_keys_are_fresh(
     """A request's own idempotency_key is sent; the others get distinct compact UUIDv7s."""
     requests = [
         *_requests(3),
-        ExecutionRequest(machine_id="dm-a", command=["echo", "3"], idempotency_key="mine"),
+        ExecutionRequest(
+            machine_id=MACHINE,
+            command=["echo", "3"],
+            idempotency_key="mine",
+        ),
     ]
     results = await session.run_many(requests)
     keys = [p.idempotency_key for p in fake.requests_for("POST")]
@@ -247,12 +274,14 @@ async def test_return_exceptions_puts_each_failure_in_its_place(
     fake: FakeDedalus, session: Session
 ) -> None:
     """Failures come back where their request was; the rest run to their end."""
-    fake.destroy_machine("dm-gone")
+    fake.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
     requests = [
-        ExecutionRequest(machine_id="dm-a", command=["echo", "0"]),
-        ExecutionRequest(machine_id="dm-gone", command=["echo", "1"]),  # 409 on create
-        ExecutionRequest(machine_id="dm-a", command=["false", "2"]),  # exit 1, check=True
-        ExecutionRequest(machine_id="dm-a", command=["echo", "3"]),
+        ExecutionRequest(machine_id=MACHINE, command=["echo", "0"]),
+        ExecutionRequest(
+            machine_id="dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87", command=["echo", "1"]
+        ),  # 409 on create
+        ExecutionRequest(machine_id=MACHINE, command=["false", "2"]),  # exit 1, check=True
+        ExecutionRequest(machine_id=MACHINE, command=["echo", "3"]),
     ]
     fake.set_script(
         lambda body: Script(
@@ -277,11 +306,15 @@ async def test_without_return_exceptions_failures_are_raised_together_at_the_end
     fake: FakeDedalus, session: Session
 ) -> None:
     """Every request runs to its end; then all failures are raised as one group."""
-    fake.destroy_machine("dm-gone")
+    fake.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
     requests = [
         *_requests(5),
-        ExecutionRequest(machine_id="dm-gone", command=["echo", "5"]),
-        ExecutionRequest(machine_id="dm-gone", command=["echo", "6"]),
+        ExecutionRequest(
+            machine_id="dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87", command=["echo", "5"]
+        ),
+        ExecutionRequest(
+            machine_id="dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87", command=["echo", "6"]
+        ),
     ]
     with pytest.raises(ExceptionGroup) as caught:
         await session.run_many(requests)
@@ -298,8 +331,8 @@ async def test_fail_fast_cancels_the_rest_and_deletes_them_remotely(
     """fail_fast: the first failure cancels the others at once; cancel_remote deletes them."""
     fake.set_script(_stuck_unless_fail)
     requests = [
-        *(ExecutionRequest(machine_id="dm-a", command=["sleep", str(i)]) for i in range(8)),
-        ExecutionRequest(machine_id="dm-a", command=["false", "8"]),
+        *(ExecutionRequest(machine_id=MACHINE, command=["sleep", str(i)]) for i in range(8)),
+        ExecutionRequest(machine_id=MACHINE, command=["false", "8"]),
     ]
     before = _our_tasks()
     started = time.monotonic()
@@ -326,8 +359,8 @@ async def test_fail_fast_without_cancel_remote_leaves_remote_work_running(
     """Without cancel_remote, only the local waits stop: no DELETE is sent."""
     fake.set_script(_stuck_unless_fail)
     requests = [
-        ExecutionRequest(machine_id="dm-a", command=["sleep", "0"]),
-        ExecutionRequest(machine_id="dm-a", command=["false", "1"]),
+        ExecutionRequest(machine_id=MACHINE, command=["sleep", "0"]),
+        ExecutionRequest(machine_id=MACHINE, command=["false", "1"]),
     ]
     with pytest.raises(ExceptionGroup):
         await session.run_many(requests, fail_fast=True, check=True)
@@ -343,7 +376,11 @@ async def test_wait_timeout_with_cancel_remote_deletes_the_execution(
     """A request's own deadline ends its wait with WaitTimeout; cancel_remote deletes it."""
     fake.set_script(_stuck_unless_fail)
     requests = [
-        ExecutionRequest(machine_id="dm-a", command=["sleep", str(i)], timeout=0.3)
+        ExecutionRequest(
+            machine_id=MACHINE,
+            command=["sleep", str(i)],
+            timeout=0.3,
+        )
         for i in range(5)
     ]
     results = await session.run_many(
@@ -405,8 +442,8 @@ async def test_leaving_as_completed_early_stops_local_waits_only(
     """Breaking out cancels the waits at once; without cancel_remote nothing is deleted."""
     fake.set_script(_stuck_unless_fail)
     requests = [
-        ExecutionRequest(machine_id="dm-a", command=["false", "0"]),
-        *(ExecutionRequest(machine_id="dm-a", command=["sleep", str(i)]) for i in range(1, 6)),
+        ExecutionRequest(machine_id=MACHINE, command=["false", "0"]),
+        *(ExecutionRequest(machine_id=MACHINE, command=["sleep", str(i)]) for i in range(1, 6)),
     ]
     before = _our_tasks()
     async with session.as_completed(requests, batch_refresh=batch_refresh) as results:
@@ -427,8 +464,8 @@ async def test_leaving_as_completed_early_with_cancel_remote_deletes_the_rest(
     deleted before the block exits."""
     fake.set_script(_stuck_unless_fail)
     requests = [
-        ExecutionRequest(machine_id="dm-a", command=["false", "0"]),
-        *(ExecutionRequest(machine_id="dm-a", command=["sleep", str(i)]) for i in range(1, 6)),
+        ExecutionRequest(machine_id=MACHINE, command=["false", "0"]),
+        *(ExecutionRequest(machine_id=MACHINE, command=["sleep", str(i)]) for i in range(1, 6)),
     ]
     async with session.as_completed(
         requests, cancel_remote=True, batch_refresh=batch_refresh
@@ -446,8 +483,13 @@ async def test_as_completed_raises_a_failure_unless_return_exceptions(
     fake: FakeDedalus, session: Session
 ) -> None:
     """A failure ends the loop with its exception; return_exceptions yields it instead."""
-    fake.destroy_machine("dm-gone")
-    requests = [ExecutionRequest(machine_id="dm-gone", command=["echo", "0"]), *_requests(3)]
+    fake.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
+    requests = [
+        ExecutionRequest(
+            machine_id="dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87", command=["echo", "0"]
+        ),
+        *_requests(3),
+    ]
     with pytest.raises(ConflictError):
         async with session.as_completed(requests, concurrency=1) as results:
             async for _ in results:
@@ -545,7 +587,10 @@ async def test_batch_refresh_never_polls_before_any_hint(n: int, concurrency: in
     fake = FakeDedalus(api_key="test-key", script=bench_script(0.5))
     fake.app.middlewares.append(make_middleware(fake, stats))  # watches, changes nothing
     async with fake, Session(api_key="test-key", base_url=fake.base_url) as session:
-        requests = [ExecutionRequest(machine_id="dm-one", command=["true"]) for _ in range(n)]
+        requests = [
+            ExecutionRequest(machine_id="dm-c294061c-c5b5-5ab3-85c3-a559cc68d778", command=["true"])
+            for _ in range(n)
+        ]
         results = await session.run_many(requests, concurrency=concurrency)
     assert [r.execution.status for r in results] == ["succeeded"] * n
     seen = stats.as_dict()

@@ -27,6 +27,8 @@ from dedalus_async.testing import FakeDedalus, Outcome, Phase, Script
 
 from .fastapi_app import create_app
 
+MACHINE = "dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1"  # the real form: "dm-" and a UUID
+
 FAST_POLL = PollPolicy(hint_floor=0.01, hint_jitter=0.005, initial_interval=0.01)
 QUICK = Script((Phase("running", 0.03, 10),), Outcome(stdout="hi\n"))
 
@@ -98,7 +100,10 @@ async def _until(condition: Any, seconds: float = 5.0) -> None:
 async def test_run_returns_the_result(fake: FakeDedalus) -> None:
     """POST /run runs the command to its end and answers with its result."""
     async with running(_app_for(fake)) as client:
-        response = await client.post("/run", json={"machine_id": "dm-a", "command": ["echo"]})
+        response = await client.post(
+            "/run",
+            json={"machine_id": MACHINE, "command": ["echo"]},
+        )
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "succeeded"
@@ -121,9 +126,12 @@ async def test_start_answers_at_once_and_events_stream_until_the_end(fake: FakeD
         )
     )
     async with running(_app_for(fake)) as client:
-        started = await client.post("/start", json={"machine_id": "dm-a", "command": ["x"]})
+        started = await client.post(
+            "/start",
+            json={"machine_id": MACHINE, "command": ["x"]},
+        )
         ref = started.json()
-        assert ref["machine_id"] == "dm-a"
+        assert ref["machine_id"] == MACHINE
         assert ref["status"] == "queued"
         assert ref["idempotency_key"]
         path = f"/executions/{ref['machine_id']}/{ref['execution_id']}/events"
@@ -140,17 +148,24 @@ async def test_start_answers_at_once_and_events_stream_until_the_end(fake: FakeD
 
 async def test_errors_map_to_http_statuses(fake: FakeDedalus) -> None:
     """The server's 409 stays a 409; a wait past its deadline is a 504 with the ref."""
-    fake.destroy_machine("dm-gone")
+    fake.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
     async with running(_app_for(fake)) as client:
-        gone = await client.post("/run", json={"machine_id": "dm-gone", "command": ["x"]})
+        gone = await client.post(
+            "/run", json={"machine_id": "dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87", "command": ["x"]}
+        )
         fake.set_script(Script.stuck(retry_after_ms=20))
         slow = await client.post(
-            "/run", json={"machine_id": "dm-a", "command": ["x"], "timeout": 0.2}
+            "/run",
+            json={
+                "machine_id": MACHINE,
+                "command": ["x"],
+                "timeout": 0.2,
+            },
         )
-        bad = await client.post("/run", json={"machine_id": "dm-a", "command": []})
+        bad = await client.post("/run", json={"machine_id": MACHINE, "command": []})
     assert gone.status_code == 409
     assert slow.status_code == 504
-    assert slow.json()["ref"]["machine_id"] == "dm-a"
+    assert slow.json()["ref"]["machine_id"] == MACHINE
     assert bad.status_code == 422
 
 
@@ -201,7 +216,11 @@ async def test_a_client_that_disconnects_cancels_the_wait(
     fake.set_script(Script.stuck(retry_after_ms=20))
     app = _app_for(fake)
     disconnect = anyio.Event()
-    body = {"machine_id": "dm-a", "command": ["x"], "cancel_remote": cancel_remote}
+    body = {
+        "machine_id": MACHINE,
+        "command": ["x"],
+        "cancel_remote": cancel_remote,
+    }
     async with app.router.lifespan_context(app):
         sent: list[list[dict[str, Any]]] = []
 
@@ -233,7 +252,11 @@ async def test_a_cancelled_client_request_cancels_the_handler(fake: FakeDedalus)
     cancel_remote the execution is deleted before the cancellation completes."""
     fake.set_script(Script.stuck(retry_after_ms=20))
     async with running(_app_for(fake)) as client:
-        body = {"machine_id": "dm-a", "command": ["x"], "cancel_remote": True}
+        body = {
+            "machine_id": MACHINE,
+            "command": ["x"],
+            "cancel_remote": True,
+        }
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(client.post("/run", json=body), 0.2)
         assert len(fake.requests_for("DELETE")) == 1
@@ -244,7 +267,12 @@ async def test_shutdown_closes_everything(fake: FakeDedalus) -> None:
     collecting the Session warns about nothing."""
     app = _app_for(fake)
     async with running(app) as client:
-        assert (await client.post("/run", json={"machine_id": "dm-a", "command": ["x"]})).is_success
+        assert (
+            await client.post(
+                "/run",
+                json={"machine_id": MACHINE, "command": ["x"]},
+            )
+        ).is_success
         session = app.state.session
         assert isinstance(session, Session)
         assert not session.closed
@@ -252,7 +280,7 @@ async def test_shutdown_closes_everything(fake: FakeDedalus) -> None:
     assert app.state.session is None
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-        refused = await client.post("/run", json={"machine_id": "dm-a", "command": ["x"]})
+        refused = await client.post("/run", json={"machine_id": MACHINE, "command": ["x"]})
     assert refused.status_code == 503
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

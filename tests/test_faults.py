@@ -42,6 +42,8 @@ from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Phase,
 
 from .conftest import API_KEY
 
+MACHINE = "dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0"  # the real form: "dm-" and a UUID
+
 TIMEOUT = 120.0  # the deadline of every wait below, in (fake) seconds
 JITTER = 0.5 * PollPolicy().hint_jitter  # random=0.5 in the session fixture
 BACKOFF_1 = 0.5 * RetryPolicy().initial_backoff  # the first retry's full-jitter backoff
@@ -110,7 +112,7 @@ Operation = Callable[[Session, FakeDedalus, dict[str, Any]], Awaitable[list[str]
 async def op_create(session: Session, fake: FakeDedalus, fault: dict[str, Any]) -> list[str]:
     """create_execution with the fault on its POST."""
     fake.add_fault(Fault(method="POST", **fault))
-    handle = await session.create_execution("dm-1", ["echo", "hi"])
+    handle = await session.create_execution(MACHINE, ["echo", "hi"])
     assert handle.last is not None
     assert handle.last.execution_id == handle.execution_id
     assert handle.last.command == ("echo", "hi")
@@ -119,7 +121,7 @@ async def op_create(session: Session, fake: FakeDedalus, fault: dict[str, Any]) 
 
 async def op_wait(session: Session, fake: FakeDedalus, fault: dict[str, Any]) -> list[str]:
     """wait() with the fault on its polls."""
-    handle = await session.create_execution("dm-1", ["echo", "hi"])
+    handle = await session.create_execution(MACHINE, ["echo", "hi"])
     fake.add_fault(Fault(method="GET", **fault))
     done = await handle.wait(timeout=TIMEOUT)
     assert done.status == "succeeded"
@@ -130,7 +132,7 @@ async def op_wait(session: Session, fake: FakeDedalus, fault: dict[str, Any]) ->
 async def op_run(session: Session, fake: FakeDedalus, fault: dict[str, Any]) -> list[str]:
     """run() with the fault on whatever requests come first (the create, then polls)."""
     fake.add_fault(Fault(**fault))
-    result = await session.run("dm-1", ["echo", "hi"], timeout=TIMEOUT, check=True)
+    result = await session.run(MACHINE, ["echo", "hi"], timeout=TIMEOUT, check=True)
     assert result.stdout == "hi\n"
     return [result.execution.execution_id]
 
@@ -156,7 +158,7 @@ OPERATIONS: dict[str, tuple[Operation, int]] = {
 
 MISSING_STATUS = {
     "execution_id": "exe-garbled",
-    "machine_id": "dm-1",
+    "machine_id": MACHINE,
     "command": ["echo", "hi"],
     "created_at": "2026-01-01T00:00:00Z",
 }
@@ -260,7 +262,7 @@ async def test_retry_after_forms(
 ) -> None:
     """Each Retry-After form gives one exact pause before the second try, then success."""
     fake.set_script(Script.immediate())
-    handle = await session.create_execution("dm-1", ["true"])
+    handle = await session.create_execution(MACHINE, ["true"])
     fake.add_fault(Fault(method="GET", status=status, headers=headers))
     leaks = Leaks(session)
     got = await handle.refresh()
@@ -295,11 +297,11 @@ async def test_retry_after_beyond_the_cap_fails_at_once(
     if operation == "create":
         fake.add_fault(fault)
         with pytest.raises(RateLimitedError) as info:
-            await session.create_execution("dm-1", ["true"])
+            await session.create_execution(MACHINE, ["true"])
         error = info.value
         assert fake.create_count == 0
     elif operation == "wait":
-        handle = await session.create_execution("dm-1", ["true"])
+        handle = await session.create_execution(MACHINE, ["true"])
         fake.add_fault(fault)
         with pytest.raises(RateLimitedError) as info:
             await handle.wait(timeout=TIMEOUT)
@@ -308,12 +310,12 @@ async def test_retry_after_beyond_the_cap_fails_at_once(
     elif operation == "run":
         fake.add_fault(fault)
         with pytest.raises(RateLimitedError) as info:
-            await session.run("dm-1", ["true"], timeout=TIMEOUT)
+            await session.run(MACHINE, ["true"], timeout=TIMEOUT)
         error = info.value
         assert fake.create_count == 0
     else:
         fake.add_fault(fault)
-        request = ExecutionRequest(machine_id="dm-1", command=["true"], timeout=TIMEOUT)
+        request = ExecutionRequest(machine_id=MACHINE, command=["true"], timeout=TIMEOUT)
         (outcome,) = await session.run_many([request], return_exceptions=True)
         assert isinstance(outcome, RateLimitedError)
         error = outcome
@@ -341,14 +343,14 @@ async def test_permanent_5xx_exhausts_retries_and_creates_nothing(
     error: BaseException | ExecutionResult
     if operation == "create":
         with pytest.raises(ServerError) as info:
-            await session.create_execution("dm-1", ["true"])
+            await session.create_execution(MACHINE, ["true"])
         error = info.value
     elif operation == "run":
         with pytest.raises(ServerError) as info:
-            await session.run("dm-1", ["true"], timeout=TIMEOUT)
+            await session.run(MACHINE, ["true"], timeout=TIMEOUT)
         error = info.value
     else:
-        request = ExecutionRequest(machine_id="dm-1", command=["true"], timeout=TIMEOUT)
+        request = ExecutionRequest(machine_id=MACHINE, command=["true"], timeout=TIMEOUT)
         (error,) = await session.run_many([request], return_exceptions=True)
     assert isinstance(error, ServerError)
     assert error.status == 503
@@ -371,7 +373,7 @@ async def test_storm_outlasting_the_deadline_is_wait_timeout(
     start = clock.monotonic()
     error: BaseException | ExecutionResult
     if operation == "wait":
-        handle = await session.create_execution("dm-1", ["x"])
+        handle = await session.create_execution(MACHINE, ["x"])
         fake.add_fault(Fault(method="GET", status=503, times=None))
         with pytest.raises(WaitTimeout) as info:
             await handle.wait(timeout=10)
@@ -379,14 +381,18 @@ async def test_storm_outlasting_the_deadline_is_wait_timeout(
     elif operation == "run":
         fake.add_fault(Fault(method="GET", status=503, times=None))
         with pytest.raises(WaitTimeout) as info:
-            await session.run("dm-1", ["x"], timeout=10)
+            await session.run(MACHINE, ["x"], timeout=10)
         error = info.value
     else:
         # five waiters on one machine are read a page of list_executions at a time
         count = 5 if operation == "run_many-batched" else 1
         fake.add_fault(Fault(method="GET", status=503, times=None))
         requests = [
-            ExecutionRequest(machine_id="dm-1", command=["x", str(i)], timeout=10)
+            ExecutionRequest(
+                machine_id=MACHINE,
+                command=["x", str(i)],
+                timeout=10,
+            )
             for i in range(count)
         ]
         outcomes = await session.run_many(requests, return_exceptions=True)
@@ -413,14 +419,14 @@ async def test_unknown_error_status_is_a_plain_api_status_error(
     error: BaseException | ExecutionResult
     if operation == "create":
         with pytest.raises(APIStatusError) as info:
-            await session.create_execution("dm-1", ["true"])
+            await session.create_execution(MACHINE, ["true"])
         error = info.value
     elif operation == "run":
         with pytest.raises(APIStatusError) as info:
-            await session.run("dm-1", ["true"])
+            await session.run(MACHINE, ["true"])
         error = info.value
     else:
-        request = ExecutionRequest(machine_id="dm-1", command=["true"])
+        request = ExecutionRequest(machine_id=MACHINE, command=["true"])
         (error,) = await session.run_many([request], return_exceptions=True)
     assert type(error) is APIStatusError
     assert error.status == status
@@ -441,7 +447,7 @@ async def test_permanent_html_error_page_is_server_error_with_context(
     )
     leaks = Leaks(session)
     with pytest.raises(ServerError) as info:
-        await session.run("dm-1", ["true"])
+        await session.run(MACHINE, ["true"])
     err = info.value
     assert err.status == 502
     assert "text/html" in str(err)
@@ -455,7 +461,7 @@ async def test_permanent_html_error_page_is_server_error_with_context(
 def _execution(**changes: Any) -> bytes:
     base: dict[str, Any] = {
         "execution_id": "exe-bad",
-        "machine_id": "dm-1",
+        "machine_id": MACHINE,
         "command": ["echo", "hi"],
         "created_at": "2026-01-01T00:00:00Z",
         "status": "running",
@@ -488,13 +494,13 @@ async def test_mistyped_create_response_is_decode_error_and_creates_once(
     fake.add_fault(Fault(method="POST", malformed=body, times=None))
     leaks = Leaks(session)
     with pytest.raises(ResponseDecodeError) as info:
-        await session.create_execution("dm-1", ["echo", "hi"], idempotency_key="job-1")
+        await session.create_execution(MACHINE, ["echo", "hi"], idempotency_key="job-1")
     assert info.value.field is not None
     assert field in info.value.field
     assert info.value.status is None or info.value.status == 200
     assert fake.create_count == 1
     fake.clear_faults()
-    again = await session.create_execution("dm-1", ["echo", "hi"], idempotency_key="job-1")
+    again = await session.create_execution(MACHINE, ["echo", "hi"], idempotency_key="job-1")
     assert fake.create_count == 1
     assert list(fake.executions) == [again.execution_id]
     await leaks.check()
@@ -506,7 +512,7 @@ async def test_mistyped_polls_end_in_wait_timeout_from_the_decode_error(
 ) -> None:
     """Polls that only ever get garbage end at the deadline as WaitTimeout whose cause is
     the ResponseDecodeError (a wait treats a garbled response as transient)."""
-    handle = await session.create_execution("dm-1", ["echo", "hi"])
+    handle = await session.create_execution(MACHINE, ["echo", "hi"])
     fake.add_fault(Fault(method="GET", malformed=body, times=None))
     leaks = Leaks(session)
     with pytest.raises(WaitTimeout) as info:
@@ -536,7 +542,7 @@ async def test_retry_after_ms_hint_is_clamped(
     the run still finishes with its output, before its deadline."""
     fake.set_script(Script((Phase("running", 1.0, hint),), Outcome(stdout="done\n")))
     leaks = Leaks(session)
-    result = await session.run("dm-1", ["job"], timeout=TIMEOUT)
+    result = await session.run(MACHINE, ["job"], timeout=TIMEOUT)
     assert result.stdout == "done\n"
     assert clock.sleeps[0] == pytest.approx(first_sleep + JITTER)
     assert all(
@@ -553,7 +559,7 @@ async def test_huge_hint_never_sleeps_past_the_deadline(
     fake.set_script(Script.stuck(retry_after_ms=10**15))
     leaks = Leaks(session)
     with pytest.raises(WaitTimeout):
-        await session.run("dm-1", ["job"], timeout=10)
+        await session.run(MACHINE, ["job"], timeout=10)
     assert clock.sleeps == [pytest.approx(10.0)]
     await leaks.check()
 
@@ -566,7 +572,7 @@ async def test_expires_at_in_the_past_looks_again_soon_then_reports_expired(
     an expired execution as ExecutionFailed."""
     fake.set_script(Script.stuck(retry_after_ms=5000, expires_after=1.0))
     leaks = Leaks(session)
-    handle = await session.create_execution("dm-1", ["job"])
+    handle = await session.create_execution(MACHINE, ["job"])
     assert handle.last is not None
     assert handle.last.status == "running"
     assert handle.last.expires_at is not None
@@ -578,7 +584,7 @@ async def test_expires_at_in_the_past_looks_again_soon_then_reports_expired(
     assert clock.monotonic() - clock_before < 1.0
     fake.set_script(Script.running(0.5, expires_after=0.25))
     with pytest.raises(ExecutionFailed) as info:
-        await session.run("dm-1", ["job"], timeout=TIMEOUT, check=True)
+        await session.run(MACHINE, ["job"], timeout=TIMEOUT, check=True)
     assert info.value.result.execution.status == "expired"
     assert not info.value.result.ok
     await leaks.check()
@@ -591,7 +597,7 @@ async def test_unknown_execution_status_is_waited_through_in_run_many(
     fake.set_script(
         Script((Phase("hibernating", 0.5, 100), Phase("defrosting", 0.5, None)), Outcome())
     )
-    requests = [ExecutionRequest(machine_id="dm-1", command=["x", str(i)]) for i in range(5)]
+    requests = [ExecutionRequest(machine_id=MACHINE, command=["x", str(i)]) for i in range(5)]
     leaks = Leaks(session)
     results = await session.run_many(requests)
     assert [r.execution.status for r in results] == ["succeeded"] * 5
@@ -611,7 +617,7 @@ async def test_eight_megabytes_of_output_arrive_intact(clock: FakeClock) -> None
         fake.add_fault(Fault(method="GET", path="/output$", truncate=True))
         async with Session(API_KEY, base_url=fake.base_url, clock=clock) as session:
             leaks = Leaks(session)
-            result = await session.run("dm-1", ["big"], timeout=TIMEOUT)
+            result = await session.run(MACHINE, ["big"], timeout=TIMEOUT)
             await leaks.check()
     assert result.stdout == stdout
     assert result.stderr == stderr
@@ -641,9 +647,9 @@ async def test_machine_destroyed_mid_run_ends_it_at_once(
     the 600 s deadline."""
     fake.set_script(Script.stuck(retry_after_ms=1000))
     leaks = Leaks(session)
-    task = asyncio.create_task(session.run("dm-1", ["x"], timeout=600))
+    task = asyncio.create_task(session.run(MACHINE, ["x"], timeout=600))
     await _until(lambda: len(fake.requests_for("GET")) >= 2)
-    fake.destroy_machine("dm-1")
+    fake.destroy_machine(MACHINE)
     destroyed_at = clock.monotonic()
     with pytest.raises(NotFoundError) as info:
         await task
@@ -666,13 +672,22 @@ async def test_machine_destroyed_mid_run_many_fails_only_its_requests(
 
     fake.set_script(script)
     requests = [
-        ExecutionRequest(machine_id="dm-doomed", command=["stuck", str(i)], timeout=600)
+        ExecutionRequest(
+            machine_id="dm-d026e0b1-eb59-56be-90a9-4d01354e0b4f",
+            command=["stuck", str(i)],
+            timeout=600,
+        )
         for i in range(5)
-    ] + [ExecutionRequest(machine_id="dm-fine", command=["ok", str(i)]) for i in range(3)]
+    ] + [
+        ExecutionRequest(
+            machine_id="dm-454c69e6-02b8-5e68-8e6f-1d896816104d", command=["ok", str(i)]
+        )
+        for i in range(3)
+    ]
     leaks = Leaks(session)
     task = asyncio.create_task(session.run_many(requests, return_exceptions=True))
     await _until(lambda: fake.create_count == 8 and len(fake.requests_for("GET")) >= 2)
-    fake.destroy_machine("dm-doomed")
+    fake.destroy_machine("dm-d026e0b1-eb59-56be-90a9-4d01354e0b4f")
     destroyed_at = clock.monotonic()
     results = await task
     doomed, fine = results[:5], results[5:]
@@ -711,7 +726,7 @@ async def test_one_slow_poll_is_retried_and_the_run_finishes(live: FakeDedalus) 
     async with _live_session(live) as session:
         leaks = Leaks(session)
         started = time.monotonic()
-        result = await session.run("dm-1", ["x"], timeout=10)
+        result = await session.run(MACHINE, ["x"], timeout=10)
         elapsed = time.monotonic() - started
         await leaks.check()
     assert result.stdout == "ok\n"
@@ -726,7 +741,7 @@ async def test_slow_create_that_commits_late_is_still_created_once(live: FakeDed
     live.add_fault(Fault(method="POST", delay=0.6))
     async with _live_session(live) as session:
         leaks = Leaks(session)
-        result = await session.run("dm-1", ["x"], timeout=10)
+        result = await session.run(MACHINE, ["x"], timeout=10)
         await asyncio.sleep(0.8)  # let the slow handler commit (or replay) its create
         await leaks.check()
     posts = live.requests_for("POST")
@@ -746,7 +761,7 @@ async def test_always_slow_server_is_request_timeout_within_bounds(live: FakeDed
         leaks = Leaks(session)
         started = time.monotonic()
         with pytest.raises(RequestTimeout) as info:
-            await session.get_execution("dm-1", "exe-1")
+            await session.get_execution(MACHINE, "exe-1")
         elapsed = time.monotonic() - started
         await leaks.check()
     assert isinstance(info.value, TimeoutError)
@@ -761,7 +776,7 @@ async def test_slow_polls_outlasting_the_wait_deadline_are_wait_timeout(
     """A wait of 0.5 s against a server that never answers a poll in time: WaitTimeout from
     RequestTimeout, raised within one request_timeout of the deadline."""
     async with _live_session(live) as session:
-        handle = await session.create_execution("dm-1", ["x"])
+        handle = await session.create_execution(MACHINE, ["x"])
         live.add_fault(Fault(method="GET", delay=5.0, times=None))
         leaks = Leaks(session)
         started = time.monotonic()
@@ -782,7 +797,7 @@ async def test_cancelling_a_run_stuck_on_a_slow_server_releases_everything(
     live.add_fault(Fault(method="GET", delay=5.0, times=None))
     async with _live_session(live, request_timeout=10.0) as session:
         leaks = Leaks(session)
-        task = asyncio.create_task(session.run("dm-1", ["x"], timeout=30))
+        task = asyncio.create_task(session.run(MACHINE, ["x"], timeout=30))
         await _until(lambda: len(live.requests_for("GET")) >= 1)
         started = time.monotonic()
         task.cancel()

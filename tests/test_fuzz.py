@@ -45,6 +45,8 @@ from dedalus_async.testing import FakeClock, FakeDedalus
 
 from .conftest import API_KEY
 
+MACHINE = "dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0"  # the real form: "dm-" and a UUID
+
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # For the many parametrized copies of one property, and the costly composite strategies.
@@ -501,7 +503,7 @@ def test_policy_field_refuses_bad_values_by_name(
 @example(value="a/b")
 @example(value="..")
 @example(value="x" * 254)
-@example(value="dm-1\r\nHost: evil")
+@example(value="dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0\r\nHost: evil")
 def test_ids_are_validated_and_encoded_as_one_segment(value: Any) -> None:
     """Any value as an ID is refused naming the argument, or becomes one percent-encoded
     path segment that decodes back to exactly the ID."""
@@ -536,7 +538,12 @@ def test_create_request_is_valid_or_names_the_argument(
     raise a TypeError/ValueError naming the argument (and never echoing an env value)."""
     try:
         request = wire.create_request(
-            "dm-1", command, env=env, cwd=cwd, timeout_ms=timeout_ms, idempotency_key="k"
+            MACHINE,
+            command,
+            env=env,
+            cwd=cwd,
+            timeout_ms=timeout_ms,
+            idempotency_key="k",
         )
     except (TypeError, ValueError) as exc:
         message = str(exc)
@@ -614,9 +621,9 @@ async def _call(
     elif method == "iter_events":
         _ = [e async for e in session.iter_events(*args, **kwargs)]
     elif method == "wait":
-        await session.execution("dm-1", "exe-1").wait(*args, **kwargs)
+        await session.execution(MACHINE, "exe-1").wait(*args, **kwargs)
     elif method == "watch":
-        _ = [s async for s in session.execution("dm-1", "exe-1").watch(*args, **kwargs)]
+        _ = [s async for s in session.execution(MACHINE, "exe-1").watch(*args, **kwargs)]
     elif method in ("execution", "attach"):
         getattr(session, method)(*args, **kwargs)
     else:
@@ -629,53 +636,119 @@ BAD_CALLS: list[Any] = [
     ("create_execution", ("x" * 254, ["x"]), {}, "machine_id"),
     ("create_execution", ("dm\n1", ["x"]), {}, "machine_id"),
     ("create_execution", ("..", ["x"]), {}, "machine_id"),
-    ("create_execution", ("dm-1", "ls -l"), {}, "command"),
-    ("create_execution", ("dm-1", b"ls"), {}, "command"),
-    ("create_execution", ("dm-1", ["ls", 5]), {}, "command[1]"),
-    ("create_execution", ("dm-1", []), {}, "command"),
-    ("create_execution", ("dm-1", 5), {}, "command"),
-    ("create_execution", ("dm-1", ["x"]), {"cwd": 5}, "cwd"),
-    ("create_execution", ("dm-1", ["x"]), {"env": ["A=1"]}, "env"),
-    ("create_execution", ("dm-1", ["x"]), {"env": {"A": 1}}, "env"),
-    ("create_execution", ("dm-1", ["x"]), {"env": {1: "a"}}, "env"),
-    ("create_execution", ("dm-1", ["x"]), {"env": {"": "v"}}, "env"),
-    ("create_execution", ("dm-1", ["x"]), {"env": {"A=B": "v"}}, "env"),
-    ("create_execution", ("dm-1", ["x"]), {"stdin": b"bytes"}, "stdin"),
-    ("create_execution", ("dm-1", ["x"]), {"timeout_ms": 1.5}, "timeout_ms"),
-    ("create_execution", ("dm-1", ["x"]), {"timeout_ms": 0}, "timeout_ms"),
-    ("create_execution", ("dm-1", ["x"]), {"timeout_ms": True}, "timeout_ms"),
-    ("create_execution", ("dm-1", ["x"]), {"idempotency_key": 5}, "idempotency_key"),
-    ("create_execution", ("dm-1", ["x"]), {"idempotency_key": "a b"}, "idempotency_key"),
-    ("create_execution", ("dm-1", ["x"]), {"idempotency_key": ""}, "idempotency_key"),
-    ("get_execution", ("dm-1", None), {}, "execution_id"),
-    ("get_execution", ("dm-1", "a/b"), {}, "execution_id"),
+    ("create_execution", (MACHINE, "ls -l"), {}, "command"),
+    ("create_execution", (MACHINE, b"ls"), {}, "command"),
+    ("create_execution", (MACHINE, ["ls", 5]), {}, "command[1]"),
+    ("create_execution", (MACHINE, []), {}, "command"),
+    ("create_execution", (MACHINE, 5), {}, "command"),
+    ("create_execution", (MACHINE, ["x"]), {"cwd": 5}, "cwd"),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"env": ["A=1"]},
+        "env",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"env": {"A": 1}},
+        "env",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"env": {1: "a"}},
+        "env",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"env": {"": "v"}},
+        "env",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"env": {"A=B": "v"}},
+        "env",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"stdin": b"bytes"},
+        "stdin",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"timeout_ms": 1.5},
+        "timeout_ms",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"timeout_ms": 0},
+        "timeout_ms",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"timeout_ms": True},
+        "timeout_ms",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"idempotency_key": 5},
+        "idempotency_key",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"idempotency_key": "a b"},
+        "idempotency_key",
+    ),
+    (
+        "create_execution",
+        (MACHINE, ["x"]),
+        {"idempotency_key": ""},
+        "idempotency_key",
+    ),
+    ("get_execution", (MACHINE, None), {}, "execution_id"),
+    ("get_execution", (MACHINE, "a/b"), {}, "execution_id"),
     ("delete_execution", ("", "exe-1"), {}, "machine_id"),
-    ("delete_execution", ("dm-1", "\x00"), {}, "execution_id"),
-    ("get_output", ("dm-1", 7), {}, "execution_id"),
-    ("list_executions", ("dm-1",), {"limit": 0}, "limit"),
-    ("list_executions", ("dm-1",), {"limit": "10"}, "limit"),
-    ("list_executions", ("dm-1",), {"limit": True}, "limit"),
+    ("delete_execution", (MACHINE, "\x00"), {}, "execution_id"),
+    ("get_output", (MACHINE, 7), {}, "execution_id"),
+    ("list_executions", (MACHINE,), {"limit": 0}, "limit"),
+    ("list_executions", (MACHINE,), {"limit": "10"}, "limit"),
+    ("list_executions", (MACHINE,), {"limit": True}, "limit"),
     ("list_executions", ("dm/1",), {}, "machine_id"),
-    ("iter_events", ("dm-1", "exe/1"), {}, "execution_id"),
-    ("iter_events", ("dm-1", "exe-1"), {"cursor": 5}, "cursor"),
+    ("iter_events", (MACHINE, "exe/1"), {}, "execution_id"),
+    ("iter_events", (MACHINE, "exe-1"), {"cursor": 5}, "cursor"),
     ("execution", (None, "exe-1"), {}, "machine_id"),
-    ("execution", ("dm-1", ""), {}, "execution_id"),
-    ("attach", ("dm-1/exe-1",), {}, "ref"),
-    ("attach", ({"machine_id": "dm-1"},), {}, "execution_id"),
+    ("execution", (MACHINE, ""), {}, "execution_id"),
+    ("attach", ("dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0/exe-1",), {}, "ref"),
+    ("attach", ({"machine_id": MACHINE},), {}, "execution_id"),
     ("attach", ({"machine_id": 5, "execution_id": "e"},), {}, "machine_id"),
     ("attach", ({"machine_id": "", "execution_id": "e"},), {}, "machine_id"),
     (
         "attach",
-        ({"machine_id": "dm-1", "execution_id": "e", "idempotency_key": 5},),
+        (
+            {
+                "machine_id": MACHINE,
+                "execution_id": "e",
+                "idempotency_key": 5,
+            },
+        ),
         {},
         "idempotency_key",
     ),
-    ("run", ("dm-1", "ls"), {}, "command"),
-    ("run", ("dm-1", ["x"]), {"env": {"A": None}}, "env"),
-    ("run", ("dm-1", ["x"]), {"timeout": "5"}, "timeout"),
-    ("run", ("dm-1", ["x"]), {"timeout": -1}, "timeout"),
-    ("run", ("dm-1", ["x"]), {"timeout": math.nan}, "timeout"),
-    ("run", ("dm-1", ["x"]), {"poll": "fast"}, "poll"),
+    ("run", (MACHINE, "ls"), {}, "command"),
+    ("run", (MACHINE, ["x"]), {"env": {"A": None}}, "env"),
+    ("run", (MACHINE, ["x"]), {"timeout": "5"}, "timeout"),
+    ("run", (MACHINE, ["x"]), {"timeout": -1}, "timeout"),
+    ("run", (MACHINE, ["x"]), {"timeout": math.nan}, "timeout"),
+    ("run", (MACHINE, ["x"]), {"poll": "fast"}, "poll"),
     ("wait", (), {"timeout": "5"}, "timeout"),
     ("wait", (), {"timeout": 0}, "timeout"),
     ("wait", (), {"timeout": math.nan}, "timeout"),

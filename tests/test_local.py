@@ -26,7 +26,7 @@ dedalus_session = plugin.dedalus_session
 dedalus_fake_options = plugin.dedalus_fake_options
 dedalus_session_options = plugin.dedalus_session_options
 
-MACHINE = "dm-test"
+MACHINE = "dm-b2ba66b6-5d11-5ae2-a0f5-9f434344e97b"
 
 
 @pytest.fixture
@@ -183,7 +183,9 @@ async def test_files_persist_across_executions_and_restarts(
         result = await other.run(MACHINE, ["sh", "-c", 'cat "$HOME/note.txt"'], timeout=10)
     assert result.stdout == "kept\n"
     # a different machine does not see it
-    result = await session.run("dm-other", ["cat", "note.txt"], timeout=10)
+    result = await session.run(
+        "dm-7f5bf56c-8390-58ff-a89a-cd813a7323a7", ["cat", "note.txt"], timeout=10
+    )
     assert result.execution.exit_code not in (None, 0)
 
 
@@ -206,9 +208,9 @@ async def test_commands_that_cannot_start_say_why(
     assert (result.execution.error_code, result.exit_code) == ("COMMAND_NOT_EXECUTABLE", None)
     result = await session.run(MACHINE, ["echo", "a\x00b"], timeout=10)
     assert (result.execution.error_code, result.exit_code) == ("INVALID_ARGUMENT", None)
-    blocked = local_backend.machine_dir("dm-blocked")
+    blocked = local_backend.machine_dir("dm-88ac1214-dba9-516f-af67-41373c0806ed")
     blocked.write_text("a file where the machine's directory should be")
-    result = await session.run("dm-blocked", ["true"], timeout=10)
+    result = await session.run("dm-88ac1214-dba9-516f-af67-41373c0806ed", ["true"], timeout=10)
     assert (result.execution.error_code, result.exit_code) == ("MACHINE_UNAVAILABLE", None)
 
 
@@ -374,7 +376,9 @@ async def test_max_concurrency_queues_the_rest(tmp_path: Path) -> None:
     async with backend, backend.session() as session:
         busy = await session.create_execution(MACHINE, ["sh", "-c", "echo go; sleep 0.5"])
         await _first_stdout(busy)
-        waiting = await session.create_execution("dm-second", ["true"])
+        waiting = await session.create_execution(
+            "dm-5259f3f8-82c5-50a6-a17d-166b2073440b", ["true"]
+        )
         await asyncio.sleep(0.1)
         assert (await waiting.refresh()).status == "queued"
         assert (await waiting.wait(timeout=10)).status == "succeeded"
@@ -398,8 +402,19 @@ def test_machine_ids_never_name_a_path_outside_the_data_folder(
 
 def test_machine_dir_names_are_readable_and_distinct() -> None:
     """The slug keeps ids recognisable; the hash keeps similar ids apart."""
-    assert machine_dirname("dm-abc123").startswith("dm-abc123-")
-    names = {machine_dirname(i) for i in ("dm-abc", "DM-ABC", "dm_abc", "dm abc", "dm-abc ")}
+    assert machine_dirname("dm-95e5a864-0e30-55bf-b0c5-dd9c4df102d1").startswith(
+        "dm-95e5a864-0e30-55bf-b0c5-dd9c4df102d1-"
+    )
+    names = {
+        machine_dirname(i)
+        for i in (
+            "dm-266d11eb-daee-5aeb-b6c3-4ae9b9e8b3e1",
+            "DM-ABC",
+            "dm_abc",
+            "dm abc",
+            "dm-266d11eb-daee-5aeb-b6c3-4ae9b9e8b3e1 ",
+        )
+    }
     assert len(names) == 5
 
 
@@ -473,7 +488,9 @@ async def test_plugin_fixtures_fake_and_session_work_together(
     fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """dedalus_session talks to fake_dedalus with its key; the fake's default script runs."""
-    result = await dedalus_session.run("dm-abc", ["echo", "hi"], timeout=10)
+    result = await dedalus_session.run(
+        "dm-266d11eb-daee-5aeb-b6c3-4ae9b9e8b3e1", ["echo", "hi"], timeout=10
+    )
     assert result.stdout == "hi\n"
     assert dedalus_session.base_url == fake_dedalus.base_url
     assert fake_dedalus.create_count == 1

@@ -48,6 +48,8 @@ from dedalus_async import (
 from dedalus_async._local import LocalBackend
 from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Script
 
+MACHINE = "dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0"  # the real form: "dm-" and a UUID
+
 # Distinctive values: any occurrence of one of them in collected text is a leak.
 KEY = "sk-live-7f3a9c2e-SECRET-KEY-DO-NOT-LEAK"
 WRONG_KEY = "sk-wrong-41d0aa-SECRET-ALSO-PRIVATE"
@@ -148,19 +150,34 @@ async def world() -> AsyncIterator[World]:
 async def path_auth_failure(w: World) -> None:
     async with Session(WRONG_KEY, base_url=w.fake.base_url, clock=w.clock) as other:
         w.seen.add("session with wrong key", other)
-        await w.expect(AuthenticationError, other.run("dm-1", ["env"], env=ENV, stdin=STDIN_SECRET))
-        await w.expect(AuthenticationError, other.get_execution("dm-1", "exe-1"))
+        await w.expect(
+            AuthenticationError,
+            other.run(MACHINE, ["env"], env=ENV, stdin=STDIN_SECRET),
+        )
+        await w.expect(
+            AuthenticationError,
+            other.get_execution(MACHINE, "exe-1"),
+        )
 
 
 async def path_not_found(w: World) -> None:
-    await w.expect(NotFoundError, w.session.get_execution("dm-1", "exe-missing"))
-    await w.expect(NotFoundError, w.session.execution("dm-1", "exe-missing").wait(timeout=5))
+    await w.expect(
+        NotFoundError,
+        w.session.get_execution(MACHINE, "exe-missing"),
+    )
+    await w.expect(
+        NotFoundError,
+        w.session.execution(MACHINE, "exe-missing").wait(timeout=5),
+    )
 
 
 async def path_conflict(w: World) -> None:
-    w.fake.destroy_machine("dm-dead")
+    w.fake.destroy_machine("dm-0ab2b0af-1482-561f-8e8c-7d937b9e10c4")
     await w.expect(
-        ConflictError, w.session.create_execution("dm-dead", ["x"], env=ENV, stdin=STDIN_SECRET)
+        ConflictError,
+        w.session.create_execution(
+            "dm-0ab2b0af-1482-561f-8e8c-7d937b9e10c4", ["x"], env=ENV, stdin=STDIN_SECRET
+        ),
     )
 
 
@@ -168,28 +185,38 @@ async def path_unprocessable(w: World) -> None:
     # an empty program name passes the client's checks but not the server's
     await w.expect(
         UnprocessableEntityError,
-        w.session.create_execution("dm-1", ["", ENV_SECRET], env=ENV, stdin=STDIN_SECRET),
+        w.session.create_execution(MACHINE, ["", ENV_SECRET], env=ENV, stdin=STDIN_SECRET),
     )
 
 
 async def path_idempotency_key_reused(w: World) -> None:
-    await w.session.create_execution("dm-1", ["x"], env=ENV, idempotency_key="job-1")
+    await w.session.create_execution(MACHINE, ["x"], env=ENV, idempotency_key="job-1")
     await w.expect(
         IdempotencyKeyReusedError,
         w.session.create_execution(
-            "dm-1", ["y"], env=ENV, stdin=STDIN_SECRET, idempotency_key="job-1"
+            MACHINE,
+            ["y"],
+            env=ENV,
+            stdin=STDIN_SECRET,
+            idempotency_key="job-1",
         ),
     )
 
 
 async def path_rate_limited(w: World) -> None:
     w.fake.add_fault(Fault(status=429, headers={"Retry-After": "3600"}))
-    await w.expect(RateLimitedError, w.session.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET))
+    await w.expect(
+        RateLimitedError,
+        w.session.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET),
+    )
 
 
 async def path_server_error(w: World) -> None:
     w.fake.add_fault(Fault(method="POST", status=503, times=None))
-    await w.expect(ServerError, w.session.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET))
+    await w.expect(
+        ServerError,
+        w.session.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET),
+    )
 
 
 async def path_connection_refused(w: World) -> None:
@@ -197,17 +224,26 @@ async def path_connection_refused(w: World) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     async with Session(KEY, base_url=f"http://127.0.0.1:{port}", clock=w.clock) as s:
-        await w.expect(TransportError, s.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET))
+        await w.expect(
+            TransportError,
+            s.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET),
+        )
 
 
 async def path_connection_dropped(w: World) -> None:
     w.fake.add_fault(Fault(method="POST", drop=True, times=None))
-    await w.expect(TransportError, w.session.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET))
+    await w.expect(
+        TransportError,
+        w.session.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET),
+    )
 
 
 async def path_body_cut_short(w: World) -> None:
     w.fake.add_fault(Fault(method="POST", truncate=True, times=None))
-    await w.expect(TransportError, w.session.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET))
+    await w.expect(
+        TransportError,
+        w.session.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET),
+    )
 
 
 async def path_malformed_http(w: World) -> None:
@@ -227,8 +263,11 @@ async def path_malformed_http(w: World) -> None:
             KEY, base_url=f"http://127.0.0.1:{port}", clock=w.clock, retry=RetryPolicy.none()
         ) as s,
     ):
-        await w.expect(TransportError, s.get_execution("dm-1", "exe-1"))
-        await w.expect(TransportError, s.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET))
+        await w.expect(TransportError, s.get_execution(MACHINE, "exe-1"))
+        await w.expect(
+            TransportError,
+            s.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET),
+        )
 
 
 async def path_request_timeout(w: World) -> None:
@@ -240,20 +279,30 @@ async def path_request_timeout(w: World) -> None:
         request_timeout=0.1,
         retry=RetryPolicy.none(),
     ) as s:
-        await w.expect(RequestTimeout, s.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET))
+        await w.expect(
+            RequestTimeout,
+            s.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET),
+        )
 
 
 async def path_decode_error(w: World) -> None:
     w.fake.add_fault(Fault(method="POST", malformed=b'{"execution_id": 5}', times=None))
-    await w.expect(ResponseDecodeError, w.session.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET))
+    await w.expect(
+        ResponseDecodeError,
+        w.session.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET),
+    )
     w.fake.add_fault(Fault(method="GET", malformed=b"<html>not json</html>", times=None))
-    await w.expect(ResponseDecodeError, w.session.get_execution("dm-1", "exe-1"))
+    await w.expect(
+        ResponseDecodeError,
+        w.session.get_execution(MACHINE, "exe-1"),
+    )
 
 
 async def path_wait_timeout(w: World) -> None:
     w.fake.set_script(Script.stuck())
     error = await w.expect(
-        WaitTimeout, w.session.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET, timeout=3)
+        WaitTimeout,
+        w.session.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET, timeout=3),
     )
     assert isinstance(error, WaitTimeout)
     w.seen.add("WaitTimeout.ref json", error.ref.to_json())
@@ -275,7 +324,13 @@ async def path_execution_failed(w: World) -> None:
     )
     error = await w.expect(
         ExecutionFailed,
-        w.session.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET, check=True),
+        w.session.run(
+            MACHINE,
+            ["x"],
+            env=ENV,
+            stdin=STDIN_SECRET,
+            check=True,
+        ),
     )
     assert isinstance(error, ExecutionFailed)
     w.seen.add("ExecutionFailed.result", error.result)
@@ -287,25 +342,35 @@ async def path_cancel_remote_fails(w: World) -> None:
     w.fake.add_fault(Fault(method="DELETE", status=503, times=None))
     await w.expect(
         WaitTimeout,
-        w.session.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET, timeout=3, cancel_remote=True),
+        w.session.run(
+            MACHINE,
+            ["x"],
+            env=ENV,
+            stdin=STDIN_SECRET,
+            timeout=3,
+            cancel_remote=True,
+        ),
     )
 
 
 async def path_session_closed(w: World) -> None:
     closed = Session(KEY, base_url=w.fake.base_url, clock=w.clock)
-    await w.expect(SessionClosedError, closed.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET))
+    await w.expect(
+        SessionClosedError,
+        closed.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET),
+    )
     async with closed:
         pass
-    await w.expect(SessionClosedError, closed.get_execution("dm-1", "exe-1"))
+    await w.expect(SessionClosedError, closed.get_execution(MACHINE, "exe-1"))
     w.seen.add("closed session", closed)
 
 
 async def path_bad_arguments(w: World) -> None:
     with pytest.raises(TypeError) as type_error:
-        await w.session.create_execution("dm-1", ["x"], env={"TOKEN": [ENV_SECRET]})  # type: ignore[dict-item]
+        await w.session.create_execution(MACHINE, ["x"], env={"TOKEN": [ENV_SECRET]})  # type: ignore[dict-item]
     w.seen.add_error("env value of the wrong type", type_error.value)
     with pytest.raises(ValueError) as value_error:
-        await w.session.create_execution("dm-1", ["x"], env={"BAD=KEY": ENV_SECRET})
+        await w.session.create_execution(MACHINE, ["x"], env={"BAD=KEY": ENV_SECRET})
     w.seen.add_error("bad env key", value_error.value)
     with pytest.raises(ConfigurationError) as config_error:
         Session(KEY, base_url="http://dcs.example.com")
@@ -313,11 +378,14 @@ async def path_bad_arguments(w: World) -> None:
 
 
 async def path_fan_out(w: World) -> None:
-    w.fake.destroy_machine("dm-dead")
+    w.fake.destroy_machine("dm-0ab2b0af-1482-561f-8e8c-7d937b9e10c4")
     w.fake.set_script(Script.immediate(Outcome(stdout="fine")))
     requests = [
         ExecutionRequest(machine_id=m, command=["x"], env=ENV, stdin=STDIN_SECRET)
-        for m in ("dm-dead", "dm-1")
+        for m in (
+            "dm-0ab2b0af-1482-561f-8e8c-7d937b9e10c4",
+            MACHINE,
+        )
     ]
     for request in requests:
         w.seen.add("ExecutionRequest", request)
@@ -333,7 +401,7 @@ async def path_fan_out(w: World) -> None:
 async def path_success(w: World) -> None:
     """Not an error: every object a successful run hands back is scanned too."""
     w.fake.set_script(Script.default(Outcome(stdout="done")))
-    handle = await w.session.create_execution("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET)
+    handle = await w.session.create_execution(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET)
     w.seen.add("handle", handle)
     w.seen.add("ref", handle.ref)
     w.seen.add("ref json", handle.ref.to_json())
@@ -341,7 +409,7 @@ async def path_success(w: World) -> None:
     w.seen.add("stats", handle.stats)
     w.seen.add("output", await handle.output())
     w.seen.add("events", [event async for event in handle.events()])
-    result = await w.session.run("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET)
+    result = await w.session.run(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET)
     w.seen.add("result", result)
     w.seen.add("session", w.session)
     w.seen.add("transport", w.session._transport)
@@ -386,7 +454,7 @@ async def test_secrets_never_leak(
 
 async def test_secrets_did_reach_the_server(world: World) -> None:
     """The scans above are meaningful: the key, env and stdin really were sent."""
-    await world.session.create_execution("dm-1", ["x"], env=ENV, stdin=STDIN_SECRET)
+    await world.session.create_execution(MACHINE, ["x"], env=ENV, stdin=STDIN_SECRET)
     (sent,) = world.fake.requests
     assert sent.headers["x-api-key"] == KEY
     assert sent.json["env"]["API_TOKEN"] == ENV_SECRET
@@ -407,7 +475,7 @@ class Thief:
         self.received.append(dict(request.headers))
         execution = {
             "execution_id": "exe-stolen",
-            "machine_id": "dm-1",
+            "machine_id": MACHINE,
             "command": ["x"],
             "created_at": "2026-01-01T00:00:00Z",
             "status": "succeeded",
@@ -452,7 +520,7 @@ async def test_redirects_never_reach_another_host(
     async with FakeDedalus(api_key=KEY, clock=clock) as fake:
         fault = Fault(
             status=status,
-            headers={"Location": f"{thief.url}/v1/machines/dm-1/executions"},
+            headers={"Location": f"{thief.url}/v1/machines/{MACHINE}/executions"},
             body=body,
             content_type="text/html" if isinstance(body, str) else None,
             times=None,
@@ -465,10 +533,10 @@ async def test_redirects_never_reach_another_host(
             errors: list[APIStatusError] = []
             async with session:
                 with pytest.raises(APIStatusError) as info:
-                    await session.get_execution("dm-1", "exe-1")
+                    await session.get_execution(MACHINE, "exe-1")
                 errors.append(info.value)
                 with pytest.raises(APIStatusError) as info:
-                    await session.create_execution("dm-1", ["x"], env=ENV)
+                    await session.create_execution(MACHINE, ["x"], env=ENV)
                 errors.append(info.value)
         assert fault.hits == 2  # one request each: a redirect is not retried either
     assert thief.received == []  # the security property, checked first
@@ -554,7 +622,7 @@ async def _statuses(base_url: str, credentials: list[tuple[str, dict[str, str]]]
     got: dict[str, int] = {}
     async with aiohttp.ClientSession() as http:
         for name, headers in credentials:
-            url = f"{base_url}/v1/machines/dm-1/executions"
+            url = f"{base_url}/v1/machines/dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0/executions"
             async with http.get(url, headers=headers) as response:
                 got[name] = response.status
     return got
@@ -592,7 +660,7 @@ async def test_local_backend_never_logs_or_shows_its_key(
 ) -> None:
     """Starting (with the announcement) and using the backend log nothing with its key."""
     async with backend.session() as session:
-        await session.run("dm-sec", ["true"], timeout=10)
+        await session.run("dm-47129f7a-63bc-53e9-8fd8-4e0a2e5f4ee0", ["true"], timeout=10)
         text = repr(session) + repr(backend) + repr(backend.server)
     records = [r.getMessage() for r in [*caplog.get_records("setup"), *caplog.records]]
     assert any("without a sandbox" in m for m in records)  # the announcement was captured
@@ -622,7 +690,7 @@ async def test_dedalus_error_messages_of_the_fake_never_echo_credentials() -> No
     """The fake's own 401 bodies never echo the presented key (so errors built from them
     cannot either)."""
     async with FakeDedalus(api_key=KEY) as fake, aiohttp.ClientSession() as http:
-        url = f"{fake.base_url}/v1/machines/dm-1/executions"
+        url = f"{fake.base_url}/v1/machines/dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0/executions"
         async with http.get(url, headers={"x-api-key": WRONG_KEY}) as response:
             body = await response.text()
             assert response.status == 401

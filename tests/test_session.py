@@ -35,6 +35,8 @@ from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Script
 
 from .conftest import API_KEY
 
+MACHINE = "dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0"  # the real form: "dm-" and a UUID
+
 UUID7 = re.compile(r"[0-9a-f]{12}7[0-9a-f]{19}")
 
 
@@ -129,7 +131,7 @@ async def test_environment_configures_the_session(
     monkeypatch.setenv("DEDALUS_BASE_URL", fake.base_url)
     monkeypatch.setenv("DEDALUS_ORG_ID", "org-7")
     async with Session() as s:
-        handle = await s.create_execution("dm-1", ["true"])
+        handle = await s.create_execution(MACHINE, ["true"])
     sent = fake.requests[-1]
     assert sent.headers[header] == value
     assert sent.org_id == "org-7"
@@ -139,7 +141,7 @@ async def test_environment_configures_the_session(
 async def test_explicit_bearer_scheme(fake: FakeDedalus) -> None:
     """auth_scheme='bearer' sends an Authorization header and no x-api-key."""
     async with Session(API_KEY, base_url=fake.base_url, auth_scheme="bearer") as s:
-        await s.create_execution("dm-1", ["true"])
+        await s.create_execution(MACHINE, ["true"])
     headers = fake.requests[-1].headers
     assert headers["authorization"] == f"Bearer {API_KEY}"
     assert "x-api-key" not in headers
@@ -152,12 +154,12 @@ async def test_use_before_open_and_after_close(fake: FakeDedalus) -> None:
     """Outside `async with` every call is a SessionClosedError, and nothing is sent."""
     s = Session(API_KEY, base_url=fake.base_url)
     with pytest.raises(SessionClosedError, match="async with"):
-        await s.get_execution("dm-1", "exe-1")
+        await s.get_execution(MACHINE, "exe-1")
     async with s:
         assert not s.closed
     assert s.closed
     with pytest.raises(SessionClosedError, match="closed"):
-        await s.get_execution("dm-1", "exe-1")
+        await s.get_execution(MACHINE, "exe-1")
     with pytest.raises(SessionClosedError):
         await s.open()
     await s.aclose()  # idempotent
@@ -168,7 +170,7 @@ async def test_borrowed_client_session_is_not_closed(fake: FakeDedalus) -> None:
     """A client_session we were given is used, and left open for its owner."""
     async with aiohttp.ClientSession() as borrowed:
         async with Session(API_KEY, base_url=fake.base_url, client_session=borrowed) as s:
-            await s.create_execution("dm-1", ["true"])
+            await s.create_execution(MACHINE, ["true"])
         assert not borrowed.closed
         assert fake.create_count == 1
 
@@ -201,7 +203,7 @@ async def test_create_sends_a_compact_uuid7_key_and_the_body(
 ) -> None:
     """A create carries a fresh compact UUIDv7 Idempotency-Key and the documented body."""
     handle = await session.create_execution(
-        "dm-abc123",
+        "dm-95e5a864-0e30-55bf-b0c5-dd9c4df102d1",
         ["/bin/bash", "-c", "echo hi"],
         cwd="/home/machine",
         env={"FOO": "secret-value"},
@@ -210,7 +212,7 @@ async def test_create_sends_a_compact_uuid7_key_and_the_body(
     )
     sent = fake.requests[-1]
     assert sent.method == "POST"
-    assert sent.path == "/v1/machines/dm-abc123/executions"
+    assert sent.path == "/v1/machines/dm-95e5a864-0e30-55bf-b0c5-dd9c4df102d1/executions"
     assert sent.idempotency_key is not None
     assert UUID7.fullmatch(sent.idempotency_key)
     assert handle.idempotency_key == sent.idempotency_key
@@ -225,7 +227,7 @@ async def test_create_sends_a_compact_uuid7_key_and_the_body(
     assert handle.last.status == "wake_in_progress"
     assert handle.last.env_keys == ("FOO",)
     assert handle.ref == ExecutionRef(
-        machine_id="dm-abc123",
+        machine_id="dm-95e5a864-0e30-55bf-b0c5-dd9c4df102d1",
         execution_id=handle.execution_id,
         idempotency_key=sent.idempotency_key,
     )
@@ -233,8 +235,8 @@ async def test_create_sends_a_compact_uuid7_key_and_the_body(
 
 async def test_keys_differ_between_creates(session: Session, fake: FakeDedalus) -> None:
     """Two logical creates never share a key."""
-    await session.create_execution("dm-1", ["true"])
-    await session.create_execution("dm-1", ["true"])
+    await session.create_execution(MACHINE, ["true"])
+    await session.create_execution(MACHINE, ["true"])
     keys = {r.idempotency_key for r in fake.requests_for("POST")}
     assert len(keys) == 2
     assert fake.create_count == 2
@@ -245,8 +247,8 @@ async def test_get_refresh_output_and_cancel(
 ) -> None:
     """get_execution, refresh, output and cancel (DELETE) through the handle."""
     fake.set_script(Script.running(1.0, Outcome(stdout="out\n", stderr="err\n")))
-    handle = await session.create_execution("dm-1", ["prog"])
-    got = await session.get_execution("dm-1", handle.execution_id)
+    handle = await session.create_execution(MACHINE, ["prog"])
+    got = await session.get_execution(MACHINE, handle.execution_id)
     assert got.status == "running"
     clock.advance(2)
     refreshed = await handle.refresh()
@@ -255,7 +257,7 @@ async def test_get_refresh_output_and_cancel(
     out = await handle.output()
     assert (out.stdout, out.stderr, out.stdout_bytes) == ("out\n", "err\n", 4)
     fake.set_script(Script.stuck())
-    running = await session.create_execution("dm-1", ["forever"])
+    running = await session.create_execution(MACHINE, ["forever"])
     cancelled = await running.cancel()
     assert cancelled.status == "cancelled"
     assert running.last == cancelled
@@ -265,11 +267,11 @@ async def test_get_refresh_output_and_cancel(
 async def test_delete_execution_then_not_found(session: Session, fake: FakeDedalus) -> None:
     """Deleting a finished execution forgets it: the next GET is a NotFoundError."""
     fake.set_script(Script.immediate())
-    handle = await session.create_execution("dm-1", ["true"])
-    deleted = await session.delete_execution("dm-1", handle.execution_id)
+    handle = await session.create_execution(MACHINE, ["true"])
+    deleted = await session.delete_execution(MACHINE, handle.execution_id)
     assert deleted.status == "succeeded"
     with pytest.raises(NotFoundError) as info:
-        await session.get_execution("dm-1", handle.execution_id)
+        await session.get_execution(MACHINE, handle.execution_id)
     assert info.value.status == 404
     assert info.value.request_id is not None
 
@@ -277,9 +279,9 @@ async def test_delete_execution_then_not_found(session: Session, fake: FakeDedal
 async def test_list_follows_every_page(session: Session, fake: FakeDedalus) -> None:
     """list_executions yields every execution, oldest first, across pages."""
     fake.set_script(Script.immediate())
-    ids = [(await session.create_execution("dm-1", ["true"])).execution_id for _ in range(5)]
-    await session.create_execution("dm-other", ["true"])
-    listed = [e.execution_id async for e in session.list_executions("dm-1", limit=2)]
+    ids = [(await session.create_execution(MACHINE, ["true"])).execution_id for _ in range(5)]
+    await session.create_execution("dm-7f5bf56c-8390-58ff-a89a-cd813a7323a7", ["true"])
+    listed = [e.execution_id async for e in session.list_executions(MACHINE, limit=2)]
     assert listed == ids
     pages = fake.requests_for("GET", "/executions")
     assert len(pages) == 3
@@ -289,7 +291,9 @@ async def test_list_follows_every_page(session: Session, fake: FakeDedalus) -> N
 
 async def test_list_of_unknown_machine_is_empty_or_404(session: Session) -> None:
     """A machine with no executions lists nothing."""
-    assert [e async for e in session.list_executions("dm-empty")] == []
+    assert [
+        e async for e in session.list_executions("dm-bedca8eb-d881-5922-9a16-3ef2b928fcac")
+    ] == []
 
 
 async def test_iter_events_reads_the_log(
@@ -297,9 +301,9 @@ async def test_iter_events_reads_the_log(
 ) -> None:
     """iter_events yields the whole log in order; the handle's events() is the same."""
     fake.set_script(Script.running(0.5, Outcome(stdout="a\n")))
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     clock.advance(1)
-    events = [e async for e in session.iter_events("dm-1", handle.execution_id)]
+    events = [e async for e in session.iter_events(MACHINE, handle.execution_id)]
     assert [e.sequence for e in events] == sorted(e.sequence for e in events)
     assert [e.type for e in events] == ["lifecycle", "stdout", "lifecycle"]
     assert events[0].status == "running"
@@ -310,16 +314,20 @@ async def test_iter_events_reads_the_log(
 
 async def test_execution_attaches_without_a_request(session: Session, fake: FakeDedalus) -> None:
     """session.execution() and attach() build handles without sending anything."""
-    handle = session.execution("dm-1", "exe-1")
+    handle = session.execution(MACHINE, "exe-1")
     assert handle.last is None
     assert handle.ref.idempotency_key is None
-    ref = ExecutionRef(machine_id="dm-1", execution_id="exe-1", idempotency_key="k")
+    ref = ExecutionRef(
+        machine_id=MACHINE,
+        execution_id="exe-1",
+        idempotency_key="k",
+    )
     attached = session.attach(ref.to_dict())
     assert attached.ref == ref
     assert session.attach(ExecutionRef.from_json(ref.to_json())).ref == ref
     assert fake.requests == []
     with pytest.raises(TypeError, match="ref"):
-        session.attach("dm-1/exe-1")  # type: ignore[arg-type]
+        session.attach("dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0/exe-1")  # type: ignore[arg-type]
 
 
 async def test_ids_with_odd_characters_round_trip(session: Session, fake: FakeDedalus) -> None:
@@ -335,13 +343,17 @@ async def test_ids_with_odd_characters_round_trip(session: Session, fake: FakeDe
 @pytest.mark.parametrize(
     ("args", "kwargs", "error"),
     [
-        (("dm-1", "ls -la"), {}, TypeError),
-        (("dm-1", []), {}, ValueError),
-        (("dm-1", ["ls"]), {"timeout_ms": -1}, ValueError),
-        (("dm-1", ["ls"]), {"env": {"A": 1}}, TypeError),
+        ((MACHINE, "ls -la"), {}, TypeError),
+        ((MACHINE, []), {}, ValueError),
+        ((MACHINE, ["ls"]), {"timeout_ms": -1}, ValueError),
+        ((MACHINE, ["ls"]), {"env": {"A": 1}}, TypeError),
         (("", ["ls"]), {}, ValueError),
         (("dm/1", ["ls"]), {}, ValueError),
-        (("dm-1", ["ls"]), {"idempotency_key": "has space"}, ValueError),
+        (
+            (MACHINE, ["ls"]),
+            {"idempotency_key": "has space"},
+            ValueError,
+        ),
     ],
 )
 async def test_bad_input_sends_nothing(
@@ -355,9 +367,9 @@ async def test_bad_input_sends_nothing(
     with pytest.raises(error):
         await session.create_execution(*args, **kwargs)  # type: ignore[arg-type]
     with pytest.raises((TypeError, ValueError)):
-        await session.get_execution("dm-1", "")
+        await session.get_execution(MACHINE, "")
     with pytest.raises(ValueError, match="limit"):
-        _ = [e async for e in session.list_executions("dm-1", limit=0)]
+        _ = [e async for e in session.list_executions(MACHINE, limit=0)]
     assert fake.requests == []
 
 
@@ -369,7 +381,7 @@ async def test_wrong_key_is_authentication_error_without_the_key(fake: FakeDedal
     wrong = "wrong-key-SHOULD-NOT-LEAK"
     async with Session(wrong, base_url=fake.base_url) as s:
         with pytest.raises(AuthenticationError) as info:
-            await s.get_execution("dm-1", "exe-1")
+            await s.get_execution(MACHINE, "exe-1")
     err = info.value
     assert err.error_code == "AUTH_INVALID"
     assert err.retryable is False
@@ -381,9 +393,9 @@ async def test_wrong_key_is_authentication_error_without_the_key(fake: FakeDedal
 
 async def test_idempotency_key_reuse_is_refused(session: Session, fake: FakeDedalus) -> None:
     """Same key, different body: IdempotencyKeyReusedError, sent once, nothing created."""
-    await session.create_execution("dm-1", ["true"], idempotency_key="my-key-1")
+    await session.create_execution(MACHINE, ["true"], idempotency_key="my-key-1")
     with pytest.raises(IdempotencyKeyReusedError) as info:
-        await session.create_execution("dm-1", ["false"], idempotency_key="my-key-1")
+        await session.create_execution(MACHINE, ["false"], idempotency_key="my-key-1")
     assert info.value.retryable is False
     assert fake.create_count == 1
     assert len(fake.requests_for("POST")) == 2
@@ -393,17 +405,17 @@ async def test_same_key_same_body_returns_the_same_execution(
     session: Session, fake: FakeDedalus
 ) -> None:
     """Re-sending a create under its key (e.g. after a crash) does not create twice."""
-    first = await session.create_execution("dm-1", ["echo", "x"], idempotency_key="job-42")
-    second = await session.create_execution("dm-1", ["echo", "x"], idempotency_key="job-42")
+    first = await session.create_execution(MACHINE, ["echo", "x"], idempotency_key="job-42")
+    second = await session.create_execution(MACHINE, ["echo", "x"], idempotency_key="job-42")
     assert first.execution_id == second.execution_id
     assert fake.create_count == 1
 
 
 async def test_destroyed_machine_conflicts(session: Session, fake: FakeDedalus) -> None:
     """Creating on a destroyed machine is a ConflictError (409), not retried."""
-    fake.destroy_machine("dm-dead")
+    fake.destroy_machine("dm-0ab2b0af-1482-561f-8e8c-7d937b9e10c4")
     with pytest.raises(ConflictError) as info:
-        await session.create_execution("dm-dead", ["true"])
+        await session.create_execution("dm-0ab2b0af-1482-561f-8e8c-7d937b9e10c4", ["true"])
     assert info.value.error_code == "INVALID_STATE"
     assert len(fake.requests_for("POST")) == 1
 
@@ -424,7 +436,7 @@ async def test_problem_json_422(session: Session, fake: FakeDedalus) -> None:
         )
     )
     with pytest.raises(UnprocessableEntityError, match="cwd: bad"):
-        await session.create_execution("dm-1", ["true"])
+        await session.create_execution(MACHINE, ["true"])
     assert fake.create_count == 0
 
 
@@ -436,7 +448,7 @@ async def test_get_retries_5xx_with_backoff(
 ) -> None:
     """Two 503s then success: three GETs, full-jitter backoff between them."""
     fake.set_script(Script.immediate())
-    handle = await session.create_execution("dm-1", ["true"])
+    handle = await session.create_execution(MACHINE, ["true"])
     fake.add_fault(Fault(method="GET", status=503, times=2))
     before = len(clock.sleeps)
     got = await handle.refresh()
@@ -449,7 +461,7 @@ async def test_get_retries_5xx_with_backoff(
 async def test_retry_after_is_obeyed(session: Session, fake: FakeDedalus, clock: FakeClock) -> None:
     """429 with Retry-After: 2 waits exactly 2 s; retry-after-ms wins when both are sent."""
     fake.set_script(Script.immediate())
-    handle = await session.create_execution("dm-1", ["true"])
+    handle = await session.create_execution(MACHINE, ["true"])
     fake.add_fault(Fault(method="GET", status=429, headers={"Retry-After": "2"}))
     fake.add_fault(
         Fault(method="GET", status=503, headers={"Retry-After": "9", "retry-after-ms": "150"})
@@ -465,7 +477,7 @@ async def test_huge_retry_after_gives_up_at_once(
     """A server asking for an hour is not waited out: RateLimitedError carries the pause."""
     fake.add_fault(Fault(method="GET", status=429, headers={"Retry-After": "3600"}))
     with pytest.raises(RateLimitedError) as info:
-        await session.get_execution("dm-1", "exe-1")
+        await session.get_execution(MACHINE, "exe-1")
     assert info.value.retry_after == 3600.0
     assert clock.sleeps == []
 
@@ -474,7 +486,7 @@ async def test_retries_run_out(session: Session, fake: FakeDedalus) -> None:
     """A server that keeps failing: ServerError after max_attempts tries."""
     fake.add_fault(Fault(method="GET", status=500, times=None))
     with pytest.raises(ServerError) as info:
-        await session.get_execution("dm-1", "exe-1")
+        await session.get_execution(MACHINE, "exe-1")
     assert info.value.status == 500
     assert len(fake.requests_for("GET")) == session.retry.max_attempts
 
@@ -492,7 +504,7 @@ async def test_permanent_statuses_are_never_retried(
         )
     )
     with pytest.raises(Exception) as info:
-        await session.get_execution("dm-1", "exe-1")
+        await session.get_execution(MACHINE, "exe-1")
     assert getattr(info.value, "status", None) == status
     assert len(fake.requests_for("GET")) == 1
 
@@ -503,7 +515,7 @@ async def test_lost_create_response_is_retried_under_the_same_key(
     """The create happened but its response was lost: the retry sends the same key and the
     same bytes, gets the same execution, and the fake created exactly one."""
     fake.add_fault(Fault(method="POST", drop_after_commit=True))
-    handle = await session.create_execution("dm-1", ["echo", "once"])
+    handle = await session.create_execution(MACHINE, ["echo", "once"])
     posts = fake.requests_for("POST")
     assert len(posts) == 2
     assert posts[0].idempotency_key == posts[1].idempotency_key == handle.idempotency_key
@@ -516,7 +528,7 @@ async def test_create_5xx_storm_still_creates_once(session: Session, fake: FakeD
     """503, 502, then success: one execution, every try under one key."""
     fake.add_fault(Fault(method="POST", status=503))
     fake.add_fault(Fault(method="POST", status=502))
-    await session.create_execution("dm-1", ["true"])
+    await session.create_execution(MACHINE, ["true"])
     keys = {r.idempotency_key for r in fake.requests_for("POST")}
     assert len(keys) == 1
     assert fake.create_count == 1
@@ -527,7 +539,7 @@ async def test_truncated_and_malformed_bodies_are_retried(
 ) -> None:
     """A body cut short or not JSON is asked for again; a permanent one ends in a typed error."""
     fake.set_script(Script.immediate())
-    handle = await session.create_execution("dm-1", ["true"])
+    handle = await session.create_execution(MACHINE, ["true"])
     fake.add_fault(Fault(method="GET", truncate=True, status=200))
     fake.add_fault(Fault(method="GET", malformed=b'{"execution_id": '))
     got = await handle.refresh()
@@ -545,7 +557,7 @@ async def test_wrong_shape_names_the_field(session: Session, fake: FakeDedalus) 
         Fault(method="GET", malformed=json.dumps({"execution_id": "e"}).encode(), times=None)
     )
     with pytest.raises(ResponseDecodeError) as info:
-        await session.get_execution("dm-1", "e")
+        await session.get_execution(MACHINE, "e")
     assert info.value.field == "machine_id"
 
 
@@ -558,7 +570,7 @@ async def test_connection_refused_is_transport_error(clock: FakeClock) -> None:
         API_KEY, base_url=f"http://127.0.0.1:{port}", clock=clock, random=lambda: 0.0
     ) as s:
         with pytest.raises(TransportError) as info:
-            await s.get_execution("dm-1", "exe-1")
+            await s.get_execution(MACHINE, "exe-1")
     assert info.value.method == "GET"
     assert API_KEY not in str(info.value)
     assert len(clock.sleeps) == s.retry.max_attempts - 1
@@ -571,7 +583,7 @@ async def test_slow_server_is_request_timeout(fake: FakeDedalus) -> None:
         API_KEY, base_url=fake.base_url, request_timeout=0.2, retry=RetryPolicy.none()
     ) as s:
         with pytest.raises(RequestTimeout) as info:
-            await s.get_execution("dm-1", "exe-1")
+            await s.get_execution(MACHINE, "exe-1")
     assert isinstance(info.value, TimeoutError)
     assert "0.2" in str(info.value)
 
@@ -579,7 +591,7 @@ async def test_slow_server_is_request_timeout(fake: FakeDedalus) -> None:
 async def test_dropped_connections_are_retried(session: Session, fake: FakeDedalus) -> None:
     """Connections closed without a response are retried until one answers."""
     fake.set_script(Script.immediate())
-    handle = await session.create_execution("dm-1", ["true"])
+    handle = await session.create_execution(MACHINE, ["true"])
     fake.add_fault(Fault(method="GET", drop=True, times=3))
     assert (await handle.refresh()).status == "succeeded"
 
@@ -590,7 +602,7 @@ async def test_redirects_are_not_followed(session: Session, fake: FakeDedalus) -
         Fault(method="GET", status=307, headers={"Location": "http://127.0.0.2:9/steal"}, body=b"")
     )
     with pytest.raises(Exception) as info:
-        await session.get_execution("dm-1", "exe-1")
+        await session.get_execution(MACHINE, "exe-1")
     assert "redirect" in str(info.value)
     assert len(fake.requests) == 1
 
@@ -598,7 +610,7 @@ async def test_redirects_are_not_followed(session: Session, fake: FakeDedalus) -
 async def test_many_concurrent_calls_share_the_pool(session: Session, fake: FakeDedalus) -> None:
     """200 concurrent creates all succeed through one Session."""
     handles = await asyncio.gather(
-        *(session.create_execution("dm-1", ["true"]) for _ in range(200))
+        *(session.create_execution(MACHINE, ["true"]) for _ in range(200))
     )
     assert len({h.execution_id for h in handles}) == 200
     assert fake.create_count == 200

@@ -236,7 +236,9 @@ async def test_session_pauses_other_callers_after_a_429() -> None:
     async with FakeDedalus(clock=clock, script=Script.running(100.0)) as fake:
         session = Session(api_key="test-key", base_url=fake.base_url, clock=clock, random=_zero)
         async with session:
-            handle = await session.create_execution("dm-a", ["sleep", "100"])
+            handle = await session.create_execution(
+                "dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1", ["sleep", "100"]
+            )
             fake.add_fault(Fault(method="GET", status=429, headers={"Retry-After": "7"}))
             await handle.refresh()  # 429, then retried after 7 s
             assert session.throttle.rate_limited_count == 1
@@ -244,7 +246,9 @@ async def test_session_pauses_other_callers_after_a_429() -> None:
             assert session.throttle.paused_until == pytest.approx(clock.monotonic())
             # a second caller does not wait: the pause is over
             before = len(clock.sleeps)
-            await session.get_execution("dm-a", handle.execution_id)
+            await session.get_execution(
+                "dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1", handle.execution_id
+            )
             assert len(clock.sleeps) == before
 
 
@@ -259,7 +263,9 @@ async def test_session_with_a_rate_paces_its_requests() -> None:
             max_requests_per_second=20,
         )
         async with session:
-            handle = await session.create_execution("dm-a", ["sleep", "100"])
+            handle = await session.create_execution(
+                "dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1", ["sleep", "100"]
+            )
             start = clock.monotonic()
             for _ in range(10):
                 await handle.refresh()

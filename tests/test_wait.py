@@ -26,6 +26,8 @@ from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Phase,
 
 from .conftest import API_KEY
 
+MACHINE = "dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0"  # the real form: "dm-" and a UUID
+
 JITTER = 0.5 * PollPolicy().hint_jitter  # random=0.5 in the session fixture
 
 
@@ -43,7 +45,7 @@ async def test_sleeping_machine_wakes_with_exactly_the_hinted_polls(
 ) -> None:
     """wake_in_progress → queued → running → succeeded: one poll per hint, none early."""
     fake.set_script(Script.default())
-    handle = await session.create_execution("dm-1", ["true"])
+    handle = await session.create_execution(MACHINE, ["true"])
     done = await handle.wait()
     assert done.status == "succeeded"
     assert handle.stats is not None
@@ -67,7 +69,7 @@ async def test_hint_is_read_from_every_response(
             (Phase("queued", 1.0, 1000), Phase("running", 0.05, 50), Phase("running", 3.0, 3000)),
         )
     )
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     await handle.wait()
     hints = [round(s - JITTER, 6) for s in clock.sleeps]
     assert hints == [1.0, 0.05, 3.0]
@@ -76,7 +78,7 @@ async def test_hint_is_read_from_every_response(
 async def test_no_hint_backs_off(session: Session, fake: FakeDedalus, clock: FakeClock) -> None:
     """Without hints the wait backs off exponentially, with jitter, up to max_interval."""
     fake.set_script(Script.running(10.0))
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     await handle.wait()
     policy = session.poll
     expected = [
@@ -93,7 +95,7 @@ async def test_deadline_raises_wait_timeout_on_time(
 ) -> None:
     """A stuck execution: WaitTimeout after exactly `timeout` seconds, with what resumes it."""
     fake.set_script(Script.stuck(retry_after_ms=700))
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     with pytest.raises(WaitTimeout) as info:
         await handle.wait(timeout=5)
     err = info.value
@@ -115,7 +117,7 @@ async def test_resume_after_timeout_with_attach(
 ) -> None:
     """A stored ref resumes the wait in a new Session (as another process would)."""
     fake.set_script(Script.running(20.0, retry_after_ms=1000))
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     with pytest.raises(WaitTimeout) as info:
         await handle.wait(timeout=3)
     stored = info.value.ref.to_json()
@@ -131,7 +133,7 @@ async def test_expires_at_is_never_slept_past(
 ) -> None:
     """A hint longer than the time to expires_at: look at expires_at, then see `expired`."""
     fake.set_script(Script.stuck(retry_after_ms=10_000, expires_after=2.5))
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     done = await handle.wait(timeout=60)
     assert done.status == ExecutionStatus.EXPIRED
     assert clock.sleeps == [pytest.approx(2.5)]
@@ -144,7 +146,7 @@ async def test_expiry_passed_but_status_lags_looks_once_more(
     back to the normal schedule (until the deadline)."""
     stale = {
         "execution_id": "e1",
-        "machine_id": "dm-1",
+        "machine_id": MACHINE,
         "command": ["x"],
         "created_at": "2026-01-01T00:00:00Z",
         "status": "running",
@@ -154,7 +156,7 @@ async def test_expiry_passed_but_status_lags_looks_once_more(
     fake.add_fault(Fault(method="GET", malformed=json.dumps(stale).encode(), times=None))
     async with Session(API_KEY, base_url=fake.base_url, clock=clock, random=lambda: 0.0) as s:
         with pytest.raises(WaitTimeout):
-            await s.execution("dm-1", "e1").wait(timeout=12)
+            await s.execution(MACHINE, "e1").wait(timeout=12)
     policy = s.poll
     assert clock.sleeps[0] == pytest.approx(policy.expiry_grace)
     assert clock.sleeps[1:] == pytest.approx([5.0, 5.0, 12 - 10 - policy.expiry_grace])
@@ -165,7 +167,7 @@ async def test_storms_mid_wait_are_survived(
 ) -> None:
     """429s and 503s while polling do not end the wait; Retry-After is respected."""
     fake.set_script(Script.default())
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     fake.add_fault(Fault(method="GET", status=503, times=6))
     fake.add_fault(Fault(method="GET", status=429, headers={"Retry-After": "1.5"}, times=3))
     done = await handle.wait(timeout=120)
@@ -180,8 +182,8 @@ async def test_permanent_error_ends_the_wait_at_once(
 ) -> None:
     """The machine is destroyed mid-wait: NotFoundError immediately, not at the deadline."""
     fake.set_script(Script.stuck(retry_after_ms=1000))
-    handle = await session.create_execution("dm-1", ["x"])
-    fake.destroy_machine("dm-1")
+    handle = await session.create_execution(MACHINE, ["x"])
+    fake.destroy_machine(MACHINE)
     with pytest.raises(NotFoundError):
         await handle.wait(timeout=600)
     assert math.fsum(clock.sleeps) == pytest.approx(1.0 + JITTER)
@@ -192,7 +194,7 @@ async def test_unknown_status_keeps_waiting(
 ) -> None:
     """A status nobody documented is not terminal: the wait goes on through it."""
     fake.set_script(Script((Phase("paused_for_maintenance", 2.0, 500),), Outcome()))
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     done = await handle.wait()
     assert done.status == "succeeded"
     assert handle.stats is not None
@@ -202,7 +204,7 @@ async def test_unknown_status_keeps_waiting(
 async def test_until_stops_at_a_chosen_status(session: Session, fake: FakeDedalus) -> None:
     """until={'running'} returns the first snapshot that is running."""
     fake.set_script(Script.default())
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     snap = await handle.wait(until={"running"})
     assert snap.status == "running"
     with pytest.raises(TypeError, match="collection"):
@@ -211,7 +213,7 @@ async def test_until_stops_at_a_chosen_status(session: Session, fake: FakeDedalu
 
 async def test_await_handle_is_wait(session: Session, fake: FakeDedalus) -> None:
     """`await handle` waits for the terminal status."""
-    handle = await session.create_execution("dm-1", ["echo", "hi"])
+    handle = await session.create_execution(MACHINE, ["echo", "hi"])
     done = await handle
     assert done.status == "succeeded"
 
@@ -219,7 +221,7 @@ async def test_await_handle_is_wait(session: Session, fake: FakeDedalus) -> None
 async def test_already_terminal_needs_no_poll(session: Session, fake: FakeDedalus) -> None:
     """A create that answers terminal ends the wait without a GET."""
     fake.set_script(Script.immediate())
-    handle = await session.create_execution("dm-1", ["true"])
+    handle = await session.create_execution(MACHINE, ["true"])
     await handle.wait()
     assert fake.requests_for("GET") == []
 
@@ -228,7 +230,7 @@ async def test_already_terminal_needs_no_poll(session: Session, fake: FakeDedalu
 async def test_bad_timeouts_are_refused(session: Session, bad: object) -> None:
     """timeout must be positive seconds or None."""
     with pytest.raises((TypeError, ValueError), match="timeout"):
-        await session.execution("dm-1", "e").wait(timeout=bad)  # type: ignore[arg-type]
+        await session.execution(MACHINE, "e").wait(timeout=bad)  # type: ignore[arg-type]
 
 
 async def test_watch_yields_each_status_once(session: Session, fake: FakeDedalus) -> None:
@@ -239,7 +241,7 @@ async def test_watch_yields_each_status_once(session: Session, fake: FakeDedalus
             Outcome(status="failed", exit_code=3),
         )
     )
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     statuses = [s.status async for s in handle.watch()]
     assert statuses == ["queued", "running", "failed"]
 
@@ -249,8 +251,8 @@ async def test_watch_on_attached_handle_starts_with_a_poll(
 ) -> None:
     """An attached handle has no snapshot yet: watch polls first."""
     fake.set_script(Script.running(1.0, retry_after_ms=400))
-    created = await session.create_execution("dm-1", ["x"])
-    handle = session.execution("dm-1", created.execution_id)
+    created = await session.create_execution(MACHINE, ["x"])
+    handle = session.execution(MACHINE, created.execution_id)
     statuses = [s.status async for s in handle.watch()]
     assert statuses == ["running", "succeeded"]
 
@@ -265,7 +267,7 @@ async def test_events_follow_streams_until_drained(
             Outcome(stdout="done\n", exit_code=0),
         )
     )
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     seen = [(e.type, e.status or e.chunk) async for e in handle.events(follow=True)]
     assert seen[0] == ("lifecycle", "queued")
     assert ("stdout", "partial\n") in seen
@@ -278,7 +280,7 @@ async def test_events_resume_from_a_cursor(
 ) -> None:
     """A stream's cursor resumes it later without repeating what was read."""
     fake.set_script(Script.running(1.0, Outcome(stdout="a\n"), retry_after_ms=100))
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     first = handle.events()
     got = [e async for e in first]
     assert [e.status for e in got] == ["running"]
@@ -293,7 +295,11 @@ async def test_run_returns_output_and_telemetry(
     """run() = create + wait + output; telemetry is on the result and in a DEBUG log line
     that never contains the key."""
     caplog.set_level(logging.DEBUG, logger="dedalus_async")
-    result = await session.run("dm-1", ["echo", "hello", "world"], env={"TOKEN": "s3cr3t"})
+    result = await session.run(
+        MACHINE,
+        ["echo", "hello", "world"],
+        env={"TOKEN": "s3cr3t"},
+    )
     assert result.ok
     assert result.stdout == "hello world\n"
     assert result.exit_code == 0
@@ -309,18 +315,18 @@ async def test_run_returns_output_and_telemetry(
 
 async def test_nonzero_exit_is_a_result_unless_check(session: Session, fake: FakeDedalus) -> None:
     """`false` returns a result with ok=False; check=True raises ExecutionFailed with it."""
-    result = await session.run("dm-1", ["false"])
+    result = await session.run(MACHINE, ["false"])
     assert not result.ok
     assert result.exit_code == 1
     with pytest.raises(ExecutionFailed) as info:
-        await session.run("dm-1", ["false"], check=True)
+        await session.run(MACHINE, ["false"], check=True)
     assert info.value.result.exit_code == 1
     assert "exit code 1" in str(info.value)
 
 
 async def test_run_skips_output_when_there_is_none(session: Session, fake: FakeDedalus) -> None:
     """Both sizes reported zero: no /output request."""
-    await session.run("dm-1", ["true"])
+    await session.run(MACHINE, ["true"])
     assert fake.requests_for("GET", "/output") == []
 
 
@@ -328,7 +334,7 @@ async def test_timeout_and_failure_never_look_the_same(session: Session, fake: F
     """A timed-out run raises WaitTimeout; a failed one returns (or raises ExecutionFailed)."""
     fake.set_script(Script.stuck())
     with pytest.raises(WaitTimeout):
-        await session.run("dm-1", ["x"], timeout=2, check=True)
+        await session.run(MACHINE, ["x"], timeout=2, check=True)
 
 
 # --- cancellation (real time: cancellation is about the event loop) ------------------
@@ -347,7 +353,7 @@ async def test_cancelling_wait_leaves_nothing_behind(live_fake: FakeDedalus) -> 
     """Cancelling the waiting task stops polling at once; no task is left, no DELETE sent."""
     before = client_tasks()
     async with Session(API_KEY, base_url=fake.base_url) as s:
-        handle = await s.create_execution("dm-1", ["x"])
+        handle = await s.create_execution(MACHINE, ["x"])
         task = asyncio.create_task(handle.wait(timeout=60))
         await asyncio.sleep(0.2)
         task.cancel()
@@ -368,7 +374,7 @@ async def test_cancel_remote_sends_a_delete(live_fake: FakeDedalus) -> None:
     async with Session(API_KEY, base_url=fake.base_url) as s:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
-                await s.run("dm-1", ["x"], cancel_remote=True)
+                await s.run(MACHINE, ["x"], cancel_remote=True)
     deletes = fake.requests_for("DELETE")
     assert len(deletes) == 1
     (record,) = fake.executions.values()
@@ -380,7 +386,7 @@ async def test_cancel_remote_on_wait_timeout(session: Session, fake: FakeDedalus
     """A run that times out with cancel_remote=True deletes the remote execution too."""
     fake.set_script(Script.stuck())
     with pytest.raises(WaitTimeout):
-        await session.run("dm-1", ["x"], timeout=3, cancel_remote=True)
+        await session.run(MACHINE, ["x"], timeout=3, cancel_remote=True)
     assert len(fake.requests_for("DELETE")) == 1
 
 
@@ -394,7 +400,7 @@ async def test_task_group_failure_cancels_waits(live_fake: FakeDedalus) -> None:
         raise RuntimeError("sibling failed")
 
     async with Session(API_KEY, base_url=fake.base_url) as s:
-        handle = await s.create_execution("dm-1", ["x"])
+        handle = await s.create_execution(MACHINE, ["x"])
         with pytest.raises(ExceptionGroup):
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(handle.wait(cancel_remote=True))
@@ -416,10 +422,10 @@ async def test_crash_after_create_sent_resubmits_safely(
         API_KEY, base_url=fake.base_url, clock=clock, retry=RetryPolicy.none()
     ) as dying:
         with pytest.raises(TransportError):
-            await dying.create_execution("dm-1", ["echo", "x"], idempotency_key="job-7")
+            await dying.create_execution(MACHINE, ["echo", "x"], idempotency_key="job-7")
     assert fake.create_count == 1
     async with Session(API_KEY, base_url=fake.base_url, clock=clock) as restarted:
-        handle = await restarted.create_execution("dm-1", ["echo", "x"], idempotency_key="job-7")
+        handle = await restarted.create_execution(MACHINE, ["echo", "x"], idempotency_key="job-7")
         await handle.wait()
     assert fake.create_count == 1
     assert list(fake.executions) == [handle.execution_id]
@@ -430,7 +436,7 @@ async def test_storm_outlasting_the_deadline_is_a_wait_timeout(
 ) -> None:
     """Errors until past the deadline: WaitTimeout (caused by the last error), on time."""
     fake.set_script(Script.stuck(retry_after_ms=1000))
-    handle = await session.create_execution("dm-1", ["x"])
+    handle = await session.create_execution(MACHINE, ["x"])
     fake.add_fault(Fault(method="GET", status=503, times=None))
     with pytest.raises(WaitTimeout) as info:
         await handle.wait(timeout=10)
@@ -445,6 +451,6 @@ async def test_attached_wait_that_never_saw_a_snapshot(
     """An attached handle whose every poll failed times out with last=None."""
     fake.add_fault(Fault(method="GET", drop=True, times=None))
     with pytest.raises(WaitTimeout) as info:
-        await session.execution("dm-1", "exe-x").wait(timeout=5)
+        await session.execution(MACHINE, "exe-x").wait(timeout=5)
     assert info.value.last is None
     assert "unseen" in str(info.value)

@@ -281,7 +281,7 @@ def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> N
 def test_create_request_body_is_compact_and_stable() -> None:
     """The create body is serialised once, so retries send identical bytes."""
     req = wire.create_request(
-        "dm-abc123",
+        "dm-95e5a864-0e30-55bf-b0c5-dd9c4df102d1",
         ["echo", "hé"],
         cwd="/tmp",
         env={"A": "1"},
@@ -290,7 +290,7 @@ def test_create_request_body_is_compact_and_stable() -> None:
         idempotency_key="k",
     )
     assert req.method == "POST"
-    assert req.path == "/v1/machines/dm-abc123/executions"
+    assert req.path == "/v1/machines/dm-95e5a864-0e30-55bf-b0c5-dd9c4df102d1/executions"
     assert req.idempotency_key == "k"
     assert (
         req.body
@@ -330,7 +330,10 @@ def test_bad_ids_are_refused(value: object, error: type[Exception], words: str) 
 
 def test_both_id_forms_are_accepted() -> None:
     """dm- IDs and bare UUIDs both pass, as does a 253-character ID."""
-    assert wire.check_id("machine_id", "dm-abc123") == "dm-abc123"
+    assert (
+        wire.check_id("machine_id", "dm-95e5a864-0e30-55bf-b0c5-dd9c4df102d1")
+        == "dm-95e5a864-0e30-55bf-b0c5-dd9c4df102d1"
+    )
     assert wire.check_id("machine_id", "0b6e2f7a-3c44-4d1e-8f2b-9d5e1c7a4b30")
     assert wire.check_id("machine_id", "x" * 253)
 
