@@ -104,8 +104,12 @@ class InstantClock:
 
 async def measure(executions: int, repeats: int, profile: bool) -> float:
     """The lowest CPU seconds per execution over ``repeats`` batches of ``executions``."""
-    session = Session("bench-key", base_url="http://127.0.0.1:9", clock=InstantClock())
-    session._transport = CannedTransport()  # type: ignore[assignment]  # a test double
+    session = Session(
+        "bench-key",
+        base_url="http://127.0.0.1:9",
+        clock=InstantClock(),
+        transport=CannedTransport(),  # recorded-looking responses, no sockets
+    )
     best = float("inf")
     async with session:
         for _ in range(200):  # warm-up

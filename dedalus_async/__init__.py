@@ -1,8 +1,9 @@
 """dedalus_async: the asyncio-native client for the Dedalus Machines executions API.
 
 Architecture in one sentence: a pure core (models, conversion, wire format, polling and
-retry policy, errors) and one thin aiohttp transport, driven by a session; fan-out, the
-testing kit and the command line sit on top of the session.
+retry policy, errors) and one thin aiohttp transport, driven by two engines (a request
+with retries, the wait loop) behind a small Session facade; handles and fan-out use the
+engines, the command line and the testing kit use the public API.
 
 ::
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._clock import Clock, SystemClock
+from ._config import DEFAULT_BASE_URL
 from ._errors import (
     APIStatusError,
     AuthenticationError,
@@ -38,6 +40,7 @@ from ._errors import (
     WaitTimeout,
 )
 from ._fanout import Completed, ExecutionRequest, Progress
+from ._handle import EventStream, ExecutionHandle
 from ._models import (
     TERMINAL_STATUSES,
     ArtifactRef,
@@ -51,9 +54,9 @@ from ._models import (
     LogReadToken,
     LogStatus,
 )
-from ._policy import PollPolicy, RetryPolicy
+from ._policy import USE_POLICY_DEFAULT, PollPolicy, RetryPolicy, UsePolicyDefault
 from ._results import ExecutionResult, WaitStats
-from ._session import DEFAULT_BASE_URL, EventStream, ExecutionHandle, Session
+from ._session import Session
 from ._throttle import Throttle
 from ._version import __version__
 
@@ -73,6 +76,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_BASE_URL",
     "TERMINAL_STATUSES",
+    "USE_POLICY_DEFAULT",
     "APIStatusError",
     "ArtifactRef",
     "AuthenticationError",
@@ -113,6 +117,7 @@ __all__ = [
     "Throttle",
     "TransportError",
     "UnprocessableEntityError",
+    "UsePolicyDefault",
     "WaitStats",
     "WaitTimeout",
     "__version__",

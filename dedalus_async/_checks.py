@@ -53,9 +53,13 @@ def check_seconds(name: str, value: object, *, none_means: str | None = None) ->
     if not is_number(value):
         raise TypeError(f"{name} must be seconds{or_none}, not {type(value).__name__}")
     assert isinstance(value, int | float)
-    if not 0 < value < math.inf:  # NaN fails too; a huge int compares exactly
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond the float range is no finite number of seconds
+        seconds = math.inf
+    if not 0 < seconds < math.inf:  # NaN fails too
         raise ValueError(f"{name} must be positive finite seconds{or_none}, got {value}")
-    return float(value)
+    return seconds
 
 
 def check_instance(name: str, value: object, cls: type | tuple[type, ...], what: str) -> None:

@@ -25,30 +25,26 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 import attrs
 
 from . import _wire
+from ._checks import check_count, check_seconds
 from ._errors import APIStatusError, DedalusError
+from ._handle import ExecutionHandle, read_result
 from ._models import Execution
-from ._policy import PollPolicy, Sleep
+from ._policy import USE_POLICY_DEFAULT, PollPolicy, Sleep, UsePolicyDefault, resolve_timeout
+from ._requester import DeadlineReached
 from ._results import ExecutionResult
-from ._session import (
-    DEFAULT,
-    ExecutionHandle,
-    Session,
-    _DeadlineReached,
-    _Default,
-    _is_terminal,
-)
+from ._waiting import WaitLoop, is_terminal
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-__all__ = ["Completed", "ExecutionRequest", "Progress", "as_completed", "run_many"]
+__all__ = ["Client", "Completed", "ExecutionRequest", "Progress", "as_completed", "run_many"]
 
 logger = logging.getLogger("dedalus_async")
 
@@ -97,20 +93,18 @@ def _idempotency_key(_: Any, attribute: attrs.Attribute[str | None], value: str 
 
 
 def _wait_timeout(
-    _: Any, attribute: attrs.Attribute[float | _Default | None], value: float | _Default | None
+    _: Any,
+    attribute: attrs.Attribute[float | UsePolicyDefault | None],
+    value: float | UsePolicyDefault | None,
 ) -> None:
     # the same rule as ExecutionHandle.wait(timeout=...), checked here so that it fails
     # when the request is built, not halfway through a fan-out
-    if value is None or isinstance(value, _Default):
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"timeout must be seconds or None, not {type(value).__name__}")
-    if not value > 0 or value == math.inf:
-        raise ValueError(f"timeout must be positive finite seconds (or None), got {value}")
+    if not isinstance(value, UsePolicyDefault):
+        check_seconds("timeout", value, none_means="no deadline")
 
 
-# typed as the field is, so the default does not narrow the field's type to _Default
-_SESSION_TIMEOUT: float | _Default | None = DEFAULT
+# typed as the field is, so the default does not narrow the field's type
+_POLICY_TIMEOUT: float | UsePolicyDefault | None = USE_POLICY_DEFAULT
 
 
 def _env_repr(env: Mapping[str, str] | None) -> str:
@@ -141,8 +135,8 @@ class ExecutionRequest:
     stdin: str | None = attrs.field(default=None, validator=_optional_str, repr=_stdin_repr)
     timeout_ms: int | None = attrs.field(default=None, validator=_timeout_ms)
     idempotency_key: str | None = attrs.field(default=None, validator=_idempotency_key)
-    timeout: float | _Default | None = attrs.field(
-        default=_SESSION_TIMEOUT, validator=_wait_timeout
+    timeout: float | UsePolicyDefault | None = attrs.field(
+        default=_POLICY_TIMEOUT, validator=_wait_timeout
     )
 
 
@@ -211,16 +205,27 @@ class _Plan:
     poll: PollPolicy | None
 
 
-def _limit(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return value
+class Client(Protocol):
+    """What fan-out uses of its Session: creates and keys (its waits use the WaitLoop)."""
+
+    def new_idempotency_key(self) -> str: ...
+
+    async def create_execution(
+        self,
+        machine_id: str,
+        command: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | None = None,
+        timeout_ms: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> ExecutionHandle: ...
 
 
 def _plan(
-    session: Session,
+    client: Client,
+    waits: WaitLoop,
     requests: Iterable[ExecutionRequest],
     *,
     concurrency: int,
@@ -254,13 +259,13 @@ def _plan(
                 )
     # Keys are fixed before anything is sent: every retry of a create repeats its key, so
     # the server creates each execution once, however the network behaves.
-    keys = tuple(item.idempotency_key or session.new_idempotency_key() for item in items)
-    session._check_open()
+    keys = tuple(item.idempotency_key or client.new_idempotency_key() for item in items)
+    waits.requester.check_open()
     return _Plan(
         items,
         keys,
-        _limit("concurrency", concurrency),
-        _limit("create_concurrency", create_concurrency),
+        check_count("concurrency", concurrency),
+        check_count("create_concurrency", create_concurrency),
         bool(cancel_remote),
         bool(check),
         bool(batch_refresh),
@@ -277,13 +282,15 @@ class _FanOut:
 
     def __init__(
         self,
-        session: Session,
+        client: Client,
+        waits: WaitLoop,
         plan: _Plan,
         deliver: Callable[[int, ExecutionResult | Exception], None],
         *,
         fail_fast: bool,
     ) -> None:
-        self.session = session
+        self.client = client
+        self.waits = waits
         self.plan = plan
         self._deliver = deliver
         self._fail_fast = fail_fast
@@ -343,7 +350,6 @@ class _FanOut:
                 self._report()
 
     async def _one(self, index: int) -> ExecutionResult:
-        session = self.session
         plan = self.plan
         request = plan.requests[index]
         async with self._create_slots:
@@ -351,7 +357,7 @@ class _FanOut:
             # fan-out is cancelled meanwhile: only then is its ID known, so that the wait
             # below (whose cleanup runs at its first checkpoint) can delete it.
             with anyio.CancelScope(shield=plan.cancel_remote):
-                handle = await session.create_execution(
+                handle = await self.client.create_execution(
                     request.machine_id,
                     request.command,
                     cwd=request.cwd,
@@ -366,27 +372,27 @@ class _FanOut:
             execution = await handle.wait(
                 timeout=request.timeout, cancel_remote=plan.cancel_remote, poll=plan.poll
             )
-        return await session._result(handle, execution, check=plan.check)
+        return await read_result(handle, execution, check=plan.check)
 
     async def _wait_batched(self, handle: ExecutionHandle, request: ExecutionRequest) -> Execution:
         """:meth:`ExecutionHandle.wait` (terminal statuses), with looks shared per machine.
 
-        ``Session._wait`` runs the loop; only its pause differs: while the machine's
+        :meth:`WaitLoop.wait` runs the loop; only its pause differs: while the machine's
         refresher is engaged, a waiter's next snapshot may come from a page the refresher
         read for everyone, else the loop GETs it as usual.
         """
-        session = self.session
-        clock = session.clock
-        policy = self.plan.poll or session.poll
-        seconds = session._resolve_timeout(request.timeout, policy)
-        deadline = None if seconds is None else clock.monotonic() + seconds
+        waits = self.waits
+        clock = waits.requester.clock
+        policy = self.plan.poll or waits.poll
+        seconds = resolve_timeout(request.timeout, policy)
+        deadline = waits.deadline(seconds)
         refresher = self._refresher(handle.machine_id)
         look = refresher.register(handle.execution_id, deadline)
 
         def grace(now: float) -> float:
             # how long a page being read may keep us from our own GET: as long as a GET
             # of our own could take, and never past the deadline
-            limit = session.request_timeout
+            limit = waits.requester.request_timeout
             return limit if deadline is None else max(0.0, min(limit, deadline - now))
 
         async def pause(decision: Sleep) -> Execution | None:
@@ -415,11 +421,11 @@ class _FanOut:
                 await clock.sleep(until - now)
 
         try:
-            return await session._wait(
+            return await waits.wait(
                 handle,
                 timeout=seconds,
                 deadline=deadline,
-                done_when=_is_terminal,
+                done_when=is_terminal,
                 cancel_remote=self.plan.cancel_remote,
                 policy=policy,
                 pause=pause,
@@ -431,7 +437,7 @@ class _FanOut:
         refresher = self._refreshers.get(machine_id)
         if refresher is None:
             refresher = _Refresher(
-                self.session, machine_id, self._tg, self.plan.poll or self.session.poll
+                self.waits, machine_id, self._tg, self.plan.poll or self.waits.poll
             )
             self._refreshers[machine_id] = refresher
         return refresher
@@ -502,10 +508,8 @@ class _Refresher:
     (or the server refuses the list) the machine's waiters go back to their own GETs.
     """
 
-    def __init__(
-        self, session: Session, machine_id: str, tg: TaskGroup, policy: PollPolicy
-    ) -> None:
-        self.session = session
+    def __init__(self, waits: WaitLoop, machine_id: str, tg: TaskGroup, policy: PollPolicy) -> None:
+        self.requester = waits.requester
         self.policy = policy  # the fan-out's: how far a page's hint may push a look
         self.machine_id = machine_id
         self._tg = tg
@@ -547,7 +551,7 @@ class _Refresher:
     async def look(self, look: _Look, seconds: float, early: float) -> Execution | None:
         """A snapshot from a sweep at least ``seconds`` (less ``early`` of it) from now, or
         a terminal one sooner; ``None``: no sweep could serve, GET it yourself now."""
-        now = self.session.clock.monotonic()
+        now = self.requester.clock.monotonic()
         look.due = now + seconds
         look.early_by = seconds * early
         look.snapshot = None
@@ -582,7 +586,7 @@ class _Refresher:
             self.served += 1
 
     async def _loop(self) -> None:
-        clock = self.session.clock
+        clock = self.requester.clock
         try:
             while self._looks:
                 waiting = [look for look in self._looks.values() if look.due is not None]
@@ -619,7 +623,7 @@ class _Refresher:
 
     async def _sweep(self, waiting: list[_Look]) -> None:
         self.sweeps += 1
-        now = self.session.clock.monotonic()
+        now = self.requester.clock.monotonic()
         due = {
             look.execution_id: look
             for look in waiting
@@ -645,7 +649,7 @@ class _Refresher:
         try:
             while missing and pages < max_pages:
                 request = _wire.page_request(self._path, limit=_PAGE_SIZE, cursor=cursor)
-                items, next_cursor = await self.session._call(
+                items, next_cursor = await self.requester.send(
                     request, lambda r: _wire.decode_page(r, Execution), deadline=deadline
                 )
                 pages += 1
@@ -676,7 +680,7 @@ class _Refresher:
                     went_round = True
                     break  # came round to where this sweep began
                 cursor = next_cursor
-        except (DedalusError, _DeadlineReached) as exc:
+        except (DedalusError, DeadlineReached) as exc:
             # a failed list must not fail the waits: they GET for themselves this time
             # (and each meets its own deadline, or error, doing so)
             logger.debug("listing executions of %s failed: %s", self.machine_id, exc)
@@ -702,7 +706,7 @@ class _Refresher:
         if item.is_terminal:
             look.seen = item
         elif item.retry_after_ms is not None and item.retry_after_ms > 0:
-            hinted = self.session.clock.monotonic() + min(
+            hinted = self.requester.clock.monotonic() + min(
                 item.retry_after_ms / 1000, self.policy.hint_ceiling
             )
             look.not_before = max(look.not_before, hinted)
@@ -739,7 +743,8 @@ class _Refresher:
 
 
 async def run_many(
-    session: Session,
+    client: Client,
+    waits: WaitLoop,
     requests: Iterable[ExecutionRequest],
     *,
     concurrency: int,
@@ -759,7 +764,8 @@ async def run_many(
             "every failure in place: choose one"
         )
     plan = _plan(
-        session,
+        client,
+        waits,
         requests,
         concurrency=concurrency,
         create_concurrency=create_concurrency,
@@ -777,7 +783,7 @@ async def run_many(
     def deliver(index: int, outcome: ExecutionResult | Exception) -> None:
         outcomes[index] = outcome
 
-    engine = _FanOut(session, plan, deliver, fail_fast=fail_fast)
+    engine = _FanOut(client, waits, plan, deliver, fail_fast=fail_fast)
     try:
         await engine.run()
     except ExceptionGroup as group:
@@ -822,7 +828,8 @@ class _Completions:
 
 
 def as_completed(
-    session: Session,
+    client: Client,
+    waits: WaitLoop,
     requests: Iterable[ExecutionRequest],
     *,
     concurrency: int,
@@ -836,7 +843,8 @@ def as_completed(
 ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Completed]]:
     """See :meth:`Session.as_completed`; validates everything before returning."""
     plan = _plan(
-        session,
+        client,
+        waits,
         requests,
         concurrency=concurrency,
         create_concurrency=create_concurrency,
@@ -846,12 +854,12 @@ def as_completed(
         on_progress=on_progress,
         poll=poll,
     )
-    return _as_completed(session, plan, return_exceptions)
+    return _as_completed(client, waits, plan, return_exceptions)
 
 
 @contextlib.asynccontextmanager
 async def _as_completed(
-    session: Session, plan: _Plan, return_exceptions: bool
+    client: Client, waits: WaitLoop, plan: _Plan, return_exceptions: bool
 ) -> AsyncIterator[AsyncIterator[Completed]]:
     send: MemoryObjectSendStream[Completed]
     receive: MemoryObjectReceiveStream[Completed]
@@ -864,7 +872,7 @@ async def _as_completed(
 
     async def produce() -> None:
         try:
-            await _FanOut(session, plan, deliver, fail_fast=False).run()
+            await _FanOut(client, waits, plan, deliver, fail_fast=False).run()
         finally:
             send.close()  # the reader's loop ends after the last item
 

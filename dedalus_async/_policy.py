@@ -93,11 +93,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, final
 
 import attrs
 
+from ._checks import check_seconds, is_int, is_number
+
 __all__ = [
+    "USE_POLICY_DEFAULT",
     "Done",
     "GiveUp",
     "PollDecision",
@@ -106,8 +109,10 @@ __all__ = [
     "RetryPolicy",
     "Sleep",
     "SleepReason",
+    "UsePolicyDefault",
     "is_retryable_status",
     "next_poll",
+    "resolve_timeout",
     "retry_delay",
 ]
 
@@ -127,7 +132,7 @@ def _number(requirement: str, ok: Callable[[Any, float], bool]) -> _Validator:
     def validate(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         name = _field_name(instance, attribute)
         # bool is an int subclass; True seconds is always a mistake.
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not is_number(value):
             raise TypeError(f"{name} must be a number, got {value!r}")
         try:
             as_float = float(value)
@@ -158,7 +163,7 @@ def _count(minimum: int) -> _Validator:
 
     def validate(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         name = _field_name(instance, attribute)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise TypeError(f"{name} must be an int, got {value!r}")
         if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
@@ -347,6 +352,33 @@ class PollPolicy:
     timeout: float | None = attrs.field(default=900.0, validator=_optional_timeout)
     #: After ``expires_at`` passes with the execution not done, look again this soon, once.
     expiry_grace: float = attrs.field(default=0.05, validator=_number(">= 0", lambda _, v: v >= 0))
+
+
+@final
+class UsePolicyDefault:
+    """The type of :data:`USE_POLICY_DEFAULT`: an argument left to the policy.
+
+    Used where ``None`` already means something: ``wait(timeout=None)`` waits forever,
+    ``wait()`` (``timeout=USE_POLICY_DEFAULT``) uses :attr:`PollPolicy.timeout`.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "USE_POLICY_DEFAULT"
+
+
+#: "Not given: use the poll policy's value" (the default of every ``timeout=`` of a wait).
+USE_POLICY_DEFAULT: Final = UsePolicyDefault()
+
+
+def resolve_timeout(timeout: float | UsePolicyDefault | None, policy: PollPolicy) -> float | None:
+    """A wait's deadline in seconds from now (``None``: none), checking both arguments."""
+    if not isinstance(policy, PollPolicy):
+        raise TypeError(f"poll must be a PollPolicy, not {type(policy).__name__}")
+    if isinstance(timeout, UsePolicyDefault):
+        return policy.timeout
+    return check_seconds("timeout", timeout, none_means="no deadline")
 
 
 @attrs.frozen(kw_only=True)

@@ -6,7 +6,18 @@ import attrs
 
 from ._models import Execution, ExecutionOutput, ExecutionStatus
 
-__all__ = ["ExecutionResult", "WaitStats"]
+__all__ = ["ExecutionResult", "WaitStats", "has_output", "is_ok"]
+
+
+def has_output(execution: Execution) -> bool:
+    """Whether fetching the output can return anything: not when the server reports both
+    sizes as zero (a size it leaves out may be anything)."""
+    return execution.stdout_bytes != 0 or execution.stderr_bytes != 0
+
+
+def is_ok(execution: Execution) -> bool:
+    """Succeeded, and the command exited 0 (or the server gave no exit code)."""
+    return execution.status == ExecutionStatus.SUCCEEDED and execution.exit_code in (0, None)
 
 
 @attrs.frozen(kw_only=True)
@@ -49,7 +60,4 @@ class ExecutionResult:
     @property
     def ok(self) -> bool:
         """True when the execution succeeded and the command exited 0."""
-        return self.execution.status == ExecutionStatus.SUCCEEDED and self.execution.exit_code in (
-            0,
-            None,
-        )
+        return is_ok(self.execution)

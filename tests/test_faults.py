@@ -38,6 +38,7 @@ from dedalus_async import (
     Session,
     WaitTimeout,
 )
+from dedalus_async._transport import AiohttpTransport
 from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Phase, Script
 
 from .conftest import API_KEY
@@ -63,7 +64,9 @@ def client_tasks() -> set[asyncio.Task[Any]]:
 
 def pool_in_use(session: Session) -> int:
     """Connections the Session's aiohttp pool has handed out and not got back."""
-    http = session._transport._session
+    transport = session._transport
+    assert isinstance(transport, AiohttpTransport)
+    http = transport._session
     assert http is not None, "the Session is not open"
     connector = http.connector
     assert connector is not None

@@ -63,14 +63,19 @@ def _poll(
 # ------------------------------------------------------------------------------ purity
 
 
-def test_policy_source_imports_only_stdlib_and_attrs() -> None:
-    tree = ast.parse(POLICY_FILE.read_text(encoding="utf-8"))
+@pytest.mark.parametrize("source", [POLICY_FILE, POLICY_FILE.with_name("_checks.py")])
+def test_policy_source_imports_only_stdlib_and_attrs(source: Path) -> None:
+    """The policy, and the argument checks it shares, import only stdlib and attrs."""
+    tree = ast.parse(source.read_text(encoding="utf-8"))
     imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(alias.name.partition(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "the pure core imports no other dedalus_async module"
+            if node.level:
+                # of our own modules, only the (equally pure) argument checks
+                assert node.module == "_checks", node.module
+                continue
             assert node.module is not None
             imported.add(node.module.partition(".")[0])
     allowed = (set(sys.stdlib_module_names) - {"asyncio"}) | {"__future__", "attrs"}
@@ -78,14 +83,20 @@ def test_policy_source_imports_only_stdlib_and_attrs() -> None:
 
 
 def test_policy_module_loads_without_asyncio_or_aiohttp() -> None:
-    # The file is loaded on its own, so whatever the package __init__ imports later
-    # cannot hide (or cause) an asyncio import from _policy.
+    # The files are loaded on their own, as a package of two modules (the policy and the
+    # argument checks it uses), so whatever the package __init__ imports later cannot hide
+    # (or cause) an asyncio import from _policy.
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('isolated_policy', {str(POLICY_FILE)!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "sys.modules['isolated_policy'] = module\n"
-        "spec.loader.exec_module(module)\n"
+        "import importlib.util, sys, types\n"
+        "package = types.ModuleType('isolated')\n"
+        "package.__path__ = []\n"
+        "sys.modules['isolated'] = package\n"
+        "for name in ('_checks', '_policy'):\n"
+        f"    path = {str(POLICY_FILE.parent)!r} + '/' + name + '.py'\n"
+        "    spec = importlib.util.spec_from_file_location('isolated.' + name, path)\n"
+        "    module = importlib.util.module_from_spec(spec)\n"
+        "    sys.modules[spec.name] = module\n"
+        "    spec.loader.exec_module(module)\n"
         "assert module.next_poll and module.retry_delay\n"
         "leaked = {'asyncio', 'aiohttp', 'dedalus_async'} & set(sys.modules)\n"
         "assert not leaked, leaked\n"

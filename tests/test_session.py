@@ -178,6 +178,7 @@ async def test_borrowed_client_session_is_not_closed(fake: FakeDedalus) -> None:
 async def test_own_client_session_is_closed(fake: FakeDedalus) -> None:
     """The aiohttp session we create is closed with the Session."""
     async with Session(API_KEY, base_url=fake.base_url) as s:
+        assert isinstance(s._transport, AiohttpTransport)
         inner = s._transport._session
         assert inner is not None
     assert inner.closed
@@ -187,6 +188,7 @@ async def test_unclosed_session_warns(fake: FakeDedalus) -> None:
     """Forgetting to close an open Session gives a ResourceWarning naming the fix."""
     s = Session(API_KEY, base_url=fake.base_url)
     await s.open()
+    assert isinstance(s._transport, AiohttpTransport)
     inner = s._transport._session
     assert inner is not None
     with pytest.warns(ResourceWarning, match="async with"):

@@ -37,8 +37,8 @@ from typing import Any, Final
 import pytest
 import pytest_asyncio
 
+from dedalus_async import Session
 from dedalus_async._local import LocalBackend
-from dedalus_async._session import Session
 
 from ._fake import FakeDedalus
 

@@ -1,0 +1,213 @@
+"""One request, with retries: the engine every call of a Session goes through.
+
+:class:`Requester` sends a :class:`~dedalus_async._wire.Request` over a :class:`Transport`
+until it succeeds, fails for good, or its retries run out, following
+:func:`~dedalus_async._policy.retry_delay` (rules R1-R7 of ``_policy``) and pacing every
+attempt through the Session's :class:`~dedalus_async.Throttle`. It also owns the
+transport's lifecycle (new → open → closed).
+
+Only what is safe to repeat is repeated: every request is either read-only, or carries an
+Idempotency-Key that every retry re-sends with the same body bytes (``_wire`` refuses to
+build a mutating request without one).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Literal, Protocol, TypeVar
+
+from . import _wire
+from ._clock import Clock
+from ._errors import (
+    APIStatusError,
+    DedalusError,
+    RateLimitedError,
+    ResponseDecodeError,
+    SessionClosedError,
+    TransportError,
+)
+from ._policy import RetryPolicy, is_retryable_status, retry_delay
+from ._throttle import Throttle
+from ._wire import Request, Response
+
+__all__ = ["DeadlineReached", "Requester", "Tally", "Transport"]
+
+logger = logging.getLogger("dedalus_async")
+T = TypeVar("T")
+
+
+class Transport(Protocol):
+    """What sends the bytes: :class:`~dedalus_async._transport.AiohttpTransport` by default.
+
+    The seam for custom transports and tests (``Session(transport=...)``): ``send`` returns
+    the response whatever its status, and raises :class:`~dedalus_async.TransportError`
+    (or a subclass) when no response came. The key and the other headers are the
+    transport's to add.
+    """
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def send(self, request: Request, *, timeout: float | None = None) -> Response: ...
+
+
+class DeadlineReached(Exception):
+    """Raised by :meth:`Requester.send` when only the caller's deadline ended its retries
+    (rule P9 of ``_policy``): the caller reports its own timeout, caused by ``error``."""
+
+    def __init__(self, error: DedalusError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Tally:
+    """Mutable counts of one wait; :meth:`Requester.send` adds its retries and sleeps."""
+
+    __slots__ = ("polls", "retries", "slept")
+
+    def __init__(self) -> None:
+        self.polls = 0
+        self.retries = 0
+        self.slept = 0.0
+
+
+class Requester:
+    """Sends requests with retries over one transport; see the module docstring."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        clock: Clock,
+        random: Callable[[], float],
+        throttle: Throttle,
+        retry: RetryPolicy,
+        request_timeout: float,
+    ) -> None:
+        self.transport = transport
+        self.clock = clock
+        self.random = random
+        self.throttle = throttle
+        #: the retry policy of calls that pass none (replaceable at any time)
+        self.retry = retry
+        self.request_timeout = request_timeout
+        self.state: Literal["new", "open", "closed"] = "new"
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.state != "new":
+            raise SessionClosedError(f"Session is already {self.state}; make a new one")
+        await self.transport.open()
+        self.state = "open"
+
+    async def aclose(self) -> None:
+        if self.state == "open":
+            self.state = "closed"
+            await self.transport.aclose()
+        self.state = "closed"
+
+    def check_open(self) -> None:
+        if self.state != "open":
+            if self.state == "new":
+                raise SessionClosedError(
+                    "Session is not open: use `async with Session(...) as session:`"
+                )
+            raise SessionClosedError("Session is closed; make a new one")
+
+    # --- one request -----------------------------------------------------------------
+
+    async def send(
+        self,
+        request: Request,
+        decode: Callable[[Response], T],
+        *,
+        deadline: float | None = None,
+        retry: RetryPolicy | None = None,
+        tally: Tally | None = None,
+    ) -> T:
+        """Send ``request`` until it succeeds, a permanent error comes, or retries run out.
+
+        ``deadline`` (on the clock's monotonic scale) bounds the retries and each attempt's
+        timeout; when it alone stopped them, :class:`DeadlineReached` is raised instead of
+        the last error. Retries and their sleeps are added to ``tally``.
+        """
+        self.check_open()
+        policy = retry or self.retry
+        clock = self.clock
+        throttle = self.throttle
+        attempt = 0
+        slept = 0.0
+        while True:
+            attempt += 1
+            # the Session-wide pace: None (go now) unless a rate or a 429 pause applies
+            waiting = throttle.acquire()
+            if waiting is not None:
+                await waiting
+            epoch = throttle.epoch
+            timeout: float | None = None
+            if deadline is not None:
+                # a request may not run far past the caller's deadline, but it gets a
+                # fair chance to complete even when the deadline is right now
+                timeout = min(self.request_timeout, max(deadline - clock.monotonic(), 1.0))
+            retry_after: float | None = None
+            try:
+                response = await self.transport.send(request, timeout=timeout)
+                if response.status < 300:
+                    throttle.succeeded()
+                    return decode(response)
+                error: DedalusError = _wire.error_from_response(
+                    response, method=request.method, path=request.path, now=clock.now()
+                )
+                assert isinstance(error, APIStatusError)
+                if isinstance(error, RateLimitedError):
+                    # the whole Session slows down, not only this request
+                    throttle.rate_limited(error.retry_after, epoch)
+                if not is_retryable_status(error.status, error.retryable):
+                    raise error
+                if isinstance(error, RateLimitedError):
+                    retry_after = error.retry_after
+                else:
+                    retry_after = _wire.parse_retry_after(response.headers, clock.now())
+            except (TransportError, ResponseDecodeError) as exc:
+                # a lost or garbled response is safe to ask for again (see above)
+                error = exc
+            remaining = None if deadline is None else deadline - clock.monotonic()
+            delay = retry_delay(
+                policy,
+                attempt=attempt,
+                retry_after=retry_after,
+                slept=slept,
+                remaining=remaining,
+                rand=self.random(),
+            )
+            if delay is None:
+                if remaining is not None and (
+                    retry_delay(
+                        policy,
+                        attempt=attempt,
+                        retry_after=retry_after,
+                        slept=slept,
+                        remaining=None,
+                        rand=0.0,
+                    )
+                    is not None
+                ):
+                    # only the caller's deadline stopped the retries (P9 of _policy)
+                    raise DeadlineReached(error)
+                raise error
+            logger.debug(
+                "retrying %s %s in %.3fs after attempt %d: %s",
+                request.method,
+                request.path,
+                delay,
+                attempt,
+                error,
+            )
+            if tally is not None:
+                tally.retries += 1
+                tally.slept += delay
+            await clock.sleep(delay)
+            slept += delay
