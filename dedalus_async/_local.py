@@ -101,9 +101,9 @@ from typing import Any, Final
 
 import attrs
 
+from ._records import ExecutionRecord, to_millis
 from ._session import Session
 from .testing._fake import FakeDedalus
-from .testing._fake_records import ExecutionRecord, to_millis
 
 __all__ = [
     "DEFAULT_OUTPUT_CAP",

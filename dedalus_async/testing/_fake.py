@@ -110,8 +110,8 @@ import attrs
 from aiohttp import web
 
 from dedalus_async._clock import Clock, SystemClock
+from dedalus_async._records import ExecutionRecord, Runner, format_time, to_millis
 
-from ._fake_records import ExecutionRecord, Runner, format_time, to_millis
 from ._fake_script import Script, ScriptedRunner, ScriptFactory
 
 __all__ = ["FakeDedalus", "Fault", "RecordedRequest"]
