@@ -24,8 +24,8 @@ Sleep and wake
     A machine this backend has not run anything on yet, or one idle (no execution in
     progress) for ``idle_timeout`` seconds, is asleep. An execution created on it first
     reports ``wake_in_progress`` with ``retry_after_ms`` set to the wake time left, waits
-    ``wake_delay`` seconds (real time; executions created meanwhile share the same wake),
-    then goes ``queued`` and ``running``.
+    ``wake_delay`` seconds (on the clock; executions created meanwhile share the same
+    wake), then goes ``queued`` and ``running``.
 Concurrency
     At most ``max_concurrency`` commands run at once across all machines; the others stay
     ``queued`` until a slot frees.
@@ -78,6 +78,16 @@ Logs
 Cancel
     DELETE of an execution that has not ended kills its process group with SIGKILL and
     reports ``cancelled`` at once (``signal=9`` when a process was killed).
+Time
+    Every time the runner reads or waits for comes from its :class:`~dedalus_async.Clock`
+    (real by default): timestamps, idle time, the wake, the running hint and
+    ``timeout_ms``. So with a :class:`~dedalus_async.testing.FakeClock` a test moves those
+    without waiting, while the processes still run for real. The only real-time waits are
+    the bounds on waiting for the kernel (a killed process to be reaped, pipes to drain
+    after the exit, tasks to end on close): they are about the operating system, not the
+    API's rules, and a fake clock would cut them short. A fake clock moves whenever anyone
+    sleeps on it, the runner's own timers included: under one, a wake or a ``timeout_ms``
+    elapses at once.
 
 POSIX only: process groups and ``os.killpg``.
 """
@@ -95,9 +105,8 @@ import re
 import secrets
 import signal
 import subprocess
-import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, Final
@@ -105,6 +114,8 @@ from typing import Any, Final
 import attrs
 from aiohttp import web
 
+from ._checks import check_count, is_number
+from ._clock import Clock, SystemClock
 from ._records import ExecutionRecord, to_millis
 from ._server import APIRequest, APIResponse, ExecutionsServer
 from ._session import Session
@@ -236,13 +247,25 @@ def _kill_group(pgid: int) -> bool:
     return True
 
 
+def _check_delay(name: str, value: object, *, infinite_ok: bool) -> float:
+    """Seconds that may be 0 (no wait), as a float; ``math.inf`` only if ``infinite_ok``."""
+    if not is_number(value):
+        raise TypeError(f"{name} must be seconds (an int or a float), not {type(value).__name__}")
+    assert isinstance(value, int | float)
+    if not value >= 0 or (value == math.inf and not infinite_ok):  # NaN fails >= 0
+        finite = "" if infinite_ok else " and finite"
+        raise ValueError(f"{name} must be >= 0{finite} seconds, got {value}")
+    return float(value)
+
+
 def _running_hint_ms(ran: float) -> int:
     """``retry_after_ms`` for a command that has run ``ran`` seconds: a tenth of it, clamped."""
     return min(_RUNNING_HINT_MAX_MS, max(_RUNNING_HINT_MIN_MS, int(ran * 100)))
 
 
-def _now() -> datetime:
-    return to_millis(datetime.now(UTC))
+def _wire_now(clock: Clock) -> datetime:
+    """The clock's wall time at wire precision: every record change is stamped with it."""
+    return to_millis(clock.now())
 
 
 def _signal_name(number: int) -> str:
@@ -286,11 +309,12 @@ class _Job:
 
 
 class SubprocessRunner:
-    """A :class:`~dedalus_async.testing.Runner` that runs each command as a local process.
+    """A :class:`~dedalus_async._records.Runner` that runs each command as a local process.
 
-    Semantics (environment, working directory, caps, signals, timeouts, sleep and wake)
-    are described in :mod:`dedalus_async._local`. Every execution is driven by its own
-    task on the event loop; :meth:`aclose` kills and awaits them all.
+    Semantics (environment, working directory, caps, signals, timeouts, sleep and wake,
+    time) are described in :mod:`dedalus_async._local`. Every execution is driven by its
+    own task on the event loop; :meth:`aclose` kills and awaits them all. ``clock`` is
+    read for every timestamp, idle time, wake and timeout (real time by default).
     """
 
     def __init__(
@@ -301,20 +325,15 @@ class SubprocessRunner:
         idle_timeout: float = 300.0,
         wake_delay: float = 0.2,
         max_concurrency: int = 32,
+        clock: Clock | None = None,
     ) -> None:
-        if isinstance(output_cap, bool) or not isinstance(output_cap, int) or output_cap < 0:
-            raise ValueError("output_cap must be a non-negative int (bytes)")
-        if not idle_timeout >= 0:
-            raise ValueError("idle_timeout must be >= 0 seconds")
-        if not (wake_delay >= 0 and math.isfinite(wake_delay)):
-            raise ValueError("wake_delay must be >= 0 seconds")
-        if not isinstance(max_concurrency, int) or max_concurrency < 1:
-            raise ValueError("max_concurrency must be a positive int")
         self.machines_dir = Path(machines_dir)
-        self.output_cap = output_cap
-        self.idle_timeout = float(idle_timeout)
-        self.wake_delay = float(wake_delay)
-        self.max_concurrency = max_concurrency
+        self.output_cap = check_count("output_cap", output_cap, minimum=0)
+        # math.inf: a machine never falls asleep once it has run something
+        self.idle_timeout = _check_delay("idle_timeout", idle_timeout, infinite_ok=True)
+        self.wake_delay = _check_delay("wake_delay", wake_delay, infinite_ok=False)
+        self.max_concurrency = check_count("max_concurrency", max_concurrency)
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self._machines: dict[str, _Machine] = {}
         self._jobs: dict[str, _Job] = {}
         # Created lazily: the runner may be built outside the loop that will run it.
@@ -345,11 +364,13 @@ class SubprocessRunner:
         # output is kept in /output and /events only: there is no log stream to publish
         record.log_capture = dict(LOG_CAPTURE)
         if self._closed:
-            record.finish("failed", _now(), error_code="BACKEND_CLOSED", error_message="closed")
+            record.finish(
+                "failed", self._stamp(), error_code="BACKEND_CLOSED", error_message="closed"
+            )
             return
         loop = asyncio.get_running_loop()
         machine = self._machine(record.machine_id)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if machine.wake_ends is not None and machine.wake_ends <= now:
             machine.wake_ends = None
         asleep = machine.busy == 0 and (
@@ -360,9 +381,9 @@ class SubprocessRunner:
         machine.busy += 1
         if machine.wake_ends is not None:
             left_ms = max(1, math.ceil((machine.wake_ends - now) * 1000 - 1e-6))
-            record.transition("wake_in_progress", _now(), retry_after_ms=left_ms)
+            record.transition("wake_in_progress", self._stamp(), retry_after_ms=left_ms)
         else:
-            record.transition("queued", _now(), retry_after_ms=_QUEUED_HINT_MS)
+            record.transition("queued", self._stamp(), retry_after_ms=_QUEUED_HINT_MS)
         job = _Job(record, machine, wake_ends=machine.wake_ends)
         record.runner_state = job
         self._jobs[record.execution_id] = job
@@ -372,7 +393,7 @@ class SubprocessRunner:
         """Update the polling hint of a running execution (its task does the rest, live)."""
         job = self._jobs.get(record.execution_id)
         if job is not None and job.protocol is not None and record.status == "running":
-            ran = time.monotonic() - job.protocol.started
+            ran = self.clock.monotonic() - job.protocol.started
             record.retry_after_ms = _running_hint_ms(ran)
 
     def cancel(self, record: ExecutionRecord) -> None:
@@ -381,7 +402,7 @@ class SubprocessRunner:
         killed = job is not None and job.kill()
         record.finish(
             "cancelled",
-            _now(),
+            self._stamp(),
             signal=int(signal.SIGKILL) if killed else None,
             error_message="cancelled by DELETE",
         )
@@ -393,7 +414,7 @@ class SubprocessRunner:
         for job in jobs:
             job.record.finish(
                 "cancelled",
-                _now(),
+                self._stamp(),
                 error_code="BACKEND_CLOSED",
                 error_message="the local backend shut down",
             )
@@ -422,7 +443,7 @@ class SubprocessRunner:
         except asyncio.CancelledError:
             record.finish(
                 "cancelled",
-                _now(),
+                self._stamp(),
                 error_code="BACKEND_CLOSED",
                 error_message="the local backend shut down",
             )
@@ -430,19 +451,22 @@ class SubprocessRunner:
         except Exception as exc:
             # A bug here must not leave the execution hanging in "running" forever.
             logger.exception("local execution %s failed in the runner", record.execution_id)
-            record.finish("failed", _now(), error_code="RUNNER_ERROR", error_message=repr(exc))
+            self._fail(record, "RUNNER_ERROR", repr(exc))
         finally:
             machine.busy -= 1
-            machine.last_active = time.monotonic()
+            machine.last_active = self.clock.monotonic()
             self._jobs.pop(record.execution_id, None)
+
+    def _stamp(self) -> datetime:
+        return _wire_now(self.clock)
 
     async def _wake(self, job: _Job) -> None:
         if job.wake_ends is not None:
-            await asyncio.sleep(max(0.0, job.wake_ends - time.monotonic()))
-            job.record.transition("queued", _now(), retry_after_ms=_QUEUED_HINT_MS)
+            await self.clock.sleep(max(0.0, job.wake_ends - self.clock.monotonic()))
+            job.record.transition("queued", self._stamp(), retry_after_ms=_QUEUED_HINT_MS)
 
     def _fail(self, record: ExecutionRecord, code: str, message: str) -> None:
-        record.finish("failed", _now(), error_code=code, error_message=message)
+        record.finish("failed", self._stamp(), error_code=code, error_message=message)
 
     def _environment(self, record: ExecutionRecord, home: Path, cwd: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
@@ -472,7 +496,7 @@ class SubprocessRunner:
             # the pipes to close, which a background child holding stdout can delay
             # forever; process_exited() says when the command itself ended.
             return await loop.subprocess_exec(
-                lambda: _CommandProtocol(record, self.output_cap, loop),
+                lambda: _CommandProtocol(record, self.output_cap, loop, self.clock),
                 *record.command,
                 cwd=cwd,
                 env=env,
@@ -494,6 +518,24 @@ class SubprocessRunner:
             self._fail(record, "SPAWN_FAILED", f"cannot start {program}: {exc}")
         return None
 
+    async def _exit_or_timeout(self, record: ExecutionRecord, protocol: _CommandProtocol) -> bool:
+        """Wait for the command to exit; True when ``timeout_ms`` passed first.
+
+        The deadline counts from the moment the process started, on the clock.
+        """
+        if record.timeout_ms is None:
+            await asyncio.wait([protocol.exited])  # waits without cancelling the future
+            return False
+        deadline = protocol.started + record.timeout_ms / 1000
+        left = max(0.0, deadline - self.clock.monotonic())
+        timer = asyncio.ensure_future(self.clock.sleep(left))
+        try:
+            await asyncio.wait([protocol.exited, timer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+        # an exit and the deadline in the same moment: the command made it
+        return not protocol.exited.done()
+
     async def _run(self, job: _Job) -> None:
         record = job.record
         spawned = await self._spawn(job)
@@ -513,10 +555,8 @@ class SubprocessRunner:
                 assert isinstance(stdin, asyncio.WriteTransport)
                 stdin.write((record.stdin or "").encode("utf-8", "surrogatepass"))
                 stdin.close()
-            limit = None if record.timeout_ms is None else record.timeout_ms / 1000
-            done, _ = await asyncio.wait([protocol.exited], timeout=limit)
-            if not done:
-                timed_out = True
+            timed_out = await self._exit_or_timeout(record, protocol)
+            if timed_out:
                 job.kill()
                 await asyncio.wait([protocol.exited], timeout=_DRAIN_TIMEOUT)
             # anything the command left behind in its group goes with it
@@ -529,7 +569,7 @@ class SubprocessRunner:
             transport.close()
         protocol.flush()
         returncode = transport.get_returncode()
-        at = _now()
+        at = self._stamp()
         if timed_out:
             record.finish(
                 "failed",
@@ -562,10 +602,11 @@ class SubprocessRunner:
 class _Capture:
     """One output stream of a command, copied into its record as it arrives."""
 
-    __slots__ = ("_decoder", "cap", "kept", "record", "stream", "total")
+    __slots__ = ("_decoder", "cap", "clock", "kept", "record", "stream", "total")
 
-    def __init__(self, record: ExecutionRecord, stream: str, cap: int) -> None:
+    def __init__(self, record: ExecutionRecord, stream: str, cap: int, clock: Clock) -> None:
         self.record = record
+        self.clock = clock
         self.stream = stream
         self.cap = cap
         self.total = 0
@@ -581,7 +622,7 @@ class _Capture:
         if self.kept < self.cap:
             part = data[: self.cap - self.kept]
             self.kept += len(part)
-            record.append_output(self.stream, self._decoder.decode(part), _now())
+            record.append_output(self.stream, self._decoder.decode(part), _wire_now(self.clock))
         _set_bytes(record, self.stream, self.total)
 
     def flush(self) -> None:
@@ -590,26 +631,34 @@ class _Capture:
         if self.kept == self.total and not self.record.is_terminal:
             tail = self._decoder.decode(b"", final=True)
             if tail:
-                self.record.append_output(self.stream, tail, _now())
+                self.record.append_output(self.stream, tail, _wire_now(self.clock))
                 _set_bytes(self.record, self.stream, self.total)
 
 
 class _CommandProtocol(asyncio.SubprocessProtocol):
     """Receives a command's output and tells when it exited and when its pipes closed."""
 
-    def __init__(self, record: ExecutionRecord, cap: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, record: ExecutionRecord, cap: int, loop: asyncio.AbstractEventLoop, clock: Clock
+    ) -> None:
         self.exited: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
-        #: monotonic time the process started
-        self.started = time.monotonic()
+        self._clock = clock
+        #: the clock's monotonic time the process started
+        self.started = clock.monotonic()
         self._record = record
-        self._captures = {1: _Capture(record, "stdout", cap), 2: _Capture(record, "stderr", cap)}
+        self._captures = {
+            1: _Capture(record, "stdout", cap, clock),
+            2: _Capture(record, "stderr", cap, clock),
+        }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio calls this before delivering any output, so the event log always
         # reads "running" before the first chunk
-        self.started = time.monotonic()
-        self._record.transition("running", _now(), retry_after_ms=_RUNNING_HINT_MIN_MS)
+        self.started = self._clock.monotonic()
+        self._record.transition(
+            "running", _wire_now(self._clock), retry_after_ms=_RUNNING_HINT_MIN_MS
+        )
 
     def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
         capture = self._captures.get(fd)
@@ -775,6 +824,8 @@ class LocalBackend:
         wake_delay: seconds a sleeping machine takes to wake.
         max_concurrency: commands running at once; the others wait ``queued``.
         announce: log a WARNING on start saying where it listens and whom it runs as.
+        clock: the time the server and the runner read (real time by default; see the
+            module docstring for what a fake clock moves).
     """
 
     def __init__(
@@ -787,21 +838,28 @@ class LocalBackend:
         wake_delay: float = 0.2,
         max_concurrency: int = 32,
         announce: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         self.data_dir: Path = Path(data_dir) if data_dir is not None else default_data_dir()
         self.machines_dir: Path = self.data_dir / "machines"
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self.runner = SubprocessRunner(
             self.machines_dir,
             output_cap=output_cap,
             idle_timeout=idle_timeout,
             wake_delay=wake_delay,
             max_concurrency=max_concurrency,
+            clock=self.clock,
         )
         self._api_key = secrets.token_urlsafe(32)
         self.announce = announce
         #: The API's state and rules, with :attr:`runner` behind them.
         self.server = ExecutionsServer(
-            api_key=self._api_key, runner=self.runner, output_cap=output_cap, name="LocalBackend"
+            api_key=self._api_key,
+            runner=self.runner,
+            clock=self.clock,
+            output_cap=output_cap,
+            name="LocalBackend",
         )
         #: :attr:`server` on ``127.0.0.1:port``.
         self.http = HTTPServer(self.server, host="127.0.0.1", port=port)
