@@ -135,7 +135,7 @@ __all__ = [
 
 logger = logging.getLogger("dedalus_async.local")
 
-#: Bytes of each stream an execution keeps by default (1 MiB, as the fake server).
+#: Bytes of each stream an execution keeps by default (1 MiB, the server's default too).
 DEFAULT_OUTPUT_CAP: Final = 1_048_576
 #: The ``log_capture`` of every local execution: it keeps output for ``/output`` and
 #: ``/events`` but captures no log stream, so ``.../logs/token`` is 409.

@@ -189,3 +189,21 @@ async def test_http_server_lifecycle_is_checked() -> None:
 def test_page_sizes_are_checked() -> None:
     with pytest.raises(ValueError, match="page_size"):
         ExecutionsServer(api_key=KEY, runner=EchoRunner(), page_size=5, max_page_size=4)
+
+
+async def test_a_port_in_use_fails_start_and_leaves_nothing_open() -> None:
+    """Binding a taken port raises; the server was never started and closes cleanly."""
+    first = HTTPServer(ExecutionsServer(api_key=KEY, runner=EchoRunner()))
+    await first.start()
+    try:
+        port = int(first.base_url.rsplit(":", 1)[1])
+        runner = EchoRunner()
+        second = HTTPServer(ExecutionsServer(api_key=KEY, runner=runner), port=port)
+        with pytest.raises(OSError):
+            await second.start()
+        with pytest.raises(RuntimeError, match="not started"):
+            _ = second.base_url
+        await second.close()
+        assert runner.closed == 1
+    finally:
+        await first.close()
