@@ -1,10 +1,12 @@
 """The local backend: the executions API served on loopback, running real subprocesses.
 
-:class:`LocalBackend` reuses the fake server's HTTP application
-(:class:`~dedalus_async.testing.FakeDedalus`: auth, idempotency, pagination, events)
-with a different :class:`~dedalus_async.testing.Runner`: :class:`SubprocessRunner`, which
-runs every command as a real process **as the current user, without a sandbox**. It binds
-to ``127.0.0.1`` only and requires an API key drawn at random on every start.
+:class:`LocalBackend` is the API's rules (:class:`~dedalus_async._server.ExecutionsServer`:
+auth, idempotency, pagination, events) served over HTTP by :class:`HTTPServer`, with
+:class:`SubprocessRunner` as the :class:`~dedalus_async._records.Runner`: it runs every
+command as a real process **as the current user, without a sandbox**. It binds to
+``127.0.0.1`` only and requires an API key drawn at random on every start.
+:class:`HTTPServer` is this module's only use of aiohttp; the test kit's
+:class:`~dedalus_async.testing.FakeDedalus` serves the same rules through it.
 
 What an execution does, precisely (the real service documents none of this; these are the
 local backend's choices):
@@ -22,8 +24,8 @@ Sleep and wake
     A machine this backend has not run anything on yet, or one idle (no execution in
     progress) for ``idle_timeout`` seconds, is asleep. An execution created on it first
     reports ``wake_in_progress`` with ``retry_after_ms`` set to the wake time left, waits
-    ``wake_delay`` seconds (real time; executions created meanwhile share the same wake),
-    then goes ``queued`` and ``running``.
+    ``wake_delay`` seconds (on the clock; executions created meanwhile share the same
+    wake), then goes ``queued`` and ``running``.
 Concurrency
     At most ``max_concurrency`` commands run at once across all machines; the others stay
     ``queued`` until a slot frees.
@@ -76,6 +78,16 @@ Logs
 Cancel
     DELETE of an execution that has not ended kills its process group with SIGKILL and
     reports ``cancelled`` at once (``signal=9`` when a process was killed).
+Time
+    Every time the runner reads or waits for comes from its :class:`~dedalus_async.Clock`
+    (real by default): timestamps, idle time, the wake, the running hint and
+    ``timeout_ms``. So with a :class:`~dedalus_async.testing.FakeClock` a test moves those
+    without waiting, while the processes still run for real. The only real-time waits are
+    the bounds on waiting for the kernel (a killed process to be reaped, pipes to drain
+    after the exit, tasks to end on close): they are about the operating system, not the
+    API's rules, and a fake clock would cut them short. A fake clock moves whenever anyone
+    sleeps on it, the runner's own timers included: under one, a wake or a ``timeout_ms``
+    elapses at once.
 
 POSIX only: process groups and ``os.killpg``.
 """
@@ -93,22 +105,26 @@ import re
 import secrets
 import signal
 import subprocess
-import time
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, Final
 
 import attrs
+from aiohttp import web
 
+from ._checks import check_count, is_number
+from ._clock import Clock, SystemClock
+from ._records import ExecutionRecord, to_millis
+from ._server import APIRequest, APIResponse, ExecutionsServer
 from ._session import Session
-from .testing._fake import FakeDedalus
-from .testing._fake_records import ExecutionRecord, to_millis
 
 __all__ = [
     "DEFAULT_OUTPUT_CAP",
     "LOG_CAPTURE",
     "MACHINE_HOME",
+    "HTTPServer",
     "LocalBackend",
     "SubprocessRunner",
     "current_user",
@@ -119,7 +135,7 @@ __all__ = [
 
 logger = logging.getLogger("dedalus_async.local")
 
-#: Bytes of each stream an execution keeps by default (1 MiB, as the fake server).
+#: Bytes of each stream an execution keeps by default (1 MiB, the server's default too).
 DEFAULT_OUTPUT_CAP: Final = 1_048_576
 #: The ``log_capture`` of every local execution: it keeps output for ``/output`` and
 #: ``/events`` but captures no log stream, so ``.../logs/token`` is 409.
@@ -231,13 +247,25 @@ def _kill_group(pgid: int) -> bool:
     return True
 
 
+def _check_delay(name: str, value: object, *, infinite_ok: bool) -> float:
+    """Seconds that may be 0 (no wait), as a float; ``math.inf`` only if ``infinite_ok``."""
+    if not is_number(value):
+        raise TypeError(f"{name} must be seconds (an int or a float), not {type(value).__name__}")
+    assert isinstance(value, int | float)
+    if not value >= 0 or (value == math.inf and not infinite_ok):  # NaN fails >= 0
+        finite = "" if infinite_ok else " and finite"
+        raise ValueError(f"{name} must be >= 0{finite} seconds, got {value}")
+    return float(value)
+
+
 def _running_hint_ms(ran: float) -> int:
     """``retry_after_ms`` for a command that has run ``ran`` seconds: a tenth of it, clamped."""
     return min(_RUNNING_HINT_MAX_MS, max(_RUNNING_HINT_MIN_MS, int(ran * 100)))
 
 
-def _now() -> datetime:
-    return to_millis(datetime.now(UTC))
+def _wire_now(clock: Clock) -> datetime:
+    """The clock's wall time at wire precision: every record change is stamped with it."""
+    return to_millis(clock.now())
 
 
 def _signal_name(number: int) -> str:
@@ -281,11 +309,12 @@ class _Job:
 
 
 class SubprocessRunner:
-    """A :class:`~dedalus_async.testing.Runner` that runs each command as a local process.
+    """A :class:`~dedalus_async._records.Runner` that runs each command as a local process.
 
-    Semantics (environment, working directory, caps, signals, timeouts, sleep and wake)
-    are described in :mod:`dedalus_async._local`. Every execution is driven by its own
-    task on the event loop; :meth:`aclose` kills and awaits them all.
+    Semantics (environment, working directory, caps, signals, timeouts, sleep and wake,
+    time) are described in :mod:`dedalus_async._local`. Every execution is driven by its
+    own task on the event loop; :meth:`aclose` kills and awaits them all. ``clock`` is
+    read for every timestamp, idle time, wake and timeout (real time by default).
     """
 
     def __init__(
@@ -296,20 +325,15 @@ class SubprocessRunner:
         idle_timeout: float = 300.0,
         wake_delay: float = 0.2,
         max_concurrency: int = 32,
+        clock: Clock | None = None,
     ) -> None:
-        if isinstance(output_cap, bool) or not isinstance(output_cap, int) or output_cap < 0:
-            raise ValueError("output_cap must be a non-negative int (bytes)")
-        if not idle_timeout >= 0:
-            raise ValueError("idle_timeout must be >= 0 seconds")
-        if not (wake_delay >= 0 and math.isfinite(wake_delay)):
-            raise ValueError("wake_delay must be >= 0 seconds")
-        if not isinstance(max_concurrency, int) or max_concurrency < 1:
-            raise ValueError("max_concurrency must be a positive int")
         self.machines_dir = Path(machines_dir)
-        self.output_cap = output_cap
-        self.idle_timeout = float(idle_timeout)
-        self.wake_delay = float(wake_delay)
-        self.max_concurrency = max_concurrency
+        self.output_cap = check_count("output_cap", output_cap, minimum=0)
+        # math.inf: a machine never falls asleep once it has run something
+        self.idle_timeout = _check_delay("idle_timeout", idle_timeout, infinite_ok=True)
+        self.wake_delay = _check_delay("wake_delay", wake_delay, infinite_ok=False)
+        self.max_concurrency = check_count("max_concurrency", max_concurrency)
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self._machines: dict[str, _Machine] = {}
         self._jobs: dict[str, _Job] = {}
         # Created lazily: the runner may be built outside the loop that will run it.
@@ -340,11 +364,13 @@ class SubprocessRunner:
         # output is kept in /output and /events only: there is no log stream to publish
         record.log_capture = dict(LOG_CAPTURE)
         if self._closed:
-            record.finish("failed", _now(), error_code="BACKEND_CLOSED", error_message="closed")
+            record.finish(
+                "failed", self._stamp(), error_code="BACKEND_CLOSED", error_message="closed"
+            )
             return
         loop = asyncio.get_running_loop()
         machine = self._machine(record.machine_id)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if machine.wake_ends is not None and machine.wake_ends <= now:
             machine.wake_ends = None
         asleep = machine.busy == 0 and (
@@ -355,9 +381,9 @@ class SubprocessRunner:
         machine.busy += 1
         if machine.wake_ends is not None:
             left_ms = max(1, math.ceil((machine.wake_ends - now) * 1000 - 1e-6))
-            record.transition("wake_in_progress", _now(), retry_after_ms=left_ms)
+            record.transition("wake_in_progress", self._stamp(), retry_after_ms=left_ms)
         else:
-            record.transition("queued", _now(), retry_after_ms=_QUEUED_HINT_MS)
+            record.transition("queued", self._stamp(), retry_after_ms=_QUEUED_HINT_MS)
         job = _Job(record, machine, wake_ends=machine.wake_ends)
         record.runner_state = job
         self._jobs[record.execution_id] = job
@@ -367,7 +393,7 @@ class SubprocessRunner:
         """Update the polling hint of a running execution (its task does the rest, live)."""
         job = self._jobs.get(record.execution_id)
         if job is not None and job.protocol is not None and record.status == "running":
-            ran = time.monotonic() - job.protocol.started
+            ran = self.clock.monotonic() - job.protocol.started
             record.retry_after_ms = _running_hint_ms(ran)
 
     def cancel(self, record: ExecutionRecord) -> None:
@@ -376,7 +402,7 @@ class SubprocessRunner:
         killed = job is not None and job.kill()
         record.finish(
             "cancelled",
-            _now(),
+            self._stamp(),
             signal=int(signal.SIGKILL) if killed else None,
             error_message="cancelled by DELETE",
         )
@@ -388,7 +414,7 @@ class SubprocessRunner:
         for job in jobs:
             job.record.finish(
                 "cancelled",
-                _now(),
+                self._stamp(),
                 error_code="BACKEND_CLOSED",
                 error_message="the local backend shut down",
             )
@@ -417,7 +443,7 @@ class SubprocessRunner:
         except asyncio.CancelledError:
             record.finish(
                 "cancelled",
-                _now(),
+                self._stamp(),
                 error_code="BACKEND_CLOSED",
                 error_message="the local backend shut down",
             )
@@ -425,19 +451,22 @@ class SubprocessRunner:
         except Exception as exc:
             # A bug here must not leave the execution hanging in "running" forever.
             logger.exception("local execution %s failed in the runner", record.execution_id)
-            record.finish("failed", _now(), error_code="RUNNER_ERROR", error_message=repr(exc))
+            self._fail(record, "RUNNER_ERROR", repr(exc))
         finally:
             machine.busy -= 1
-            machine.last_active = time.monotonic()
+            machine.last_active = self.clock.monotonic()
             self._jobs.pop(record.execution_id, None)
+
+    def _stamp(self) -> datetime:
+        return _wire_now(self.clock)
 
     async def _wake(self, job: _Job) -> None:
         if job.wake_ends is not None:
-            await asyncio.sleep(max(0.0, job.wake_ends - time.monotonic()))
-            job.record.transition("queued", _now(), retry_after_ms=_QUEUED_HINT_MS)
+            await self.clock.sleep(max(0.0, job.wake_ends - self.clock.monotonic()))
+            job.record.transition("queued", self._stamp(), retry_after_ms=_QUEUED_HINT_MS)
 
     def _fail(self, record: ExecutionRecord, code: str, message: str) -> None:
-        record.finish("failed", _now(), error_code=code, error_message=message)
+        record.finish("failed", self._stamp(), error_code=code, error_message=message)
 
     def _environment(self, record: ExecutionRecord, home: Path, cwd: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
@@ -467,7 +496,7 @@ class SubprocessRunner:
             # the pipes to close, which a background child holding stdout can delay
             # forever; process_exited() says when the command itself ended.
             return await loop.subprocess_exec(
-                lambda: _CommandProtocol(record, self.output_cap, loop),
+                lambda: _CommandProtocol(record, self.output_cap, loop, self.clock),
                 *record.command,
                 cwd=cwd,
                 env=env,
@@ -489,6 +518,24 @@ class SubprocessRunner:
             self._fail(record, "SPAWN_FAILED", f"cannot start {program}: {exc}")
         return None
 
+    async def _exit_or_timeout(self, record: ExecutionRecord, protocol: _CommandProtocol) -> bool:
+        """Wait for the command to exit; True when ``timeout_ms`` passed first.
+
+        The deadline counts from the moment the process started, on the clock.
+        """
+        if record.timeout_ms is None:
+            await asyncio.wait([protocol.exited])  # waits without cancelling the future
+            return False
+        deadline = protocol.started + record.timeout_ms / 1000
+        left = max(0.0, deadline - self.clock.monotonic())
+        timer = asyncio.ensure_future(self.clock.sleep(left))
+        try:
+            await asyncio.wait([protocol.exited, timer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+        # an exit and the deadline in the same moment: the command made it
+        return not protocol.exited.done()
+
     async def _run(self, job: _Job) -> None:
         record = job.record
         spawned = await self._spawn(job)
@@ -508,10 +555,8 @@ class SubprocessRunner:
                 assert isinstance(stdin, asyncio.WriteTransport)
                 stdin.write((record.stdin or "").encode("utf-8", "surrogatepass"))
                 stdin.close()
-            limit = None if record.timeout_ms is None else record.timeout_ms / 1000
-            done, _ = await asyncio.wait([protocol.exited], timeout=limit)
-            if not done:
-                timed_out = True
+            timed_out = await self._exit_or_timeout(record, protocol)
+            if timed_out:
                 job.kill()
                 await asyncio.wait([protocol.exited], timeout=_DRAIN_TIMEOUT)
             # anything the command left behind in its group goes with it
@@ -524,7 +569,7 @@ class SubprocessRunner:
             transport.close()
         protocol.flush()
         returncode = transport.get_returncode()
-        at = _now()
+        at = self._stamp()
         if timed_out:
             record.finish(
                 "failed",
@@ -557,10 +602,11 @@ class SubprocessRunner:
 class _Capture:
     """One output stream of a command, copied into its record as it arrives."""
 
-    __slots__ = ("_decoder", "cap", "kept", "record", "stream", "total")
+    __slots__ = ("_decoder", "cap", "clock", "kept", "record", "stream", "total")
 
-    def __init__(self, record: ExecutionRecord, stream: str, cap: int) -> None:
+    def __init__(self, record: ExecutionRecord, stream: str, cap: int, clock: Clock) -> None:
         self.record = record
+        self.clock = clock
         self.stream = stream
         self.cap = cap
         self.total = 0
@@ -576,7 +622,7 @@ class _Capture:
         if self.kept < self.cap:
             part = data[: self.cap - self.kept]
             self.kept += len(part)
-            record.append_output(self.stream, self._decoder.decode(part), _now())
+            record.append_output(self.stream, self._decoder.decode(part), _wire_now(self.clock))
         _set_bytes(record, self.stream, self.total)
 
     def flush(self) -> None:
@@ -585,26 +631,34 @@ class _Capture:
         if self.kept == self.total and not self.record.is_terminal:
             tail = self._decoder.decode(b"", final=True)
             if tail:
-                self.record.append_output(self.stream, tail, _now())
+                self.record.append_output(self.stream, tail, _wire_now(self.clock))
                 _set_bytes(self.record, self.stream, self.total)
 
 
 class _CommandProtocol(asyncio.SubprocessProtocol):
     """Receives a command's output and tells when it exited and when its pipes closed."""
 
-    def __init__(self, record: ExecutionRecord, cap: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, record: ExecutionRecord, cap: int, loop: asyncio.AbstractEventLoop, clock: Clock
+    ) -> None:
         self.exited: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
-        #: monotonic time the process started
-        self.started = time.monotonic()
+        self._clock = clock
+        #: the clock's monotonic time the process started
+        self.started = clock.monotonic()
         self._record = record
-        self._captures = {1: _Capture(record, "stdout", cap), 2: _Capture(record, "stderr", cap)}
+        self._captures = {
+            1: _Capture(record, "stdout", cap, clock),
+            2: _Capture(record, "stderr", cap, clock),
+        }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio calls this before delivering any output, so the event log always
         # reads "running" before the first chunk
-        self.started = time.monotonic()
-        self._record.transition("running", _now(), retry_after_ms=_RUNNING_HINT_MIN_MS)
+        self.started = self._clock.monotonic()
+        self._record.transition(
+            "running", _wire_now(self._clock), retry_after_ms=_RUNNING_HINT_MIN_MS
+        )
 
     def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
         capture = self._captures.get(fd)
@@ -635,6 +689,119 @@ def _set_bytes(record: ExecutionRecord, stream: str, total: int) -> None:
         record.stderr_bytes = total
 
 
+#: What answers one HTTP request (the test kit puts faults and a request log around it).
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HTTPServer:
+    """Serves an :class:`~dedalus_async._server.ExecutionsServer` over HTTP, with aiohttp.
+
+    Every request goes to ``handler``, by default :meth:`answer`: the body is read, the
+    server answers it, and the answer is sent as it is. :meth:`close` stops serving and
+    closes the server's runner; the server's ``name`` appears in the messages.
+    """
+
+    def __init__(
+        self,
+        server: ExecutionsServer,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        handler: Handler | None = None,
+    ) -> None:
+        self.server = server
+        self.host = host
+        self.port = port
+        self._handler: Handler = handler if handler is not None else self.answer
+        self._app_runner: web.AppRunner | None = None
+        self._base_url: str | None = None
+        self._closed = False
+        #: the application :meth:`start` serves (made here, so middlewares can be added)
+        self.app: web.Application = self.make_app()
+
+    def __repr__(self) -> str:
+        return f"<HTTPServer {self._base_url or 'not started'} serving {self.server!r}>"
+
+    def make_app(self) -> web.Application:
+        """A new aiohttp application serving the same server (e.g. for aiohttp's
+        ``TestServer``); :attr:`app` is one made at construction."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        # One catch-all route: the server routes on the raw path itself, so percent-encoded
+        # ids (even an encoded "/") are split before they are decoded.
+        app.router.add_route("*", "/{tail:.*}", self._handler)
+        return app
+
+    async def read(self, request: web.Request) -> APIRequest:
+        """Read the body of ``request`` and give it the server's next request id."""
+        body = await request.read()
+        return APIRequest(
+            method=request.method,
+            raw_path=request.rel_url.raw_path,
+            path=request.path,
+            query=request.query,
+            headers=request.headers,
+            body=body,
+            request_id=self.server.next_request_id(),
+        )
+
+    async def answer(self, request: web.Request) -> web.Response:
+        """The default handler: the server's answer, as it is."""
+        return to_web_response(self.server.handle(await self.read(request)))
+
+    async def start(self) -> None:
+        """Bind ``host:port`` (port 0 = a free one) and serve; sets :attr:`base_url`."""
+        name = self.server.name
+        if self._app_runner is not None:
+            raise RuntimeError(f"{name} is already started")
+        if self._closed:
+            raise RuntimeError(f"{name} is closed")
+        # A short shutdown timeout: a request parked in a slow handler should not hold up
+        # the end of the server.
+        app_runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=0.25
+        )
+        await app_runner.setup()
+        try:
+            site = web.TCPSite(app_runner, self.host, self.port, backlog=4096)
+            await site.start()
+        except BaseException:
+            await app_runner.cleanup()
+            raise
+        self._app_runner = app_runner
+        host, port = app_runner.addresses[0][:2]
+        self._base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self.server.public_url = self._base_url
+
+    async def close(self) -> None:
+        """Stop serving, then close the server's runner. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._app_runner is not None:
+                await self._app_runner.cleanup()
+                self._app_runner = None
+        finally:
+            await self.server.aclose()
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT`` once started."""
+        if self._base_url is None:
+            raise RuntimeError(f"{self.server.name} is not started: use 'async with' or start()")
+        return self._base_url
+
+
+def to_web_response(response: APIResponse) -> web.Response:
+    """The aiohttp response that sends ``response``."""
+    return web.Response(
+        status=response.status,
+        body=response.body,
+        content_type=response.content_type,
+        headers=response.headers,
+    )
+
+
 class LocalBackend:
     """The executions API on ``127.0.0.1``, running commands as local processes.
 
@@ -657,6 +824,8 @@ class LocalBackend:
         wake_delay: seconds a sleeping machine takes to wake.
         max_concurrency: commands running at once; the others wait ``queued``.
         announce: log a WARNING on start saying where it listens and whom it runs as.
+        clock: the time the server and the runner read (real time by default; see the
+            module docstring for what a fake clock moves).
     """
 
     def __init__(
@@ -669,28 +838,31 @@ class LocalBackend:
         wake_delay: float = 0.2,
         max_concurrency: int = 32,
         announce: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         self.data_dir: Path = Path(data_dir) if data_dir is not None else default_data_dir()
         self.machines_dir: Path = self.data_dir / "machines"
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self.runner = SubprocessRunner(
             self.machines_dir,
             output_cap=output_cap,
             idle_timeout=idle_timeout,
             wake_delay=wake_delay,
             max_concurrency=max_concurrency,
+            clock=self.clock,
         )
         self._api_key = secrets.token_urlsafe(32)
         self.announce = announce
-        #: The HTTP server (the fake's application, with :attr:`runner` behind it).
-        self.server = FakeDedalus(
+        #: The API's state and rules, with :attr:`runner` behind them.
+        self.server = ExecutionsServer(
             api_key=self._api_key,
             runner=self.runner,
-            host="127.0.0.1",
-            port=port,
+            clock=self.clock,
             output_cap=output_cap,
-            # a long-lived server must not keep every request body (stdin included)
-            record_requests=False,
+            name="LocalBackend",
         )
+        #: :attr:`server` on ``127.0.0.1:port``.
+        self.http = HTTPServer(self.server, host="127.0.0.1", port=port)
 
     def __repr__(self) -> str:
         try:
@@ -707,7 +879,7 @@ class LocalBackend:
     @property
     def base_url(self) -> str:
         """``http://127.0.0.1:PORT`` once started."""
-        return self.server.base_url
+        return self.http.base_url
 
     def machine_dir(self, machine_id: str) -> Path:
         """The directory a machine's commands run in (created by its first execution)."""
@@ -725,7 +897,7 @@ class LocalBackend:
     async def start(self) -> None:
         """Create the data directory and start serving (``async with`` does this)."""
         self.machines_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await self.server.start()
+        await self.http.start()
         if self.announce:
             logger.warning(
                 "dedalus-async local backend at %s runs commands as user %r on this computer, "
@@ -737,7 +909,7 @@ class LocalBackend:
 
     async def close(self) -> None:
         """Stop serving and kill every command still running. Safe to call twice."""
-        await self.server.close()
+        await self.http.close()
 
     async def __aenter__(self) -> LocalBackend:
         await self.start()

@@ -14,9 +14,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dedalus_async import AuthenticationError, ExecutionHandle, Session
+from dedalus_async import (
+    TERMINAL_STATUSES,
+    AuthenticationError,
+    Execution,
+    ExecutionHandle,
+    Session,
+)
 from dedalus_async._local import LocalBackend, default_data_dir, machine_dirname, resolve_cwd
-from dedalus_async.testing import FakeDedalus
+from dedalus_async.testing import FakeClock, FakeDedalus
 from dedalus_async.testing import pytest_plugin as plugin
 
 # The plugin's fixtures, by name (a conftest.py could enable the plugin instead).
@@ -339,6 +345,111 @@ async def test_output_is_streamed_while_the_command_runs(session: Session) -> No
     assert [chunk for chunk, _ in seen] == ["first\n", "second\n"]
     assert status_at_first == "running"
     assert seen[1][1] - seen[0][1] > 0.5, seen
+
+
+# --- time on an injected clock: real processes, no real waiting ---------------------------
+
+
+async def _settled(handle: ExecutionHandle, timeout: float = 10.0) -> Execution:
+    """Poll until terminal, every 10 ms of real time: the backend's hints are on its fake
+    clock, so a client honouring them would sleep for real."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        execution = await handle.refresh()
+        if execution.status in TERMINAL_STATUSES:
+            return execution
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{handle.execution_id} did not end within {timeout} s")
+
+
+async def test_wake_delay_and_idle_timeout_follow_the_clock(tmp_path: Path) -> None:
+    """An hour's wake and a day's idle timeout, on a FakeClock: the wake is exactly an
+    hour of the clock, and a machine falls asleep exactly when the clock says so."""
+    clock = FakeClock()
+    backend = LocalBackend(
+        data_dir=tmp_path, clock=clock, wake_delay=3600, idle_timeout=86400, announce=False
+    )
+    started = time.monotonic()
+    async with backend, backend.session() as session:
+        first = await session.create_execution(MACHINE, ["echo", "woke"])
+        assert first.last is not None
+        assert (first.last.status, first.last.retry_after_ms) == ("wake_in_progress", 3_600_000)
+        done = await _settled(first)
+        assert (done.status, (await first.output()).stdout) == ("succeeded", "woke\n")
+        assert done.started_at is not None
+        assert (done.started_at - done.created_at).total_seconds() == 3600
+
+        clock.advance(86400 - 0.001)  # idle for just under the timeout: still awake
+        awake = await session.create_execution(MACHINE, ["true"])
+        assert awake.last is not None
+        assert awake.last.status != "wake_in_progress"
+        await _settled(awake)
+
+        clock.advance(86400)  # idle for the whole timeout: asleep again
+        again = await session.create_execution(MACHINE, ["true"])
+        assert again.last is not None
+        assert again.last.status == "wake_in_progress"
+        assert (await _settled(again)).status == "succeeded"
+    assert time.monotonic() - started < 8
+
+
+async def test_timeout_ms_is_measured_on_the_clock(tmp_path: Path) -> None:
+    """A one-minute timeout on a FakeClock kills a real `sleep 60` at once (no minute
+    passes), and the record says it ran exactly 60 s of the clock."""
+    clock = FakeClock()
+    backend = LocalBackend(data_dir=tmp_path, clock=clock, wake_delay=0, announce=False)
+    started = time.monotonic()
+    async with backend, backend.session() as session:
+        handle = await session.create_execution(MACHINE, ["sleep", "60"], timeout_ms=60_000)
+        ex = await _settled(handle)
+    assert time.monotonic() - started < 8, "the process was not killed"
+    assert (ex.status, ex.error_code, ex.signal, ex.exit_code) == ("failed", "TIMEOUT", 9, None)
+    assert ex.started_at is not None
+    assert ex.completed_at is not None
+    assert (ex.completed_at - ex.started_at).total_seconds() == 60
+
+
+async def test_the_running_hint_grows_with_the_clock(tmp_path: Path) -> None:
+    """``retry_after_ms`` of a running command is a tenth of its run time on the clock,
+    from 50 ms up to 250 ms."""
+    clock = FakeClock()
+    backend = LocalBackend(data_dir=tmp_path, clock=clock, wake_delay=0, announce=False)
+    async with backend, backend.session() as session:
+        handle = await session.create_execution(MACHINE, ["sh", "-c", "echo up; sleep 60"])
+        assert await _first_stdout(handle) == "up\n"
+        hints = []
+        for ran in (0.0, 1.0, 2.0, 3600.0):
+            clock.advance(ran)
+            hints.append((await handle.refresh()).retry_after_ms)
+        cancelled = await handle.cancel()
+    assert hints == [50, 100, 250, 250]
+    assert (cancelled.status, cancelled.signal) == ("cancelled", 9)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"output_cap": True}, "output_cap must be an int, not bool"),
+        ({"max_concurrency": 2.0}, "max_concurrency must be an int, not float"),
+        ({"idle_timeout": "5"}, "idle_timeout must be seconds"),
+        ({"wake_delay": False}, "wake_delay must be seconds"),
+    ],
+)
+def test_runner_settings_of_the_wrong_type_are_refused(
+    options: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    """A bool is not a count nor seconds; a float is not a count: TypeError, named."""
+    with pytest.raises(TypeError, match=message):
+        LocalBackend(data_dir=tmp_path, **options)
+
+
+def test_an_infinite_idle_timeout_means_never_asleep_again(tmp_path: Path) -> None:
+    """``idle_timeout=math.inf`` is allowed (a machine stays awake once it ran); an
+    infinite or NaN wake is not."""
+    assert LocalBackend(data_dir=tmp_path, idle_timeout=math.inf).runner.idle_timeout == math.inf
+    for bad in (math.inf, math.nan, -0.5):
+        with pytest.raises(ValueError, match="wake_delay must be >= 0 and finite seconds"):
+            LocalBackend(data_dir=tmp_path, wake_delay=bad)
 
 
 # --- machines: sleep, wake, names, concurrency -----------------------------------------

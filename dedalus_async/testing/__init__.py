@@ -15,9 +15,10 @@ delays; :class:`RecordedRequest` is what the fake saw; :class:`ExecutionRecord` 
 server-side state of one execution.
 """
 
+from dedalus_async._records import ExecutionRecord, Runner
+
 from ._clock import FakeClock
 from ._fake import FakeDedalus, Fault, RecordedRequest
-from ._fake_records import ExecutionRecord, Runner
 from ._fake_script import Outcome, Phase, Script, ScriptedRunner
 
 __all__ = [

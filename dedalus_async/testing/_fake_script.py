@@ -40,8 +40,7 @@ import attrs
 
 from dedalus_async._clock import Clock, SystemClock
 from dedalus_async._models import TERMINAL_STATUSES
-
-from ._fake_records import ExecutionRecord, to_millis
+from dedalus_async._records import ExecutionRecord, to_millis
 
 __all__ = ["Outcome", "Phase", "Script", "ScriptFactory", "ScriptedRunner"]
 

@@ -1,4 +1,4 @@
-"""Server-side execution state, shared by every runner behind the fake server.
+"""Server-side execution state, shared by the executions server and every runner behind it.
 
 An :class:`ExecutionRecord` is the mutable truth about one execution. A :class:`Runner`
 moves it through its statuses with :meth:`ExecutionRecord.transition` (non-terminal
@@ -8,8 +8,9 @@ record's event log, so the ``/events`` endpoint needs no bookkeeping of its own.
 server turns a record into wire JSON with :meth:`ExecutionRecord.to_json` and
 :meth:`ExecutionRecord.output_json`.
 
-Nothing here knows about HTTP, so the scripted runner and a runner that starts real
-subprocesses share the same transitions.
+Nothing here knows about HTTP, so the test kit's scripted runner and the local backend's
+runner, which starts real subprocesses, share the same transitions. Production code: the
+test kit (:mod:`dedalus_async.testing`) builds on this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class EventRecord:
 
 @attrs.define(eq=False)
 class ExecutionRecord:
-    """The fake server's mutable state for one execution.
+    """The server's mutable state for one execution.
 
     ``env`` (values included) and ``stdin`` are kept server-side only; the wire shows
     ``env_keys``. Output accumulates through :meth:`append_output` only, which also keeps
@@ -323,7 +324,7 @@ def _joined(parts: list[str]) -> str:
 
 @runtime_checkable
 class Runner(Protocol):
-    """Plays executions for :class:`~dedalus_async.testing.FakeDedalus`.
+    """Plays executions for :class:`~dedalus_async._server.ExecutionsServer`.
 
     The server owns HTTP, idempotency and storage; the runner owns what an execution
     does, through the record's :meth:`~ExecutionRecord.transition`,
@@ -346,5 +347,5 @@ class Runner(Protocol):
         ...
 
     async def aclose(self) -> None:
-        """Release whatever the runner holds (called by ``FakeDedalus.close``)."""
+        """Release whatever the runner holds (called by ``ExecutionsServer.aclose``)."""
         ...
