@@ -1,9 +1,14 @@
-"""The one cattrs converter: wire dicts in, frozen models out.
+"""The one cattrs converter: wire dicts in, frozen models out, and back.
 
 Structuring is strict about types (a number where a string belongs is an error, not a
 silent ``str(5)``) and lenient about shape (unknown keys are ignored, optional keys may be
 missing). The fast converter runs first; only when it fails does a detailed one run again to
 name the offending field in :class:`~dedalus_async.ResponseDecodeError`.
+
+Unstructuring (:func:`unstructure`) is the way back, for whoever prints models as JSON (the
+command line): field names as the API spells them, ``None`` fields left out, tuples as
+lists, times as RFC 3339 text in UTC with ``Z``. What it produces, :func:`structure` reads
+back to an equal model.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import attrs
 import cattrs
 import cattrs.gen
 
@@ -28,7 +34,7 @@ from ._models import (
     LogStatus,
 )
 
-__all__ = ["structure"]
+__all__ = ["structure", "unstructure"]
 
 T = TypeVar("T")
 
@@ -183,8 +189,50 @@ def _bound(hook: Callable[[object, Any], T], cls: type[T]) -> Callable[[object, 
     return lambda value, _: hook(value, cls)
 
 
+# --- the way back: models to JSON-ready dicts ------------------------------------------
+
+
+def _unstructure_datetime(value: datetime) -> str:
+    # milliseconds, the API's own precision, when they lose nothing; microseconds otherwise,
+    # so that structure() reads back the same instant
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)  # as the decoder reads a time without an offset
+    utc = value.astimezone(UTC).replace(tzinfo=None)
+    timespec = "milliseconds" if utc.microsecond % 1000 == 0 else "microseconds"
+    return utc.isoformat(timespec=timespec) + "Z"
+
+
+def _is_tuple(type_: Any) -> bool:
+    # the fields say tuple[X, ...] | None; cattrs dispatches on the value's class, tuple
+    return type_ is tuple or getattr(type_, "__origin__", None) is tuple
+
+
+# field overrides travel as **kwargs beside cattrs' own keyword flags, which a dict of them
+# cannot be checked against: typed loosely, on purpose
+_make_unstructure_fn: Callable[..., Callable[[Any], dict[str, Any]]] = (
+    cattrs.gen.make_dict_unstructure_fn
+)
+
+
+def _add_unstructure_hooks(conv: cattrs.Converter) -> None:
+    def unstructure_tuple(value: tuple[Any, ...]) -> list[Any]:
+        return [conv.unstructure(item) for item in value]
+
+    def record_hook(cls: type[Any]) -> Callable[[Any], dict[str, Any]]:
+        # a field whose default is None is absent when None: the API's optional fields
+        omit = cattrs.gen.override(omit_if_default=True)
+        none_default = {f.name: omit for f in attrs.fields(cls) if f.default is None}
+        return _make_unstructure_fn(cls, conv, **none_default)
+
+    conv.register_unstructure_hook(datetime, _unstructure_datetime)
+    conv.register_unstructure_hook_func(_is_tuple, unstructure_tuple)
+    conv.register_unstructure_hook_factory(attrs.has, record_hook)
+
+
 _FAST = _make(detailed=False)
 _DETAILED = _make(detailed=True)
+# One converter for both directions: the fast one also turns models back into dicts.
+_add_unstructure_hooks(_FAST)
 
 # Generated once per model: cattrs compiles a structuring function for each class.
 _FAST_FNS: dict[type[Any], Callable[[Any, Any], Any]] = {
@@ -224,6 +272,16 @@ def structure(data: object, cls: type[T]) -> T:
         raise ResponseDecodeError(f"invalid {cls.__name__} in response: {exc}") from exc
     # The fast path failed but the detailed one did not: should not happen; say so plainly.
     raise ResponseDecodeError(f"invalid {cls.__name__} in response")
+
+
+def unstructure(model: attrs.AttrsInstance) -> dict[str, Any]:
+    """``model`` as a JSON-ready dict; :func:`structure` turns it back into an equal one.
+
+    Field names are the API's; ``None`` fields are left out; byte counts stay ints (the
+    decoder reads an int where the wire has a string of digits).
+    """
+    result: dict[str, Any] = _FAST.unstructure(model)
+    return result
 
 
 def _field_of(message: str) -> str | None:

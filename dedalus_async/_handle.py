@@ -27,7 +27,7 @@ from ._policy import (
     next_poll,
     resolve_timeout,
 )
-from ._results import ExecutionResult, WaitStats, has_output
+from ._results import ExecutionResult, WaitStats, may_have_output
 from ._waiting import WaitLoop, changed_from, is_terminal
 
 __all__ = ["Client", "EventStream", "ExecutionHandle", "read_result"]
@@ -189,7 +189,7 @@ async def read_result(
     handle: ExecutionHandle, execution: Execution, *, check: bool
 ) -> ExecutionResult:
     """The end of a run: fetch the output, build the result, raise only if asked."""
-    output = await handle.output() if has_output(execution) else None
+    output = await handle.output() if may_have_output(execution) else None
     result = ExecutionResult(
         execution=execution,
         stdout=(output.stdout if output else None) or "",

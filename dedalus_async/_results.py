@@ -1,4 +1,6 @@
-"""What a finished wait or run hands back: the result record and its telemetry."""
+"""What a finished wait or run hands back: the result record and its telemetry, and the two
+rules about a finished execution that every user of it shares (did it go well, is there
+output to fetch)."""
 
 from __future__ import annotations
 
@@ -6,18 +8,18 @@ import attrs
 
 from ._models import Execution, ExecutionOutput, ExecutionStatus
 
-__all__ = ["ExecutionResult", "WaitStats", "has_output", "is_ok"]
+__all__ = ["ExecutionResult", "WaitStats", "execution_ok", "may_have_output"]
 
 
-def has_output(execution: Execution) -> bool:
-    """Whether fetching the output can return anything: not when the server reports both
-    sizes as zero (a size it leaves out may be anything)."""
-    return execution.stdout_bytes != 0 or execution.stderr_bytes != 0
-
-
-def is_ok(execution: Execution) -> bool:
-    """Succeeded, and the command exited 0 (or the server gave no exit code)."""
+def execution_ok(execution: Execution) -> bool:
+    """True when the execution succeeded and the command exited 0 (or gave no exit code)."""
     return execution.status == ExecutionStatus.SUCCEEDED and execution.exit_code in (0, None)
+
+
+def may_have_output(execution: Execution) -> bool:
+    """False only when the server reports both output sizes as zero: then ``GET /output``
+    has nothing to return and is not worth a request (an unknown size may be anything)."""
+    return execution.stdout_bytes != 0 or execution.stderr_bytes != 0
 
 
 @attrs.frozen(kw_only=True)
@@ -60,4 +62,4 @@ class ExecutionResult:
     @property
     def ok(self) -> bool:
         """True when the execution succeeded and the command exited 0."""
-        return is_ok(self.execution)
+        return execution_ok(self.execution)

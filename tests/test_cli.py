@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -21,16 +22,19 @@ from typing import Any
 import pytest
 
 import dedalus_async
-from dedalus_async import Execution
+from dedalus_async import Execution, ExecutionEvent, ExecutionOutput
 from dedalus_async._cli import (
     EXIT_API_ERROR,
     EXIT_CANCELLED,
     EXIT_EXPIRED,
     EXIT_REMOTE_FAILED,
     EXIT_WAIT_TIMEOUT,
+    build_parser,
     exit_code_for,
     main,
 )
+from dedalus_async._cli._commands import COMMANDS
+from dedalus_async._convert import structure
 from dedalus_async._local import machine_dirname
 
 REPO = Path(dedalus_async.__file__).resolve().parent.parent
@@ -845,3 +849,74 @@ def test_main_says_when_output_was_truncated(
     assert (status, out) == (0, b"o" * 1000)
     assert "stdout was truncated by the server: the command wrote 3000 bytes, 1000" in err
     assert "stderr was truncated by the server: the command wrote 2000 bytes, 1000" in err
+
+
+async def test_printed_models_decode_to_what_the_server_sent(
+    home: Path, server: dict[str, str]
+) -> None:
+    """get/output/events/list print models in a form our decoder reads back unchanged."""
+    env = _remote(server)
+    machine = "dm-5d0c1e64-1f7a-5b7e-9d43-2c8f6a1b0e95"
+    run = _cli(home, "run", "--json", "--machine-id", machine, "--", "echo", "ü", env=env)
+    execution_id = json.loads(run.stdout)["execution"]["execution_id"]
+    got, output, events, listed = (
+        [json.loads(line) for line in proc.stdout.splitlines()]
+        for proc in _cli_parallel(
+            home,
+            ["get", machine, execution_id],
+            ["output", machine, execution_id],
+            ["events", machine, execution_id],
+            ["list", machine],
+            env=env,
+        )
+    )
+    key, url = server["DEDALUS_X_API_KEY"], server["DEDALUS_BASE_URL"]
+    async with dedalus_async.Session(key, base_url=url, auth_scheme="x-api-key") as session:
+        execution = await session.get_execution(machine, execution_id)
+        assert [structure(e, Execution) for e in got + listed] == [execution, execution]
+        assert structure(output[0], ExecutionOutput) == await session.get_output(
+            machine, execution_id
+        )
+        sent = [e async for e in session.iter_events(machine, execution_id)]
+        assert [structure(e, ExecutionEvent) for e in events] == sent
+
+
+def test_every_subcommand_has_a_command() -> None:
+    """The parser's subcommands and the functions that run them are the same set."""
+    parser = build_parser()
+    (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(COMMANDS)
+
+
+def test_main_run_many_reports_a_wait_timeout_on_its_line(
+    in_process: Path, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """A request's own timeout passing is a not-ok line with the error and the snapshot."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"command": ["sleep", "5"], "timeout": 0.2}\n{"command": ["true"]}\n')
+    code, out, _ = _main(capsysbinary, "run-many", str(source))
+    assert code == 1
+    slow, fast = (json.loads(line) for line in out.splitlines())
+    assert (slow["index"], slow["ok"], slow["error"]["type"]) == (0, False, "WaitTimeout")
+    assert slow["execution"]["status"] in ("queued", "running")
+    assert (fast["index"], fast["ok"], fast["error"]) == (1, True, None)
+
+
+def test_main_input_problems_are_usage_errors(
+    in_process: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    """Stdin that is not UTF-8, and a request without a machine where none is implied."""
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe")
+    code, out, err = _main(capsysbinary, "run", "--stdin-file", str(binary), "--", "cat")
+    assert (code, out) == (2, b"")
+    assert "--stdin-file must be UTF-8 text" in err
+    monkeypatch.setenv("DEDALUS_X_API_KEY", "a-configured-key")  # not local: no dm-local
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"command": ["true"]}\n')
+    code, out, err = _main(capsysbinary, "run-many", str(source))
+    assert (code, out) == (2, b"")
+    assert f"{source}:1: no machine_id, and no --machine-id was given" in err

@@ -1,0 +1,315 @@
+"""What each subcommand does, built on the library's public calls.
+
+``run`` creates an execution and follows its event log (or waits, with ``--json``);
+``run-many`` hands a file of requests to :meth:`Session.as_completed`; ``get``,
+``output``, ``events``, ``cancel`` and ``list`` print what the server answers;
+``serve-local`` runs a :class:`~dedalus_async.LocalBackend` until stopped. Each returns the
+process exit code, or raises what :func:`dedalus_async._cli.main` turns into one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine
+from typing import IO, Any, Final
+
+from dedalus_async._errors import WaitTimeout
+from dedalus_async._fanout import ExecutionRequest
+from dedalus_async._models import Execution
+from dedalus_async._results import may_have_output
+from dedalus_async._session import ExecutionHandle, Session
+
+from ._inputs import load_requests, read_stdin_file
+from ._outcomes import EXIT_SOME_FAILED, EXIT_WAIT_TIMEOUT, UsageError, describe_end, exit_code_for
+from ._output import Context, ProgressLine, completed_document, json_line, result_document
+from ._sessions import cancel_quietly, default_machine, remote_session, session_for_runs
+
+__all__ = ["COMMANDS", "Command"]
+
+#: A subcommand: parsed arguments and the context in, exit code out.
+Command = Callable[[argparse.Namespace, Context], Coroutine[Any, Any, int]]
+
+
+# --- run -------------------------------------------------------------------------------
+
+
+def _command_of(args: argparse.Namespace) -> list[str]:
+    argv = list(args.argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("run needs a command: dedalus-async run [OPTIONS] -- CMD [ARG ...]")
+    return argv
+
+
+async def run(args: argparse.Namespace, ctx: Context) -> int:
+    """``run``: one execution, its output streamed (or one JSON object), its exit code."""
+    argv = _command_of(args)
+    stdin = read_stdin_file(args.stdin_file)
+    env = dict(args.env) if args.env else None
+    machine = default_machine(args)
+    if machine is None:
+        raise UsageError("--machine-id is required (or set DEDALUS_MACHINE_ID)")
+    async with session_for_runs(args, ctx) as (session, backend):
+        handle: ExecutionHandle | None = None
+        deadline: asyncio.Timeout | None = None
+        shown = {"stdout": 0, "stderr": 0}
+        try:
+            handle = await session.create_execution(
+                machine,
+                argv,
+                cwd=args.cwd,
+                env=env,
+                stdin=stdin,
+                timeout_ms=args.timeout_ms,
+                idempotency_key=args.idempotency_key,
+            )
+            async with asyncio.timeout(args.timeout) as deadline:
+                if args.json:
+                    execution = await handle.wait(timeout=None)
+                else:
+                    execution, shown = await _stream(handle, ctx)
+        except TimeoutError:
+            if deadline is None or not deadline.expired() or handle is None:
+                raise
+            return await _wait_timed_out(args, ctx, handle, backend is not None)
+        except asyncio.CancelledError:
+            if args.cancel_remote and handle is not None:
+                await cancel_quietly(handle, ctx)
+            raise
+        if args.json:
+            ctx.write_json(await _finished_document(handle, execution))
+        else:
+            _report_end(ctx, execution, shown)
+        return exit_code_for(execution)
+
+
+async def _stream(handle: ExecutionHandle, ctx: Context) -> tuple[Execution, dict[str, int]]:
+    """Print output events as they arrive; return the final execution and bytes shown."""
+    shown = {"stdout": 0, "stderr": 0}
+    async for event in handle.events(follow=True):
+        if event.type not in shown or not event.chunk:
+            continue
+        data = event.chunk.encode("utf-8", "replace")
+        shown[event.type] += len(data)
+        if event.type == "stdout":
+            ctx.stdout.write(data)
+            ctx.stdout.flush()
+        else:
+            ctx.stderr.flush()  # keep our own notes and the command's stderr in order
+            ctx.stderr_bytes.write(data)
+            ctx.stderr_bytes.flush()
+    last = handle.last
+    if last is None or not last.is_terminal:
+        last = await handle.wait(timeout=None)
+    return last, shown
+
+
+async def _finished_document(handle: ExecutionHandle, execution: Execution) -> dict[str, Any]:
+    """``run --json``'s object: the execution and its output, fetched only if there is any."""
+    stdout = stderr = ""
+    if may_have_output(execution):
+        output = await handle.output()
+        stdout, stderr = output.stdout or "", output.stderr or ""
+    return result_document(execution, stdout=stdout, stderr=stderr)
+
+
+def _report_end(ctx: Context, execution: Execution, shown: dict[str, int]) -> None:
+    """After streamed output: what the server cut, and how the execution ended."""
+    for stream in ("stdout", "stderr"):
+        if getattr(execution, f"{stream}_truncated"):
+            total = getattr(execution, f"{stream}_bytes")
+            ctx.note(
+                f"{stream} was truncated by the server: the command wrote {total} bytes, "
+                f"{shown[stream]} were kept"
+            )
+    ending = describe_end(execution)
+    if ending is not None:
+        ctx.note(ending)
+
+
+async def _wait_timed_out(
+    args: argparse.Namespace, ctx: Context, handle: ExecutionHandle, local: bool
+) -> int:
+    where = f"{handle.machine_id} {handle.execution_id}"
+    message = f"execution {handle.execution_id} did not finish within {args.timeout:g} s"
+    if args.cancel_remote:
+        await cancel_quietly(handle, ctx)
+    elif local:
+        message += "; the local backend stops it on exit"
+    else:
+        message += f"; it keeps running (dedalus-async get {where})"
+    if args.json:
+        error = WaitTimeout(message, ref=handle.ref, last=handle.last, timeout=args.timeout)
+        ctx.write_json(result_document(handle.last, error=error))
+    ctx.error(message)
+    return EXIT_WAIT_TIMEOUT
+
+
+# --- run-many --------------------------------------------------------------------------
+
+
+def _open_output(name: str) -> IO[bytes]:
+    # opened before any execution starts, so a bad path costs nothing; opening a local
+    # file is not worth a thread
+    try:
+        return open(name, "wb")  # the caller closes it
+    except OSError as exc:
+        raise UsageError(f"cannot write {name}: {exc.strerror}") from None
+
+
+async def run_many(args: argparse.Namespace, ctx: Context) -> int:
+    """``run-many``: every request of a file, one result line each, in input order."""
+    requests = load_requests(args.file, default_machine(args), args.timeout)
+    out = _open_output(args.output) if args.output else ctx.stdout
+    try:
+        async with session_for_runs(args, ctx) as (session, _backend):
+            return await _fan_out(args, session, requests, out, ProgressLine(ctx.stderr))
+    finally:
+        if out is not ctx.stdout:
+            out.close()
+
+
+async def _fan_out(
+    args: argparse.Namespace,
+    session: Session,
+    requests: list[ExecutionRequest],
+    out: IO[bytes],
+    progress: ProgressLine,
+) -> int:
+    """Session.as_completed does the work; lines are written in input order, each as soon
+    as every earlier one is written."""
+    pending: dict[int, dict[str, Any]] = {}
+    written = 0
+    try:
+        async with session.as_completed(
+            requests,
+            concurrency=args.concurrency,
+            return_exceptions=True,
+            cancel_remote=args.cancel_remote,
+            on_progress=progress,
+        ) as completed:
+            async for item in completed:
+                pending[item.index] = completed_document(item)
+                if not pending[item.index]["ok"]:
+                    progress.not_ok += 1
+                    progress()
+                while written in pending:
+                    out.write(json_line(pending.pop(written)))
+                    written += 1
+                out.flush()
+    finally:
+        progress.close()
+    return EXIT_SOME_FAILED if progress.not_ok else 0
+
+
+# --- lookups ---------------------------------------------------------------------------
+
+
+async def get(args: argparse.Namespace, ctx: Context) -> int:
+    """``get``: the execution as JSON."""
+    async with remote_session(args) as session:
+        ctx.write_model(await session.get_execution(args.machine_id, args.execution_id))
+    return 0
+
+
+async def output(args: argparse.Namespace, ctx: Context) -> int:
+    """``output``: its captured stdout and stderr as JSON."""
+    async with remote_session(args) as session:
+        ctx.write_model(await session.get_output(args.machine_id, args.execution_id))
+    return 0
+
+
+async def cancel(args: argparse.Namespace, ctx: Context) -> int:
+    """``cancel``: DELETE it, print what the server reports."""
+    async with remote_session(args) as session:
+        ctx.write_model(await session.delete_execution(args.machine_id, args.execution_id))
+    return 0
+
+
+async def events(args: argparse.Namespace, ctx: Context) -> int:
+    """``events``: its event log as JSON lines (``--follow``: until it ends)."""
+    async with remote_session(args) as session:
+        stream = session.iter_events(
+            args.machine_id, args.execution_id, cursor=args.cursor, follow=args.follow
+        )
+        async for event in stream:
+            ctx.write_model(event)
+    return 0
+
+
+async def list_executions(args: argparse.Namespace, ctx: Context) -> int:
+    """``list``: a machine's executions as JSON lines, oldest first."""
+    async with remote_session(args) as session:
+        async for execution in session.list_executions(args.machine_id, limit=args.limit):
+            ctx.write_model(execution)
+    return 0
+
+
+# --- serve-local -----------------------------------------------------------------------
+
+
+async def serve_local(args: argparse.Namespace, ctx: Context) -> int:
+    """``serve-local``: the API on 127.0.0.1 until Ctrl-C or SIGTERM."""
+    from dedalus_async._local import DEFAULT_OUTPUT_CAP, LocalBackend, current_user
+
+    backend = LocalBackend(
+        data_dir=args.data_dir,
+        port=args.port,
+        output_cap=args.output_cap or DEFAULT_OUTPUT_CAP,
+        idle_timeout=300.0 if args.idle_timeout is None else args.idle_timeout,
+        announce=False,
+    )
+    try:
+        await backend.start()
+    except OSError as exc:
+        raise UsageError(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror}") from None
+    try:
+        # serve-local exists to hand this key out: it is the one place it is printed
+        ctx.stdout.write(
+            f"export DEDALUS_BASE_URL={backend.base_url}\n"
+            f"export DEDALUS_X_API_KEY={backend.api_key}\n".encode()
+        )
+        ctx.stdout.flush()
+        ctx.secrets.add(backend.api_key)
+        ctx.note(
+            f"WARNING: serving at {backend.base_url}: every command it receives runs as user "
+            f"{current_user()!r} on this computer, without a sandbox"
+        )
+        ctx.note(
+            f"machines live in {backend.machines_dir}; unset DEDALUS_API_KEY in the client's "
+            "shell (it takes precedence); stop with Ctrl-C"
+        )
+        await _until_stopped()
+        ctx.note("stopping: killing the commands still running")
+    finally:
+        await backend.close()
+    return 0
+
+
+async def _until_stopped() -> None:
+    """Wait for Ctrl-C or SIGTERM (serve-local's normal end, exit 0)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+#: The function of each subcommand, by the name the parser gives it.
+COMMANDS: Final[dict[str, Command]] = {
+    "run": run,
+    "run-many": run_many,
+    "get": get,
+    "output": output,
+    "events": events,
+    "cancel": cancel,
+    "list": list_executions,
+    "serve-local": serve_local,
+}

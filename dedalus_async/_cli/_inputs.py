@@ -1,0 +1,80 @@
+"""What the user hands in besides arguments: ``run --stdin-file`` and ``run-many``'s
+JSON-lines file, read and checked completely before anything runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Final
+
+from dedalus_async._fanout import ExecutionRequest
+
+from ._outcomes import UsageError
+
+__all__ = ["load_requests", "read_stdin_file"]
+
+_REQUEST_FIELDS: Final = frozenset(
+    ("machine_id", "command", "cwd", "env", "stdin", "timeout_ms", "idempotency_key", "timeout")
+)
+
+
+def read_stdin_file(name: str | None) -> str | None:
+    """The text ``--stdin-file`` names ('-' = this process's stdin), or None without one."""
+    if name is None:
+        return None
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(name, "rb") as file:
+                data = file.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read --stdin-file {name}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(
+            "--stdin-file must be UTF-8 text: the API carries stdin as a string"
+        ) from None
+
+
+def load_requests(name: str, machine: str | None, timeout: float | None) -> list[ExecutionRequest]:
+    """Parse and check every line first: a typo on line 900 must not surface mid-run."""
+    requests: list[ExecutionRequest] = []
+    for number, line in enumerate(_read_lines(name), 1):
+        if line.strip():
+            requests.append(_request(f"{name}:{number}", line, machine, timeout))
+    return requests
+
+
+def _read_lines(name: str) -> list[str]:
+    try:
+        if name == "-":
+            return sys.stdin.read().splitlines()
+        with open(name, encoding="utf-8") as file:
+            return file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {name}: {exc}") from None
+
+
+def _request(where: str, line: str, machine: str | None, timeout: float | None) -> ExecutionRequest:
+    """One line as a request; the command-line defaults fill what it leaves out."""
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise UsageError(f"{where}: not JSON: {exc}") from None
+    if not isinstance(item, dict):
+        raise UsageError(f"{where}: each line must be a JSON object")
+    unknown = sorted(set(item) - _REQUEST_FIELDS)
+    if unknown:
+        raise UsageError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    # a null field means "not given": the command-line default applies
+    given = {k: v for k, v in item.items() if v is not None}
+    fields = {"machine_id": machine, "timeout": timeout, **given}
+    if fields["machine_id"] is None:
+        raise UsageError(f"{where}: no machine_id, and no --machine-id was given")
+    try:
+        # ExecutionRequest checks every field as the API would
+        return ExecutionRequest(**fields)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where}: {exc}") from None

@@ -1,0 +1,94 @@
+"""Which server a command talks to: the configured one, or an in-process local backend when
+no API key is configured (or with ``--local``); and the time-boxed cancel that Ctrl-C and
+``--timeout`` use with ``--cancel-remote``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Final
+
+from dedalus_async._errors import DedalusError
+from dedalus_async._session import ExecutionHandle, Session
+
+from ._outcomes import UsageError
+from ._output import Context
+
+if TYPE_CHECKING:
+    from dedalus_async._local import LocalBackend
+
+__all__ = [
+    "DEFAULT_LOCAL_MACHINE",
+    "KEY_VARIABLES",
+    "cancel_quietly",
+    "default_machine",
+    "remote_session",
+    "session_for_runs",
+]
+
+#: The machine id ``run`` uses locally when none is given.
+DEFAULT_LOCAL_MACHINE: Final = "dm-local"
+#: Where an API key can come from; their values are masked in everything printed.
+KEY_VARIABLES: Final = ("DEDALUS_API_KEY", "DEDALUS_X_API_KEY")
+_CANCEL_TIMEOUT: Final = 10.0
+
+
+def _has_key() -> bool:
+    return any(os.environ.get(name) for name in KEY_VARIABLES)
+
+
+def _runs_locally(args: argparse.Namespace) -> bool:
+    return bool(args.local) or not _has_key()
+
+
+def default_machine(args: argparse.Namespace) -> str | None:
+    """--machine-id, else $DEDALUS_MACHINE_ID, else dm-local when local, else None."""
+    machine = args.machine_id or os.environ.get("DEDALUS_MACHINE_ID") or None
+    if machine is None and _runs_locally(args):
+        return DEFAULT_LOCAL_MACHINE
+    return machine
+
+
+@contextlib.asynccontextmanager
+async def session_for_runs(
+    args: argparse.Namespace, ctx: Context
+) -> AsyncIterator[tuple[Session, LocalBackend | None]]:
+    """A session for run/run-many: the configured server, or an in-process local backend
+    (yielded too, when there is one)."""
+    if not _runs_locally(args):
+        async with Session(base_url=args.base_url) as session:
+            yield session, None
+        return
+    if args.base_url:
+        raise UsageError("--base-url needs an API key; the local backend has its own URL")
+    # imported here: the local backend pulls in aiohttp's server side, which the commands
+    # that only talk to a server never need
+    from dedalus_async._local import LocalBackend, current_user
+
+    # A fresh in-process backend would make every run wait for an emulated wake: that
+    # emulation is for long-lived backends (serve-local), not for one-shot runs.
+    async with LocalBackend(announce=False, wake_delay=0) as backend:
+        ctx.secrets.add(backend.api_key)
+        why = "--local" if args.local else "no API key configured (DEDALUS_API_KEY)"
+        where = backend.machine_dir(default_machine(args) or DEFAULT_LOCAL_MACHINE)
+        ctx.note(f"{why}: running locally as user {current_user()!r} in {where} (not sandboxed)")
+        async with backend.session() as session:
+            yield session, backend
+
+
+def remote_session(args: argparse.Namespace) -> Session:
+    """A session with the configured server (get, output, events, cancel, list)."""
+    return Session(base_url=args.base_url)
+
+
+async def cancel_quietly(handle: ExecutionHandle, ctx: Context) -> None:
+    """DELETE the execution, time-boxed; a failure is reported, not raised."""
+    try:
+        async with asyncio.timeout(_CANCEL_TIMEOUT):
+            execution = await handle.cancel()
+        ctx.note(f"cancelled execution {handle.execution_id} ({execution.status})")
+    except (DedalusError, TimeoutError) as exc:
+        ctx.error(f"could not cancel execution {handle.execution_id}: {exc}")
