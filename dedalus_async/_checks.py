@@ -11,6 +11,7 @@ always a mistake: every numeric check refuses bools.
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 __all__ = [
     "check_count",
@@ -21,12 +22,12 @@ __all__ = [
 ]
 
 
-def is_number(value: object) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
     """An ``int`` or ``float`` that is not a ``bool``."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     """An ``int`` that is not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -35,7 +36,6 @@ def check_count(name: str, value: object, *, minimum: int = 1) -> int:
     """An ``int`` of at least ``minimum`` (sizes, limits, concurrency)."""
     if not is_int(value):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    assert isinstance(value, int)
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return value
@@ -52,7 +52,6 @@ def check_seconds(name: str, value: object, *, none_means: str | None = None) ->
         return None
     if not is_number(value):
         raise TypeError(f"{name} must be seconds{or_none}, not {type(value).__name__}")
-    assert isinstance(value, int | float)
     try:
         seconds = float(value)
     except OverflowError:  # an int beyond the float range is no finite number of seconds

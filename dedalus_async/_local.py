@@ -1,12 +1,13 @@
 """The local backend: the executions API served on loopback, running real subprocesses.
 
 :class:`LocalBackend` is the API's rules (:class:`~dedalus_async._server.ExecutionsServer`:
-auth, idempotency, pagination, events) served over HTTP by :class:`HTTPServer`, with
-:class:`SubprocessRunner` as the :class:`~dedalus_async._records.Runner`: it runs every
-command as a real process **as the current user, without a sandbox**. It binds to
-``127.0.0.1`` only and requires an API key drawn at random on every start.
-:class:`HTTPServer` is this module's only use of aiohttp; the test kit's
-:class:`~dedalus_async.testing.FakeDedalus` serves the same rules through it.
+auth, idempotency, pagination, events) served over HTTP by
+:class:`~dedalus_async._http_server.HTTPServer`, with :class:`SubprocessRunner` as the
+:class:`~dedalus_async._records.Runner`: it runs every command as a real process **as the
+current user, without a sandbox**. It binds to ``127.0.0.1`` only and requires an API key
+drawn at random on every start.
+The test kit's :class:`~dedalus_async.testing.FakeDedalus` serves the same rules through
+the same :class:`~dedalus_async._http_server.HTTPServer`.
 
 What an execution does, precisely (the real service documents none of this; these are the
 local backend's choices):
@@ -105,26 +106,24 @@ import re
 import secrets
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, Final
 
 import attrs
-from aiohttp import web
 
 from ._checks import check_count, is_number
 from ._clock import Clock, SystemClock
+from ._http_server import HTTPServer
 from ._records import ExecutionRecord, to_millis
-from ._server import APIRequest, APIResponse, ExecutionsServer
+from ._server import ExecutionsServer
 from ._session import Session
 
 __all__ = [
     "DEFAULT_OUTPUT_CAP",
     "LOG_CAPTURE",
     "MACHINE_HOME",
-    "HTTPServer",
     "LocalBackend",
     "SubprocessRunner",
     "current_user",
@@ -687,119 +686,6 @@ def _set_bytes(record: ExecutionRecord, stream: str, total: int) -> None:
         record.stdout_bytes = total
     else:
         record.stderr_bytes = total
-
-
-#: What answers one HTTP request (the test kit puts faults and a request log around it).
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class HTTPServer:
-    """Serves an :class:`~dedalus_async._server.ExecutionsServer` over HTTP, with aiohttp.
-
-    Every request goes to ``handler``, by default :meth:`answer`: the body is read, the
-    server answers it, and the answer is sent as it is. :meth:`close` stops serving and
-    closes the server's runner; the server's ``name`` appears in the messages.
-    """
-
-    def __init__(
-        self,
-        server: ExecutionsServer,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        handler: Handler | None = None,
-    ) -> None:
-        self.server = server
-        self.host = host
-        self.port = port
-        self._handler: Handler = handler if handler is not None else self.answer
-        self._app_runner: web.AppRunner | None = None
-        self._base_url: str | None = None
-        self._closed = False
-        #: the application :meth:`start` serves (made here, so middlewares can be added)
-        self.app: web.Application = self.make_app()
-
-    def __repr__(self) -> str:
-        return f"<HTTPServer {self._base_url or 'not started'} serving {self.server!r}>"
-
-    def make_app(self) -> web.Application:
-        """A new aiohttp application serving the same server (e.g. for aiohttp's
-        ``TestServer``); :attr:`app` is one made at construction."""
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        # One catch-all route: the server routes on the raw path itself, so percent-encoded
-        # ids (even an encoded "/") are split before they are decoded.
-        app.router.add_route("*", "/{tail:.*}", self._handler)
-        return app
-
-    async def read(self, request: web.Request) -> APIRequest:
-        """Read the body of ``request`` and give it the server's next request id."""
-        body = await request.read()
-        return APIRequest(
-            method=request.method,
-            raw_path=request.rel_url.raw_path,
-            path=request.path,
-            query=request.query,
-            headers=request.headers,
-            body=body,
-            request_id=self.server.next_request_id(),
-        )
-
-    async def answer(self, request: web.Request) -> web.Response:
-        """The default handler: the server's answer, as it is."""
-        return to_web_response(self.server.handle(await self.read(request)))
-
-    async def start(self) -> None:
-        """Bind ``host:port`` (port 0 = a free one) and serve; sets :attr:`base_url`."""
-        name = self.server.name
-        if self._app_runner is not None:
-            raise RuntimeError(f"{name} is already started")
-        if self._closed:
-            raise RuntimeError(f"{name} is closed")
-        # A short shutdown timeout: a request parked in a slow handler should not hold up
-        # the end of the server.
-        app_runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=0.25
-        )
-        await app_runner.setup()
-        try:
-            site = web.TCPSite(app_runner, self.host, self.port, backlog=4096)
-            await site.start()
-        except BaseException:
-            await app_runner.cleanup()
-            raise
-        self._app_runner = app_runner
-        host, port = app_runner.addresses[0][:2]
-        self._base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        self.server.public_url = self._base_url
-
-    async def close(self) -> None:
-        """Stop serving, then close the server's runner. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self._app_runner is not None:
-                await self._app_runner.cleanup()
-                self._app_runner = None
-        finally:
-            await self.server.aclose()
-
-    @property
-    def base_url(self) -> str:
-        """``http://HOST:PORT`` once started."""
-        if self._base_url is None:
-            raise RuntimeError(f"{self.server.name} is not started: use 'async with' or start()")
-        return self._base_url
-
-
-def to_web_response(response: APIResponse) -> web.Response:
-    """The aiohttp response that sends ``response``."""
-    return web.Response(
-        status=response.status,
-        body=response.body,
-        content_type=response.content_type,
-        headers=response.headers,
-    )
 
 
 class LocalBackend:

@@ -36,6 +36,7 @@ import random as _random
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+from ._checks import is_number
 from ._clock import Clock, SystemClock
 
 __all__ = ["Throttle", "check_rate"]
@@ -52,7 +53,7 @@ _EPSILON: Final = 1e-9
 
 
 def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number, got {value!r}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import attrs
 
+from ._checks import check_count, is_int
 from ._convert import structure
 from ._errors import APIStatusError, RateLimitedError, ResponseDecodeError, error_for_status
 from ._models import Execution, ExecutionEvent, ExecutionOutput, LogReadToken, LogStatus
@@ -161,7 +162,7 @@ def check_timeout_ms(value: object) -> int | None:
     """Validate the remote command's own time limit in milliseconds."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         kind = type(value).__name__
         hint = ": for seconds, use timeout_ms=int(seconds * 1000)" if kind == "float" else ""
         raise TypeError(f"timeout_ms must be an int (milliseconds), not {kind}{hint}")
@@ -186,13 +187,7 @@ def check_idempotency_key(value: object) -> str | None:
 
 def check_limit(value: object) -> int | None:
     """Validate a page size."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"limit must be an int, not {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"limit must be positive, got {value}")
-    return value
+    return None if value is None else check_count("limit", value)
 
 
 # --- building requests ---------------------------------------------------------------

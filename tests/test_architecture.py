@@ -1,4 +1,5 @@
-"""The architecture, proved by imports: a pure core, one module that talks to aiohttp."""
+"""The architecture, proved by imports: a pure core; two engines under a Session facade;
+one module for each side of aiohttp; no import cycle anywhere in the package."""
 
 from __future__ import annotations
 
@@ -77,14 +78,35 @@ def test_decisions_do_not_touch_the_event_loop() -> None:
         assert "asyncio" not in _closure(module), module
 
 
-def test_only_the_transport_imports_aiohttp_client_code() -> None:
-    """Outside testing/ and the local backend's server, only _transport runs aiohttp code."""
+def test_only_two_modules_use_aiohttp() -> None:
+    """Outside the test kit, aiohttp is used by _transport (the client side) and
+    _http_server (the server side the local backend and the fake share), nowhere else:
+    the CLI package included, imports inside functions included (annotations aside: an
+    import under TYPE_CHECKING runs nothing)."""
     offenders = []
-    for path in PACKAGE.glob("_*.py"):
-        outside, _ = _imports(path.stem)
-        if "aiohttp" in outside and path.stem not in {"_transport", "_local"}:
-            offenders.append(path.stem)
-    assert offenders == []
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        if name.startswith("dedalus_async.testing"):
+            continue
+        tree = ast.parse(path.read_text())
+        type_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+            for inner in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
+            if isinstance(node, ast.Import):
+                used = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                used = {node.module.split(".")[0]}
+            else:
+                continue
+            if "aiohttp" in used:
+                offenders.append(name)
+    assert sorted(set(offenders)) == ["dedalus_async._http_server", "dedalus_async._transport"]
 
 
 def test_public_surface_is_sorted_and_complete() -> None:

@@ -17,7 +17,7 @@ import pytest
 from multidict import CIMultiDict
 
 from dedalus_async._clock import SystemClock
-from dedalus_async._local import HTTPServer
+from dedalus_async._http_server import HTTPServer
 from dedalus_async._records import ExecutionRecord, Runner, to_millis
 from dedalus_async._server import APIRequest, APIResponse, ExecutionsServer
 

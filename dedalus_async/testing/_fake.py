@@ -54,7 +54,7 @@ import attrs
 from aiohttp import web
 
 from dedalus_async._clock import Clock, SystemClock
-from dedalus_async._local import HTTPServer, to_web_response
+from dedalus_async._http_server import HTTPServer, to_web_response
 from dedalus_async._records import Runner
 from dedalus_async._server import APIRequest, ExecutionsServer
 
