@@ -17,6 +17,7 @@ from typing import Any
 
 from . import _wire
 from ._clock import Clock
+from ._errors import DedalusError
 from ._handle import EventStream, ExecutionHandle
 from ._models import Execution, ExecutionOutput, ExecutionRef, LogReadToken, LogStatus
 from ._requester import Requester
@@ -64,7 +65,16 @@ class ExecutionsAPI:
             idempotency_key=key,
         )
         self._requester.check_open()
-        execution = await self._requester.send(request, _wire.decode_execution)
+        try:
+            execution = await self._requester.send(request, _wire.decode_execution)
+        except DedalusError as exc:
+            # the server may hold the execution already: the key is the way back to it
+            exc.idempotency_key = key
+            exc.add_note(
+                f"the create was sent with Idempotency-Key {key}: create again with "
+                f"idempotency_key={key!r} to get that execution, never a second one"
+            )
+            raise
         handle = ExecutionHandle(
             self, self._waits, execution.machine_id, execution.execution_id, idempotency_key=key
         )

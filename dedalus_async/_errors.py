@@ -58,7 +58,14 @@ __all__ = [
 
 
 class DedalusError(Exception):
-    """Root of every error this library raises on purpose."""
+    """Root of every error this library raises on purpose.
+
+    ``idempotency_key`` is set on an error that ended a create: the key the create was
+    sent (and retried) under. The server may have stored the execution before the error;
+    creating again with ``idempotency_key=`` that key returns it instead of a second one.
+    """
+
+    idempotency_key: str | None = None
 
 
 class ConfigurationError(DedalusError, ValueError):

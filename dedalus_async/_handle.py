@@ -10,12 +10,16 @@ it holds no state of its own beyond the latest snapshot and the last wait's stat
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Generator, Sequence
 from typing import Any, Protocol
 
+import anyio
+
 from . import _wire
-from ._errors import ExecutionFailed
+from ._errors import DedalusError, ExecutionFailed
 from ._models import Execution, ExecutionEvent, ExecutionOutput, ExecutionRef
 from ._policy import (
     USE_POLICY_DEFAULT,
@@ -30,7 +34,7 @@ from ._policy import (
 from ._results import ExecutionResult, WaitStats, may_have_output
 from ._waiting import WaitLoop, changed_from, is_terminal
 
-__all__ = ["Client", "EventStream", "ExecutionHandle", "read_result"]
+__all__ = ["Client", "EventStream", "ExecutionHandle", "create_seen_through", "read_result"]
 
 
 class Client(Protocol):
@@ -101,7 +105,16 @@ class ExecutionHandle:
         return await self._client.get_output(self.machine_id, self.execution_id)
 
     async def cancel(self) -> Execution:
-        """Stop the execution on the server (a DELETE) and return what it reported."""
+        """Stop the execution if it is still going; return what the server reports.
+
+        A finished execution is left alone: on the API a DELETE of a finished execution
+        deletes it, output included, so this first looks (a GET) and sends the DELETE only
+        when the status is not terminal. (An execution finishing between the two requests
+        is still deleted; to delete one on purpose, use :meth:`Session.delete_execution`.)
+        """
+        current = await self.refresh()
+        if current.is_terminal:
+            return current
         self.last = await self._client.delete_execution(self.machine_id, self.execution_id)
         return self.last
 
@@ -121,6 +134,10 @@ class ExecutionHandle:
     ) -> Execution:
         """Poll until the execution is terminal (or its status is in ``until``).
 
+        A terminal status also ends a wait ``until`` another status: once the execution
+        has finished, the status waited for can no longer come, so the terminal snapshot
+        is returned (check its ``status``).
+
         Paced by the server's ``retry_after_ms`` (read afresh on every response), never
         sleeping past ``expires_at`` or the deadline. ``timeout`` (seconds) defaults to the
         poll policy's; ``None`` waits forever. On the deadline: :class:`WaitTimeout`, and
@@ -134,7 +151,7 @@ class ExecutionHandle:
             done_when: Callable[[Execution], bool] = is_terminal
         else:
             wanted = _check_until(until)
-            done_when = lambda snapshot: snapshot.status in wanted  # noqa: E731
+            done_when = lambda snapshot: snapshot.status in wanted or snapshot.is_terminal  # noqa: E731
         return await loop.wait(
             self,
             timeout=seconds,
@@ -183,6 +200,33 @@ def _check_until(until: Collection[str]) -> frozenset[str]:
     if not statuses or not all(isinstance(s, str) for s in statuses):
         raise ValueError("until must be a non-empty collection of status strings")
     return statuses
+
+
+async def create_seen_through(
+    create: Coroutine[Any, Any, ExecutionHandle], loop: WaitLoop
+) -> ExecutionHandle:
+    """Await a create that must not be abandoned half-way; on cancellation, delete its work.
+
+    The create runs in a task of its own. If the caller is cancelled while it is in flight
+    (``task.cancel()``, ``asyncio.timeout``, a cancel scope: an anyio shield alone does not
+    stop asyncio's own cancellation), the create is still awaited, for at most the
+    Session's ``request_timeout``, and the execution it made is deleted (time-boxed the
+    same way); then the cancellation goes on. Without this the server would run an
+    execution nobody knows the ID of.
+    """
+    task = asyncio.ensure_future(create)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(loop.requester.request_timeout):
+                with contextlib.suppress(DedalusError):
+                    await asyncio.shield(task)
+            if task.done() and not task.cancelled() and task.exception() is None:
+                await loop.cancel_remote(task.result())
+            else:
+                task.cancel()  # too late to learn its ID: stop trying
+        raise
 
 
 async def read_result(

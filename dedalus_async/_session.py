@@ -26,7 +26,7 @@ from ._checks import check_instance
 from ._clock import Clock, SystemClock
 from ._config import DEFAULT_BASE_URL, AuthScheme
 from ._fanout import Completed, ExecutionRequest, Progress
-from ._handle import EventStream, ExecutionHandle, read_result
+from ._handle import EventStream, ExecutionHandle, create_seen_through, read_result
 from ._policy import (
     USE_POLICY_DEFAULT,
     PollPolicy,
@@ -229,7 +229,7 @@ class Session(ExecutionsAPI):
         times out deletes the remote execution too.
         """
         resolve_timeout(timeout, poll or self.poll)  # bad values fail before the create
-        handle = await self.create_execution(
+        create = self.create_execution(
             machine_id,
             command,
             cwd=cwd,
@@ -238,6 +238,9 @@ class Session(ExecutionsAPI):
             timeout_ms=timeout_ms,
             idempotency_key=idempotency_key,
         )
+        # with cancel_remote, a cancel that arrives during the create still reaches the
+        # server: the create is seen through (time-boxed) and what it made is deleted
+        handle = await (create_seen_through(create, self._waits) if cancel_remote else create)
         execution = await handle.wait(timeout=timeout, cancel_remote=cancel_remote, poll=poll)
         return await read_result(handle, execution, check=check)
 

@@ -495,8 +495,14 @@ def test_lookup_commands_print_json(home: Path, server: dict[str, str]) -> None:
     assert [e["type"] for e in events[-3:]] == ["lifecycle", "stdout", "lifecycle"]
     assert (events[-3]["status"], events[-2]["chunk"]) == ("running", "x\n")
     assert [e["execution_id"] for e in listed] == [execution_id]
+    # cancel leaves a finished execution (and its output) alone; delete removes it
     cancelled = _cli(home, "cancel", machine, execution_id, env=env)
     assert cancelled.returncode == 0
+    assert json.loads(cancelled.stdout)["status"] == "succeeded"
+    kept = _cli(home, "output", machine, execution_id, env=env)
+    assert json.loads(kept.stdout)["stdout"] == "x\n"
+    deleted = _cli(home, "delete", machine, execution_id, env=env)
+    assert deleted.returncode == 0
     gone = _cli(home, "get", machine, execution_id, env=env)
     assert gone.returncode == 125
     assert "404" in _notes(gone.stderr)[0]

@@ -223,7 +223,14 @@ async def output(args: argparse.Namespace, ctx: Context) -> int:
 
 
 async def cancel(args: argparse.Namespace, ctx: Context) -> int:
-    """``cancel``: DELETE it, print what the server reports."""
+    """``cancel``: stop it unless it has finished (see ``ExecutionHandle.cancel``)."""
+    async with remote_session(args) as session:
+        ctx.write_model(await session.execution(args.machine_id, args.execution_id).cancel())
+    return 0
+
+
+async def delete(args: argparse.Namespace, ctx: Context) -> int:
+    """``delete``: DELETE it whatever its status, print what the server reports."""
     async with remote_session(args) as session:
         ctx.write_model(await session.delete_execution(args.machine_id, args.execution_id))
     return 0
@@ -310,6 +317,7 @@ COMMANDS: Final[dict[str, Command]] = {
     "output": output,
     "events": events,
     "cancel": cancel,
+    "delete": delete,
     "list": list_executions,
     "serve-local": serve_local,
 }

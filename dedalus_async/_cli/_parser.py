@@ -35,7 +35,7 @@ exit codes of run:
   130      interrupted by Ctrl-C (143: SIGTERM); with --cancel-remote the execution is
            deleted first
 run-many exits 0 when every execution succeeded with exit code 0, else 1 (2, 125, 130 as
-above); get/output/events/cancel/list exit 0, 2 or 125; serve-local exits 0 when stopped
+above); get/output/events/cancel/delete/list exit 0, 2 or 125; serve-local exits 0 when stopped
 by Ctrl-C or SIGTERM, 2 when it cannot listen. A remote exit code can equal one of the
 codes above: use --json when the difference matters.
 """
@@ -217,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("get", "print an execution as JSON"),
         ("output", "print an execution's stdout and stderr as JSON"),
         ("events", "print an execution's events as JSON lines"),
-        ("cancel", "cancel (DELETE) an execution and print what the server reports"),
+        (
+            "cancel",
+            "stop an execution that is still going (a finished one is left as it is) "
+            "and print what the server reports",
+        ),
+        ("delete", "delete an execution, finished or not (its output goes too)"),
     ):
         cmd = sub.add_parser(name, parents=[common, server], help=what, description=what)
         cmd.add_argument("machine_id", metavar="MACHINE_ID")

@@ -1,0 +1,208 @@
+"""Reliability findings, each against the server that shows it: our fake where its rules
+are the point, a deliberately misbehaving server of this file's own where the fake would
+share our assumptions.
+
+Covered here (issue "Reliability under a misbehaving server"): a wait ``until`` a status
+that can no longer come; ``cancel()`` on finished work; the Idempotency-Key on a failed
+create; ``run(cancel_remote=True)`` cancelled while its create is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from dedalus_async import (
+    DedalusError,
+    PollPolicy,
+    RetryPolicy,
+    ServerError,
+    Session,
+)
+from dedalus_async.testing import FakeClock, FakeDedalus, Outcome, Phase, Script
+
+from .conftest import API_KEY
+
+MACHINE = "dm-5d2e8c41-07b3-4f6a-9e1d-c84a2b7f0e59"  # the real form: "dm-" and a UUID
+FAST = RetryPolicy(initial_backoff=0.01, max_backoff=0.02, max_attempts=3)
+
+
+# --- wait(until=...) ----------------------------------------------------------------------
+
+
+async def test_waiting_until_a_status_that_can_no_longer_come_returns_the_end(
+    session: Session, fake: FakeDedalus, clock: FakeClock
+) -> None:
+    """An execution that finished before it was seen running: wait(until={"running"})
+    returns the terminal snapshot at once instead of waiting out its deadline."""
+    fake.set_script(Script.immediate())
+    handle = await session.create_execution(MACHINE, ["true"])
+    start = clock.monotonic()
+    snapshot = await handle.wait(until={"running"}, timeout=600)
+    assert snapshot.status == "succeeded"
+    assert clock.monotonic() - start < 1.0  # not the 600 s deadline
+    assert handle.stats is not None
+    assert handle.stats.polls <= 1
+
+
+async def test_waiting_until_a_status_that_comes_stops_there(
+    session: Session, fake: FakeDedalus
+) -> None:
+    fake.set_script(Script((Phase("queued", 1.0, 1000), Phase("running", 5.0, 5000))))
+    handle = await session.create_execution(MACHINE, ["sleep", "5"])
+    snapshot = await handle.wait(until={"running"})
+    assert snapshot.status == "running"
+
+
+# --- cancel() never destroys finished work ---------------------------------------------------
+
+
+async def test_cancel_leaves_a_finished_execution_and_its_output(
+    session: Session, fake: FakeDedalus
+) -> None:
+    fake.set_script(Script((), Outcome(stdout="kept\n")))
+    handle = await session.create_execution(MACHINE, ["echo", "kept"])
+    await handle.wait()
+    reported = await handle.cancel()
+    assert reported.status == "succeeded"
+    assert fake.requests_for("DELETE") == []
+    assert (await handle.output()).stdout == "kept\n"  # still there
+
+
+async def test_cancel_stops_a_running_execution(session: Session, fake: FakeDedalus) -> None:
+    fake.set_script(Script.running(1000.0))
+    handle = await session.create_execution(MACHINE, ["sleep", "1000"])
+    reported = await handle.cancel()
+    assert reported.status == "cancelled"
+    assert len(fake.requests_for("DELETE")) == 1
+
+
+async def test_delete_execution_still_deletes_a_finished_one(
+    session: Session, fake: FakeDedalus
+) -> None:
+    """The explicit way to delete: whatever the status."""
+    fake.set_script(Script.immediate())
+    handle = await session.create_execution(MACHINE, ["true"])
+    await handle.wait()
+    await session.delete_execution(MACHINE, handle.execution_id)
+    assert len(fake.requests_for("DELETE")) == 1
+
+
+# --- a server of our own --------------------------------------------------------------------
+
+
+class Flaky:
+    """Executions held in a dict; creates can be slowed down or failed on demand."""
+
+    def __init__(self) -> None:
+        self.create_delay = 0.0
+        self.fail_creates = False
+        self.keys: list[str] = []
+        self.executions: dict[str, dict[str, object]] = {}
+        self.deleted: list[str] = []
+        self._ids = itertools.count(1)
+
+    async def create(self, request: web.Request) -> web.Response:
+        self.keys.append(request.headers.get("Idempotency-Key", ""))
+        if self.fail_creates:
+            return web.json_response({"error_code": "UNAVAILABLE", "retryable": True}, status=503)
+        await asyncio.sleep(self.create_delay)
+        body = await request.json()
+        eid = f"exe-{next(self._ids)}"
+        self.executions[eid] = {
+            "execution_id": eid,
+            "machine_id": request.match_info["machine"],
+            "command": body["command"],
+            "status": "running",
+            "created_at": "2026-01-01T00:00:00Z",
+            "retry_after_ms": 50,
+        }
+        return web.json_response(self.executions[eid], status=201)
+
+    async def get(self, request: web.Request) -> web.Response:
+        return web.json_response(self.executions[request.match_info["eid"]])
+
+    async def delete(self, request: web.Request) -> web.Response:
+        eid = request.match_info["eid"]
+        self.deleted.append(eid)
+        self.executions[eid]["status"] = "cancelled"
+        return web.json_response(self.executions[eid])
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[tuple[Flaky, str]]:
+    server = Flaky()
+    app = web.Application()
+    base = "/v1/machines/{machine}/executions"
+    app.router.add_post(base, server.create)
+    app.router.add_get(base + "/{eid}", server.get)
+    app.router.add_delete(base + "/{eid}", server.delete)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield server, f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_failed_create_names_its_idempotency_key(flaky: tuple[Flaky, str]) -> None:
+    """The server may have stored it: the error carries the key to create again safely."""
+    server, base_url = flaky
+    server.fail_creates = True
+    async with Session(API_KEY, base_url=base_url, retry=FAST) as session:
+        with pytest.raises(ServerError) as caught:
+            await session.create_execution(MACHINE, ["true"])
+    key = server.keys[0]
+    assert set(server.keys) == {key}  # every retry sent the same key
+    assert caught.value.idempotency_key == key
+    assert any(key in note for note in caught.value.__notes__)
+
+
+async def test_a_failed_create_passes_its_own_key_back(flaky: tuple[Flaky, str]) -> None:
+    server, base_url = flaky
+    server.fail_creates = True
+    async with Session(API_KEY, base_url=base_url, retry=FAST) as session:
+        with pytest.raises(DedalusError) as caught:
+            await session.run(MACHINE, ["true"], idempotency_key="job-42")
+    assert caught.value.idempotency_key == "job-42"
+    assert server.keys == ["job-42"] * FAST.max_attempts
+
+
+async def test_cancelling_run_while_its_create_is_in_flight_still_cancels_remotely(
+    flaky: tuple[Flaky, str],
+) -> None:
+    """``run(cancel_remote=True)`` sees its create through, then deletes what it made:
+    nothing is left running on the server."""
+    server, base_url = flaky
+    server.create_delay = 0.3
+    async with Session(API_KEY, base_url=base_url, poll=PollPolicy(hint_floor=0.01)) as session:
+        task = asyncio.create_task(session.run(MACHINE, ["sleep", "100"], cancel_remote=True))
+        await asyncio.sleep(0.1)  # the POST is in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert list(server.executions) == ["exe-1"]
+    assert server.deleted == ["exe-1"]
+    assert server.executions["exe-1"]["status"] == "cancelled"
+
+
+async def test_without_cancel_remote_a_cancelled_run_leaves_the_execution(
+    flaky: tuple[Flaky, str],
+) -> None:
+    """The default: cancelling the caller stops the client only (as documented)."""
+    server, base_url = flaky
+    server.create_delay = 0.3
+    async with Session(API_KEY, base_url=base_url) as session:
+        task = asyncio.create_task(session.run(MACHINE, ["sleep", "100"]))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert server.deleted == []
