@@ -295,6 +295,10 @@ class EventStream:
         return event
 
     async def _fetch(self) -> None:
+        with self._loop.requester.guard():  # closing the Session ends the stream at once
+            await self._fetch_page()
+
+    async def _fetch_page(self) -> None:
         requester = self._loop.requester
         request = _wire.page_request(self._path, limit=self._limit, cursor=self._next)
         items: Sequence[ExecutionEvent]

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from types import TracebackType
 from typing import Literal, Protocol, TypeVar
+
+import anyio
 
 from . import _wire
 from ._clock import Clock
@@ -31,7 +34,7 @@ from ._policy import RetryPolicy, is_retryable_status, retry_delay
 from ._throttle import Throttle
 from ._wire import Request, Response
 
-__all__ = ["DeadlineReached", "Requester", "Tally", "Transport"]
+__all__ = ["DeadlineReached", "Guard", "Requester", "Tally", "Transport"]
 
 logger = logging.getLogger("dedalus_async")
 T = TypeVar("T")
@@ -94,6 +97,8 @@ class Requester:
         self.retry = retry
         self.request_timeout = request_timeout
         self.state: Literal["new", "open", "closed"] = "new"
+        # the calls in progress; closing cancels them (see Guard)
+        self._guards: set[Guard] = set()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -106,8 +111,16 @@ class Requester:
     async def aclose(self) -> None:
         if self.state == "open":
             self.state = "closed"
+            for guard in list(self._guards):
+                guard.scope.cancel()  # every wait, stream and retry in progress ends now
             await self.transport.aclose()
         self.state = "closed"
+
+    def guard(self) -> Guard:
+        """``with requester.guard():`` around a call that may sleep or retry: closing the
+        Session ends it at once with :class:`~dedalus_async.SessionClosedError`."""
+        self.check_open()
+        return Guard(self)
 
     def check_open(self) -> None:
         if self.state != "open":
@@ -134,7 +147,17 @@ class Requester:
         timeout; when it alone stopped them, :class:`DeadlineReached` is raised instead of
         the last error. Retries and their sleeps are added to ``tally``.
         """
-        self.check_open()
+        with self.guard():
+            return await self._send(request, decode, deadline, retry, tally)
+
+    async def _send(
+        self,
+        request: Request,
+        decode: Callable[[Response], T],
+        deadline: float | None,
+        retry: RetryPolicy | None,
+        tally: Tally | None,
+    ) -> T:
         policy = retry or self.retry
         clock = self.clock
         throttle = self.throttle
@@ -211,3 +234,37 @@ class Requester:
                 tally.slept += delay
             await clock.sleep(delay)
             slept += delay
+
+
+class Guard:
+    """A call in progress that closing the Session must end (see :meth:`Requester.guard`).
+
+    A cancel scope of its own, registered with the requester while the block runs; when
+    :meth:`Requester.aclose` cancels it, the block ends with ``SessionClosedError`` instead
+    of retrying a closed transport until its deadline (or forever without one).
+    """
+
+    __slots__ = ("_requester", "scope")
+
+    def __init__(self, requester: Requester) -> None:
+        self._requester = requester
+        self.scope = anyio.CancelScope()
+
+    def __enter__(self) -> Guard:
+        self._requester._guards.add(self)
+        self.scope.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._requester._guards.discard(self)
+        self.scope.__exit__(exc_type, exc, tb)
+        if self.scope.cancelled_caught:
+            # the cancellation was ours (the scope absorbed it): say why the call ended
+            raise SessionClosedError(
+                "the Session was closed while this call was in progress"
+            ) from None

@@ -93,7 +93,29 @@ class WaitLoop:
         reads one list page for many waiters), or None to have this loop GET the execution.
         """
         requester = self.requester
-        requester.check_open()
+        with requester.guard():
+            return await self._wait(
+                watched,
+                timeout=timeout,
+                deadline=deadline,
+                done_when=done_when,
+                cancel_remote=cancel_remote,
+                policy=policy,
+                pause=pause,
+            )
+
+    async def _wait(
+        self,
+        watched: Watched,
+        *,
+        timeout: float | None,
+        deadline: float | None,
+        done_when: Callable[[Execution], bool],
+        cancel_remote: bool,
+        policy: PollPolicy,
+        pause: Callable[[Sleep], Awaitable[Execution | None]] | None,
+    ) -> Execution:
+        requester = self.requester
         clock = requester.clock
         start = clock.monotonic()
         tally = Tally()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 from aiohttp import web
@@ -22,8 +23,9 @@ from dedalus_async import (
     RetryPolicy,
     ServerError,
     Session,
+    SessionClosedError,
 )
-from dedalus_async.testing import FakeClock, FakeDedalus, Outcome, Phase, Script
+from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Phase, Script
 
 from .conftest import API_KEY
 
@@ -206,3 +208,67 @@ async def test_without_cancel_remote_a_cancelled_run_leaves_the_execution(
         with pytest.raises(asyncio.CancelledError):
             await task
     assert server.deleted == []
+
+
+# --- closing the Session ends what is in progress --------------------------------------------
+
+SLOW_HINT = Script((Phase("running", 1000.0, 20_000),))  # a poll every 20 s
+
+
+@pytest.fixture
+async def slow_fake() -> AsyncIterator[FakeDedalus]:
+    """On the real clock: closing must interrupt real sleeps, not fake ones."""
+    async with FakeDedalus(api_key=API_KEY, script=SLOW_HINT) as server:
+        yield server
+
+
+async def _closed_during(session: Session, call: Awaitable[object]) -> float:
+    """Start ``call``, close the Session under it; seconds until it ended (it must raise
+    SessionClosedError)."""
+    task = asyncio.ensure_future(call)
+    await asyncio.sleep(0.2)  # well inside a 20 s sleep
+    assert not task.done()
+    start = time.monotonic()
+    await session.aclose()
+    with pytest.raises(SessionClosedError, match="closed while this call"):
+        await asyncio.wait_for(task, 5)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("timeout", [None, 600.0])
+async def test_closing_the_session_ends_a_wait_at_once(
+    slow_fake: FakeDedalus, timeout: float | None
+) -> None:
+    session = Session(API_KEY, base_url=slow_fake.base_url)
+    await session.open()
+    handle = await session.create_execution(MACHINE, ["sleep", "1000"])
+    assert await _closed_during(session, handle.wait(timeout=timeout)) < 1.0
+
+
+async def test_closing_the_session_ends_a_followed_event_stream(slow_fake: FakeDedalus) -> None:
+    session = Session(API_KEY, base_url=slow_fake.base_url)
+    await session.open()
+    handle = await session.create_execution(MACHINE, ["sleep", "1000"])
+
+    async def follow() -> None:
+        async for _ in handle.events(follow=True):
+            pass
+
+    assert await _closed_during(session, follow()) < 1.0
+
+
+async def test_closing_the_session_ends_a_call_waiting_to_retry(slow_fake: FakeDedalus) -> None:
+    slow_fake.add_fault(Fault(method="GET", status=503, headers={"Retry-After": "10"}, times=None))
+    session = Session(API_KEY, base_url=slow_fake.base_url)
+    await session.open()
+    handle = await session.create_execution(MACHINE, ["sleep", "1000"])
+    assert await _closed_during(session, handle.refresh()) < 1.0
+
+
+async def test_a_call_after_close_is_refused_before_sending(slow_fake: FakeDedalus) -> None:
+    async with Session(API_KEY, base_url=slow_fake.base_url) as session:
+        handle = await session.create_execution(MACHINE, ["sleep", "1000"])
+    sent = len(slow_fake.requests)
+    with pytest.raises(SessionClosedError, match="closed"):
+        await handle.wait()
+    assert len(slow_fake.requests) == sent
