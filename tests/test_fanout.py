@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
-from benchmarks.server import ServerStats, bench_script, make_middleware
 from dedalus_async import (
+    TERMINAL_STATUSES,
     Completed,
     ConflictError,
     ExecutionFailed,
@@ -24,6 +27,7 @@ from dedalus_async import (
     WaitTimeout,
 )
 from dedalus_async.testing import FakeDedalus, Fault, Outcome, Phase, Script
+from dedalus_async.testing.pytest_plugin import FAKE_API_KEY
 
 MACHINE = "dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1"  # the real form: "dm-" and a UUID
 
@@ -44,7 +48,7 @@ def _our_tasks() -> set[asyncio.Task[Any]]:
 def _requests(n: int, *, machines: int = 4, program: str = "echo") -> list[ExecutionRequest]:
     return [
         ExecutionRequest(
-            machine_id=f"dm-7586c7cd-886a-5a0d-8099-14472fd2e084{i % machines}",
+            machine_id=f"dm-7586c7cd-886a-5a0d-8099-{i % machines:012x}",
             command=[program, str(i)],
         )
         for i in range(n)
@@ -573,6 +577,72 @@ async def test_batch_refresh_skips_a_long_history() -> None:
     assert batched < per_execution / 2
 
 
+# Script.default's timeline at half speed (each phase's hint is its whole duration),
+# ending with some output
+_HALF_DEFAULT = Script(
+    (
+        Phase("wake_in_progress", 0.1, 100),
+        Phase("queued", 0.05, 50),
+        Phase("running", 0.15, 150),
+    ),
+    Outcome(stdout="ok\n"),
+)
+
+
+class _HintWatch:
+    """Watches, from the server's side, the hints the fake sends and the GETs that follow.
+
+    Every response that shows an execution (its create, a GET of it, an item of a page of
+    the list) sets when the client may next look at it: the moment the response was sent
+    plus its ``retry_after_ms``. A GET of the execution that arrives before then is early.
+    Measured from the moment the server *sent* the hint (before the client received it),
+    so an early poll is never counted wrongly.
+    """
+
+    def __init__(self) -> None:
+        #: execution id -> the moment the latest hint sent for it elapses (until next GET)
+        self.due: dict[str, float] = {}
+        #: (execution id, seconds early) of each GET that came before its hint elapsed
+        self.early: list[tuple[str, float]] = []
+        #: executions some response has shown in a terminal status
+        self.shown_terminal: set[str] = set()
+
+    def middleware(self) -> Middleware:
+        @web.middleware
+        async def watch(request: web.Request, handler: Handler) -> web.StreamResponse:
+            arrived = time.monotonic()
+            # /v1/machines/{m}/executions[/{e}[/output|/events]]
+            parts = request.rel_url.raw_path.split("/")
+            kind = {5: "list or create", 6: "execution"}.get(len(parts), "other")
+            if kind == "execution" and request.method == "GET":
+                due = self.due.pop(parts[5], None)
+                if due is not None and arrived < due:
+                    self.early.append((parts[5], due - arrived))
+            response = await handler(request)
+            sent = time.monotonic()
+            if kind == "other" or response.status >= 400 or request.method == "DELETE":
+                return response
+            assert isinstance(response, web.Response)
+            assert isinstance(response.body, bytes)
+            data = json.loads(response.body)
+            # a page of the list carries each execution's hint just like a GET does
+            for item in data.get("items", ()) if "items" in data else (data,):
+                self.shown(item, sent)
+            return response
+
+        return watch
+
+    def shown(self, item: dict[str, Any], sent: float) -> None:
+        execution_id = item["execution_id"]
+        hint_ms = item.get("retry_after_ms")
+        if hint_ms is None:  # no hint (a terminal execution): nothing to check
+            self.due.pop(execution_id, None)
+        else:
+            self.due[execution_id] = sent + hint_ms / 1000.0
+        if item["status"] in TERMINAL_STATUSES:
+            self.shown_terminal.add(execution_id)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("n", "concurrency"), [(200, 40), (600, 600)])
 async def test_batch_refresh_never_polls_before_any_hint(n: int, concurrency: int) -> None:
@@ -583,20 +653,20 @@ async def test_batch_refresh_never_polls_before_any_hint(n: int, concurrency: in
     enough of them to be read by pages, so pages and GETs of their own mix (the case
     that once polled early).
     """
-    stats = ServerStats()
-    fake = FakeDedalus(api_key="test-key", script=bench_script(0.5))
-    fake.app.middlewares.append(make_middleware(fake, stats))  # watches, changes nothing
-    async with fake, Session(api_key="test-key", base_url=fake.base_url) as session:
+    watch = _HintWatch()
+    fake = FakeDedalus(api_key=FAKE_API_KEY, script=_HALF_DEFAULT)
+    fake.app.middlewares.append(watch.middleware())  # watches, changes nothing
+    async with fake, Session(api_key=FAKE_API_KEY, base_url=fake.base_url) as session:
         requests = [
             ExecutionRequest(machine_id="dm-c294061c-c5b5-5ab3-85c3-a559cc68d778", command=["true"])
             for _ in range(n)
         ]
         results = await session.run_many(requests, concurrency=concurrency)
     assert [r.execution.status for r in results] == ["succeeded"] * n
-    seen = stats.as_dict()
-    assert seen["by_kind"]["list"] > 0  # pages were read
-    assert seen["early_polls"] == 0, seen
-    assert seen["over_hint_count"] == n  # every finish was shown to the client
+    lists = [r for r in fake.requests_for("GET") if r.path.endswith("/executions")]
+    assert lists  # pages were read
+    assert watch.early == []
+    assert len(watch.shown_terminal) == n  # every finish was shown to the client
 
 
 async def test_batch_refresh_falls_back_to_gets_when_listing_fails(
