@@ -196,7 +196,13 @@ async def test_concurrent_requests_share_one_session_and_its_pool(fake: FakeDeda
     async with running(create_app(pooled)) as client:
         responses = await asyncio.gather(
             *(
-                client.post("/run", json={"machine_id": f"dm-{i % 3}", "command": ["echo"]})
+                client.post(
+                    "/run",
+                    json={
+                        "machine_id": f"dm-7586c7cd-886a-5a0d-8099-{i % 3:012x}",
+                        "command": ["echo"],
+                    },
+                )
                 for i in range(20)
             )
         )

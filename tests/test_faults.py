@@ -144,7 +144,11 @@ async def op_run_many(session: Session, fake: FakeDedalus, fault: dict[str, Any]
     """run_many() of six requests on two machines, the fault on the first requests."""
     fake.add_fault(Fault(**fault))
     requests = [
-        ExecutionRequest(machine_id=f"dm-{i % 2}", command=["echo", f"n{i}"], timeout=TIMEOUT)
+        ExecutionRequest(
+            machine_id=f"dm-7586c7cd-886a-5a0d-8099-{i % 2:012x}",
+            command=["echo", f"n{i}"],
+            timeout=TIMEOUT,
+        )
         for i in range(6)
     ]
     results = await session.run_many(requests, check=True)
