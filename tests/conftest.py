@@ -1,4 +1,19 @@
-"""Shared fixtures: a FakeDedalus on loopback and a Session on the same fake clock."""
+"""Shared fixtures. Each name means one thing in every test module (tests/test_suite_layout.py
+checks that no module defines one again):
+
+``clock``            a FakeClock.
+``fake``             a FakeDedalus (key ``API_KEY``) on ``clock``; its handlers must not raise.
+``session``          a Session on ``fake`` and ``clock``, jitter fixed (random=0.5).
+``live_fake``        a FakeDedalus (key ``API_KEY``) on the real clock; its handlers must not
+                     raise. Tests that need other executions call ``live_fake.set_script``.
+``local_session``    a Session on the plugin's ``local_backend``.
+``no_leaked_tasks``  the tasks running before the test's work.
+
+Our own pytest plugin is loaded too: ``fake_dedalus`` and ``dedalus_session`` (a fake and a
+Session on the real clock, configured by overriding ``dedalus_fake_options`` and
+``dedalus_session_options`` in a module) and ``local_backend`` (configured by
+``local_backend_options``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +23,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dedalus_async import Session
+from dedalus_async._local import LocalBackend
 from dedalus_async.testing import FakeClock, FakeDedalus
+
+pytest_plugins = ["dedalus_async.testing.pytest_plugin"]
 
 API_KEY = "test-key-0123456789abcdef-SECRET"
 
@@ -29,6 +47,21 @@ async def fake(clock: FakeClock) -> AsyncIterator[FakeDedalus]:
 async def session(fake: FakeDedalus, clock: FakeClock) -> AsyncIterator[Session]:
     # random=0.5: jitter is deterministic, so sleep schedules can be asserted exactly
     async with Session(API_KEY, base_url=fake.base_url, clock=clock, random=lambda: 0.5) as s:
+        yield s
+
+
+@pytest.fixture
+async def live_fake() -> AsyncIterator[FakeDedalus]:
+    """A fake on the real clock (for what is about the event loop: cancellation, timeouts)."""
+    async with FakeDedalus(api_key=API_KEY) as server:
+        yield server
+    assert server.errors == [], "the fake's handlers raised"
+
+
+@pytest.fixture
+async def local_session(local_backend: LocalBackend) -> AsyncIterator[Session]:
+    """A Session on the local backend (real processes, real clock)."""
+    async with local_backend.session() as s:
         yield s
 
 

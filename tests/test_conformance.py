@@ -21,7 +21,6 @@ import types
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -138,14 +137,17 @@ async def test_the_official_sdk_reads_every_fake_endpoint_strictly() -> None:
     assert all(r.idempotency_key for r in mutating)
 
 
+@pytest.fixture
+def local_backend_options() -> dict[str, Any]:
+    """The plugin's ``local_backend``, waking its machine quickly."""
+    return {"wake_delay": 0.01}
+
+
 async def test_the_official_sdk_reads_every_local_backend_endpoint_strictly(
-    tmp_path: Path,
+    local_backend: LocalBackend,
 ) -> None:
     """The local backend runs a real process; the official client reads all of it."""
-    async with (
-        LocalBackend(data_dir=tmp_path, wake_delay=0.01, announce=False) as backend,
-        sdk(backend.base_url, x_api_key=backend.api_key) as client,
-    ):
+    async with sdk(local_backend.base_url, x_api_key=local_backend.api_key) as client:
         executions = client.machines.executions
         created = await executions.create(
             machine_id=MACHINE, command=["/bin/sh", "-c", "echo out; echo err >&2"]

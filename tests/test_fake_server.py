@@ -30,26 +30,16 @@ from dedalus_async.testing import (
     ScriptedRunner,
 )
 
+from .conftest import API_KEY
+
 MACHINE = "dm-135ce9da-ac51-5d5c-8f90-0d6e8fad17c3"
 EXECS = f"/v1/machines/{MACHINE}/executions"
-KEY = "test-key"
+KEY = API_KEY  # conftest's fake has it; the fakes built here are given it too
 
 
 def ts(text: str) -> datetime:
     """Parse the fake's RFC 3339 timestamps."""
     return datetime.fromisoformat(text)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def fake(clock: FakeClock) -> AsyncIterator[FakeDedalus]:
-    async with FakeDedalus(clock=clock) as server:
-        yield server
-    assert server.errors == []
 
 
 @pytest.fixture
@@ -267,7 +257,7 @@ async def test_missing_idempotency_key_is_400(
 
 async def test_idempotency_key_can_be_optional() -> None:
     async with (
-        FakeDedalus(require_idempotency_key=False) as fake,
+        FakeDedalus(api_key=KEY, require_idempotency_key=False) as fake,
         aiohttp.ClientSession(fake.base_url, headers={"x-api-key": KEY}) as http,
     ):
         for _ in range(2):
@@ -278,7 +268,7 @@ async def test_idempotency_key_can_be_optional() -> None:
 
 async def test_strict_idempotency_keys_want_compact_uuid7() -> None:
     async with (
-        FakeDedalus(strict_idempotency_keys=True) as fake,
+        FakeDedalus(api_key=KEY, strict_idempotency_keys=True) as fake,
         aiohttp.ClientSession(fake.base_url, headers={"x-api-key": KEY}) as http,
     ):
         async with http.post(
@@ -524,7 +514,7 @@ async def test_list_skips_deleted_executions_and_clamps_the_limit(
     clock: FakeClock,
 ) -> None:
     async with (
-        FakeDedalus(clock=clock, page_size=2, max_page_size=3) as fake,
+        FakeDedalus(api_key=KEY, clock=clock, page_size=2, max_page_size=3) as fake,
         aiohttp.ClientSession(fake.base_url, headers={"x-api-key": KEY}) as http,
     ):
         fake.set_script(Script.immediate())
@@ -697,7 +687,7 @@ async def test_output_is_capped_in_utf8_bytes(clock: FakeClock) -> None:
     stdout = "héllo wörld, and more"  # 23 bytes in UTF-8
     async with (
         FakeDedalus(
-            clock=clock, output_cap=9, script=Script.immediate(Outcome(stdout=stdout))
+            api_key=KEY, clock=clock, output_cap=9, script=Script.immediate(Outcome(stdout=stdout))
         ) as fake,
         aiohttp.ClientSession(fake.base_url, headers={"x-api-key": KEY}) as http,
     ):
@@ -939,7 +929,9 @@ async def test_random_faults_are_reproducible_from_the_seed() -> None:
     async def soak(seed: int) -> tuple[list[str], dict[str, int], int]:
         outcomes: list[str] = []
         async with (
-            FakeDedalus(fault_rate=0.5, fault_seed=seed, script=Script.immediate()) as fake,
+            FakeDedalus(
+                api_key=KEY, fault_rate=0.5, fault_seed=seed, script=Script.immediate()
+            ) as fake,
             aiohttp.ClientSession(fake.base_url, headers={"x-api-key": KEY}) as http,
         ):
             for i in range(30):
@@ -1008,7 +1000,7 @@ async def test_peak_in_flight_counts_concurrent_requests(
 
 async def test_latency_slows_every_request(clock: FakeClock) -> None:
     async with (
-        FakeDedalus(clock=clock, latency=0.05) as fake,
+        FakeDedalus(api_key=KEY, clock=clock, latency=0.05) as fake,
         aiohttp.ClientSession(fake.base_url, headers={"x-api-key": KEY}) as http,
     ):
 
@@ -1115,7 +1107,7 @@ async def test_a_custom_runner_plays_the_executions(clock: FakeClock) -> None:
     runner = RecordingRunner(clock)
     assert isinstance(runner, Runner)
     async with (
-        FakeDedalus(clock=clock, runner=runner) as fake,
+        FakeDedalus(api_key=KEY, clock=clock, runner=runner) as fake,
         aiohttp.ClientSession(fake.base_url, headers={"x-api-key": KEY}) as http,
     ):
         created = await create(http)
@@ -1134,7 +1126,7 @@ async def test_a_failing_runner_is_a_500_and_creates_nothing(
         raise RuntimeError("no script for you")
 
     async with (
-        FakeDedalus(clock=clock, script=broken) as fake,
+        FakeDedalus(api_key=KEY, clock=clock, script=broken) as fake,
         aiohttp.ClientSession(fake.base_url, headers={"x-api-key": KEY}) as http,
     ):
         async with http.post(

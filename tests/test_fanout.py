@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
-from benchmarks.server import ServerStats, bench_script, make_middleware
 from dedalus_async import (
+    TERMINAL_STATUSES,
     Completed,
     ConflictError,
     ExecutionFailed,
@@ -24,6 +26,7 @@ from dedalus_async import (
     WaitTimeout,
 )
 from dedalus_async.testing import FakeDedalus, Fault, Outcome, Phase, Script
+from dedalus_async.testing.pytest_plugin import FAKE_API_KEY
 
 MACHINE = "dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1"  # the real form: "dm-" and a UUID
 
@@ -44,7 +47,7 @@ def _our_tasks() -> set[asyncio.Task[Any]]:
 def _requests(n: int, *, machines: int = 4, program: str = "echo") -> list[ExecutionRequest]:
     return [
         ExecutionRequest(
-            machine_id=f"dm-7586c7cd-886a-5a0d-8099-14472fd2e084{i % machines}",
+            machine_id=f"dm-7586c7cd-886a-5a0d-8099-{i % machines:012x}",
             command=[program, str(i)],
         )
         for i in range(n)
@@ -69,16 +72,15 @@ def _stuck_unless_fail(body: dict[str, Any]) -> Script:
     return Script.stuck(retry_after_ms=20)
 
 
+# The plugin's fake_dedalus and dedalus_session (real clock) play _short with quick polls.
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeDedalus]:
-    async with FakeDedalus(script=_short) as server:
-        yield server
+def dedalus_fake_options() -> dict[str, Any]:
+    return {"script": _short}
 
 
 @pytest.fixture
-async def session(fake: FakeDedalus) -> AsyncIterator[Session]:
-    async with Session(api_key="test-key", base_url=fake.base_url, poll=FAST_POLL) as s:
-        yield s
+def dedalus_session_options() -> dict[str, Any]:
+    return {"poll": FAST_POLL}
 
 
 # --- the big one -------------------------------------------------------------------------
@@ -95,7 +97,7 @@ async def test_two_thousand_executions_respect_limits_order_and_idempotency() ->
         # them under the same key and get the same execution back (fewer drops than
         # creates in flight, so no create can meet a drop on each of its 4 tries)
         drops = fake.add_fault(Fault(method="POST", drop_after_commit=True, times=10))
-        async with Session(api_key="test-key", base_url=fake.base_url, poll=FAST_POLL) as session:
+        async with Session(api_key=FAKE_API_KEY, base_url=fake.base_url, poll=FAST_POLL) as session:
             seen: list[Progress] = []
             before = _our_tasks()
             started = time.monotonic()
@@ -123,26 +125,28 @@ async def test_two_thousand_executions_respect_limits_order_and_idempotency() ->
 
 
 async def test_results_come_back_in_input_order_not_finishing_order(
-    fake: FakeDedalus, session: Session
+    fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """Later requests finish first; the list is still in input order."""
-    fake.set_script(
+    fake_dedalus.set_script(
         lambda body: Script(
             (Phase("running", 0.01 * (10 - _index_of(body)), 5),),
             Outcome(stdout=f"{_index_of(body)}\n"),
         )
     )
-    results = await session.run_many(_requests(10), concurrency=10)
+    results = await dedalus_session.run_many(_requests(10), concurrency=10)
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(10)]
     completed = [r.execution.completed_at for r in results if r.execution.completed_at]
     assert len(completed) == 10
     assert completed == sorted(completed, reverse=True)
 
 
-async def test_empty_input_sends_nothing(fake: FakeDedalus, session: Session) -> None:
+async def test_empty_input_sends_nothing(
+    fake_dedalus: FakeDedalus, dedalus_session: Session
+) -> None:
     """No requests: an empty list, no request sent."""
-    assert await session.run_many([]) == []
-    assert fake.requests == []
+    assert await dedalus_session.run_many([]) == []
+    assert fake_dedalus.requests == []
 
 
 # --- validation before anything is sent ----------------------------------------------------
@@ -225,31 +229,31 @@ def test_execution_request_is_frozen_hashable_and_keeps_secrets_out_of_repr() ->
     ],
 )
 async def test_bad_arguments_fail_before_any_request(
-    fake: FakeDedalus,
-    session: Session,
+    fake_dedalus: FakeDedalus,
+    dedalus_session: Session,
     requests: Any,
     kwargs: dict[str, Any],
     error: type[Exception],
 ) -> None:
     """A bad item or setting fails the whole call before the first request is sent."""
     with pytest.raises(error):
-        await session.run_many(requests, **kwargs)
+        await dedalus_session.run_many(requests, **kwargs)
     if "fail_fast" not in kwargs:  # as_completed has no fail_fast: a failure ends its loop
         with pytest.raises(error):
-            session.as_completed(requests, **kwargs)
-    assert fake.requests == []
+            dedalus_session.as_completed(requests, **kwargs)
+    assert fake_dedalus.requests == []
 
 
-async def test_closed_session_fails_before_any_request(fake: FakeDedalus) -> None:
+async def test_closed_session_fails_before_any_request(fake_dedalus: FakeDedalus) -> None:
     """A fan-out on a Session that is not open raises SessionClosedError at once."""
-    session = Session(api_key="test-key", base_url=fake.base_url)
+    session = Session(api_key=FAKE_API_KEY, base_url=fake_dedalus.base_url)
     with pytest.raises(SessionClosedError):
         await session.run_many(_requests(2))
-    assert fake.requests == []
+    assert fake_dedalus.requests == []
 
 
 async def test_caller_keys_are_used_and_generated_keys_are_fresh(
-    fake: FakeDedalus, session: Session
+    fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """A request's own idempotency_key is sent; the others get distinct compact UUIDv7s."""
     requests = [
@@ -260,8 +264,8 @@ async def test_caller_keys_are_used_and_generated_keys_are_fresh(
             idempotency_key="mine",
         ),
     ]
-    results = await session.run_many(requests)
-    keys = [p.idempotency_key for p in fake.requests_for("POST")]
+    results = await dedalus_session.run_many(requests)
+    keys = [p.idempotency_key for p in fake_dedalus.requests_for("POST")]
     assert "mine" in keys
     assert len(set(keys)) == 4
     assert all(r.ok for r in results)
@@ -271,10 +275,10 @@ async def test_caller_keys_are_used_and_generated_keys_are_fresh(
 
 
 async def test_return_exceptions_puts_each_failure_in_its_place(
-    fake: FakeDedalus, session: Session
+    fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """Failures come back where their request was; the rest run to their end."""
-    fake.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
+    fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
     requests = [
         ExecutionRequest(machine_id=MACHINE, command=["echo", "0"]),
         ExecutionRequest(
@@ -283,7 +287,7 @@ async def test_return_exceptions_puts_each_failure_in_its_place(
         ExecutionRequest(machine_id=MACHINE, command=["false", "2"]),  # exit 1, check=True
         ExecutionRequest(machine_id=MACHINE, command=["echo", "3"]),
     ]
-    fake.set_script(
+    fake_dedalus.set_script(
         lambda body: Script(
             (Phase("running", 0.01, 5),),
             Outcome(status="failed", exit_code=1)
@@ -291,7 +295,7 @@ async def test_return_exceptions_puts_each_failure_in_its_place(
             else Outcome(stdout=f"{_index_of(body)}\n"),
         )
     )
-    results = await session.run_many(requests, return_exceptions=True, check=True)
+    results = await dedalus_session.run_many(requests, return_exceptions=True, check=True)
     assert isinstance(results[0], ExecutionResult)
     assert results[0].stdout == "0\n"
     assert isinstance(results[1], ConflictError)
@@ -303,10 +307,10 @@ async def test_return_exceptions_puts_each_failure_in_its_place(
 
 
 async def test_without_return_exceptions_failures_are_raised_together_at_the_end(
-    fake: FakeDedalus, session: Session
+    fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """Every request runs to its end; then all failures are raised as one group."""
-    fake.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
+    fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
     requests = [
         *_requests(5),
         ExecutionRequest(
@@ -317,19 +321,19 @@ async def test_without_return_exceptions_failures_are_raised_together_at_the_end
         ),
     ]
     with pytest.raises(ExceptionGroup) as caught:
-        await session.run_many(requests)
+        await dedalus_session.run_many(requests)
     assert len(caught.value.exceptions) == 2
     assert all(isinstance(e, ConflictError) for e in caught.value.exceptions)
-    assert fake.create_count == 5
-    assert all(fake.get_record(id_).is_terminal for id_ in fake.executions)
+    assert fake_dedalus.create_count == 5
+    assert all(fake_dedalus.get_record(id_).is_terminal for id_ in fake_dedalus.executions)
 
 
 @pytest.mark.parametrize("batch_refresh", [True, False])
 async def test_fail_fast_cancels_the_rest_and_deletes_them_remotely(
-    fake: FakeDedalus, session: Session, batch_refresh: bool
+    fake_dedalus: FakeDedalus, dedalus_session: Session, batch_refresh: bool
 ) -> None:
     """fail_fast: the first failure cancels the others at once; cancel_remote deletes them."""
-    fake.set_script(_stuck_unless_fail)
+    fake_dedalus.set_script(_stuck_unless_fail)
     requests = [
         *(ExecutionRequest(machine_id=MACHINE, command=["sleep", str(i)]) for i in range(8)),
         ExecutionRequest(machine_id=MACHINE, command=["false", "8"]),
@@ -337,7 +341,7 @@ async def test_fail_fast_cancels_the_rest_and_deletes_them_remotely(
     before = _our_tasks()
     started = time.monotonic()
     with pytest.raises(ExceptionGroup) as caught:
-        await session.run_many(
+        await dedalus_session.run_many(
             requests,
             fail_fast=True,
             check=True,
@@ -347,34 +351,34 @@ async def test_fail_fast_cancels_the_rest_and_deletes_them_remotely(
     assert time.monotonic() - started < 5
     assert [type(e) for e in caught.value.exceptions] == [ExecutionFailed]
     assert _our_tasks() == before
-    assert fake.create_count == 9
-    statuses = sorted(fake.get_record(id_).status for id_ in fake.executions)
+    assert fake_dedalus.create_count == 9
+    statuses = sorted(fake_dedalus.get_record(id_).status for id_ in fake_dedalus.executions)
     assert statuses == ["cancelled"] * 8 + ["failed"]
-    assert len(fake.requests_for("DELETE")) == 8
+    assert len(fake_dedalus.requests_for("DELETE")) == 8
 
 
 async def test_fail_fast_without_cancel_remote_leaves_remote_work_running(
-    fake: FakeDedalus, session: Session
+    fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """Without cancel_remote, only the local waits stop: no DELETE is sent."""
-    fake.set_script(_stuck_unless_fail)
+    fake_dedalus.set_script(_stuck_unless_fail)
     requests = [
         ExecutionRequest(machine_id=MACHINE, command=["sleep", "0"]),
         ExecutionRequest(machine_id=MACHINE, command=["false", "1"]),
     ]
     with pytest.raises(ExceptionGroup):
-        await session.run_many(requests, fail_fast=True, check=True)
-    assert fake.requests_for("DELETE") == []
-    statuses = sorted(fake.get_record(id_).status for id_ in fake.executions)
+        await dedalus_session.run_many(requests, fail_fast=True, check=True)
+    assert fake_dedalus.requests_for("DELETE") == []
+    statuses = sorted(fake_dedalus.get_record(id_).status for id_ in fake_dedalus.executions)
     assert statuses == ["failed", "running"]
 
 
 @pytest.mark.parametrize("batch_refresh", [True, False])
 async def test_wait_timeout_with_cancel_remote_deletes_the_execution(
-    fake: FakeDedalus, session: Session, batch_refresh: bool
+    fake_dedalus: FakeDedalus, dedalus_session: Session, batch_refresh: bool
 ) -> None:
     """A request's own deadline ends its wait with WaitTimeout; cancel_remote deletes it."""
-    fake.set_script(_stuck_unless_fail)
+    fake_dedalus.set_script(_stuck_unless_fail)
     requests = [
         ExecutionRequest(
             machine_id=MACHINE,
@@ -383,15 +387,17 @@ async def test_wait_timeout_with_cancel_remote_deletes_the_execution(
         )
         for i in range(5)
     ]
-    results = await session.run_many(
+    results = await dedalus_session.run_many(
         requests, return_exceptions=True, cancel_remote=True, batch_refresh=batch_refresh
     )
     assert all(isinstance(r, WaitTimeout) for r in results)
-    assert all(fake.get_record(id_).status == "cancelled" for id_ in fake.executions)
+    assert all(
+        fake_dedalus.get_record(id_).status == "cancelled" for id_ in fake_dedalus.executions
+    )
 
 
 async def test_an_error_in_on_progress_stops_everything(
-    fake: FakeDedalus, session: Session
+    fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """A broken callback is a bug in the caller: it is raised, and nothing keeps running."""
     calls = 0
@@ -404,20 +410,20 @@ async def test_an_error_in_on_progress_stops_everything(
 
     before = _our_tasks()
     with pytest.raises(ExceptionGroup) as caught:
-        await session.run_many(_requests(20), concurrency=4, on_progress=broken)
+        await dedalus_session.run_many(_requests(20), concurrency=4, on_progress=broken)
     assert caught.group_contains(RuntimeError, match="boom")
     assert _our_tasks() == before
-    assert fake.create_count < 20
+    assert fake_dedalus.create_count < 20
 
 
 # --- as_completed ----------------------------------------------------------------------------
 
 
 async def test_as_completed_yields_each_result_as_it_finishes(
-    fake: FakeDedalus, session: Session
+    fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """Items come in finishing order, each naming its request and index."""
-    fake.set_script(
+    fake_dedalus.set_script(
         lambda body: Script(
             (Phase("running", 0.03 * (5 - _index_of(body)), 5),),
             Outcome(stdout=f"{_index_of(body)}\n"),
@@ -425,7 +431,7 @@ async def test_as_completed_yields_each_result_as_it_finishes(
     )
     requests = _requests(5)
     order: list[int] = []
-    async with session.as_completed(requests, concurrency=5) as results:
+    async with dedalus_session.as_completed(requests, concurrency=5) as results:
         async for done in results:
             assert isinstance(done, Completed)
             assert done.request is requests[done.index]
@@ -437,53 +443,55 @@ async def test_as_completed_yields_each_result_as_it_finishes(
 
 @pytest.mark.parametrize("batch_refresh", [True, False])
 async def test_leaving_as_completed_early_stops_local_waits_only(
-    fake: FakeDedalus, session: Session, batch_refresh: bool
+    fake_dedalus: FakeDedalus, dedalus_session: Session, batch_refresh: bool
 ) -> None:
     """Breaking out cancels the waits at once; without cancel_remote nothing is deleted."""
-    fake.set_script(_stuck_unless_fail)
+    fake_dedalus.set_script(_stuck_unless_fail)
     requests = [
         ExecutionRequest(machine_id=MACHINE, command=["false", "0"]),
         *(ExecutionRequest(machine_id=MACHINE, command=["sleep", str(i)]) for i in range(1, 6)),
     ]
     before = _our_tasks()
-    async with session.as_completed(requests, batch_refresh=batch_refresh) as results:
+    async with dedalus_session.as_completed(requests, batch_refresh=batch_refresh) as results:
         async for done in results:
             assert done.index == 0
             break
     assert _our_tasks() == before
-    assert fake.requests_for("DELETE") == []
-    running = [r for r in map(fake.get_record, fake.executions) if r.status == "running"]
+    assert fake_dedalus.requests_for("DELETE") == []
+    running = [
+        r for r in map(fake_dedalus.get_record, fake_dedalus.executions) if r.status == "running"
+    ]
     assert len(running) == 5
 
 
 @pytest.mark.parametrize("batch_refresh", [True, False])
 async def test_leaving_as_completed_early_with_cancel_remote_deletes_the_rest(
-    fake: FakeDedalus, session: Session, batch_refresh: bool
+    fake_dedalus: FakeDedalus, dedalus_session: Session, batch_refresh: bool
 ) -> None:
     """With cancel_remote, every execution still running when the block is left is
     deleted before the block exits."""
-    fake.set_script(_stuck_unless_fail)
+    fake_dedalus.set_script(_stuck_unless_fail)
     requests = [
         ExecutionRequest(machine_id=MACHINE, command=["false", "0"]),
         *(ExecutionRequest(machine_id=MACHINE, command=["sleep", str(i)]) for i in range(1, 6)),
     ]
-    async with session.as_completed(
+    async with dedalus_session.as_completed(
         requests, cancel_remote=True, batch_refresh=batch_refresh
     ) as results:
         async for done in results:
             assert done.result.exit_code == 1
             break
-    deleted = {r.path.rsplit("/", 1)[1] for r in fake.requests_for("DELETE")}
+    deleted = {r.path.rsplit("/", 1)[1] for r in fake_dedalus.requests_for("DELETE")}
     assert len(deleted) == 5
     for execution_id in deleted:
-        assert fake.get_record(execution_id).status == "cancelled"
+        assert fake_dedalus.get_record(execution_id).status == "cancelled"
 
 
 async def test_as_completed_raises_a_failure_unless_return_exceptions(
-    fake: FakeDedalus, session: Session
+    fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """A failure ends the loop with its exception; return_exceptions yields it instead."""
-    fake.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
+    fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
     requests = [
         ExecutionRequest(
             machine_id="dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87", command=["echo", "0"]
@@ -491,11 +499,11 @@ async def test_as_completed_raises_a_failure_unless_return_exceptions(
         *_requests(3),
     ]
     with pytest.raises(ConflictError):
-        async with session.as_completed(requests, concurrency=1) as results:
+        async with dedalus_session.as_completed(requests, concurrency=1) as results:
             async for _ in results:
                 pass
     failed: list[Completed] = []
-    async with session.as_completed(requests, return_exceptions=True) as results:
+    async with dedalus_session.as_completed(requests, return_exceptions=True) as results:
         async for done in results:
             if done.error is not None:
                 failed.append(done)
@@ -506,13 +514,13 @@ async def test_as_completed_raises_a_failure_unless_return_exceptions(
 
 
 async def test_an_exception_in_the_block_cancels_the_fan_out(
-    fake: FakeDedalus, session: Session
+    fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """The caller's own exception propagates unchanged, after everything is cleaned up."""
-    fake.set_script(_stuck_unless_fail)
+    fake_dedalus.set_script(_stuck_unless_fail)
     before = _our_tasks()
     with pytest.raises(KeyError):
-        async with session.as_completed(_requests(3, program="sleep")):
+        async with dedalus_session.as_completed(_requests(3, program="sleep")):
             await asyncio.sleep(0.05)
             raise KeyError("mine")
     assert _our_tasks() == before
@@ -535,7 +543,7 @@ async def _refresh_cost(batch_refresh: bool, *, history: int = 0) -> tuple[float
     n = 300
     poll = PollPolicy(hint_floor=0.02, hint_jitter=0.01)
     async with FakeDedalus(script=_long) as fake:
-        async with Session(api_key="test-key", base_url=fake.base_url, poll=poll) as session:
+        async with Session(api_key=FAKE_API_KEY, base_url=fake.base_url, poll=poll) as session:
             if history:
                 fake.set_script(Script.immediate())
                 await session.run_many(_requests(history, machines=2), batch_refresh=False)
@@ -573,6 +581,72 @@ async def test_batch_refresh_skips_a_long_history() -> None:
     assert batched < per_execution / 2
 
 
+# Script.default's timeline at half speed (each phase's hint is its whole duration),
+# ending with some output
+_HALF_DEFAULT = Script(
+    (
+        Phase("wake_in_progress", 0.1, 100),
+        Phase("queued", 0.05, 50),
+        Phase("running", 0.15, 150),
+    ),
+    Outcome(stdout="ok\n"),
+)
+
+
+class _HintWatch:
+    """Watches, from the server's side, the hints the fake sends and the GETs that follow.
+
+    Every response that shows an execution (its create, a GET of it, an item of a page of
+    the list) sets when the client may next look at it: the moment the response was sent
+    plus its ``retry_after_ms``. A GET of the execution that arrives before then is early.
+    Measured from the moment the server *sent* the hint (before the client received it),
+    so an early poll is never counted wrongly.
+    """
+
+    def __init__(self) -> None:
+        #: execution id -> the moment the latest hint sent for it elapses (until next GET)
+        self.due: dict[str, float] = {}
+        #: (execution id, seconds early) of each GET that came before its hint elapsed
+        self.early: list[tuple[str, float]] = []
+        #: executions some response has shown in a terminal status
+        self.shown_terminal: set[str] = set()
+
+    def middleware(self) -> Middleware:
+        @web.middleware
+        async def watch(request: web.Request, handler: Handler) -> web.StreamResponse:
+            arrived = time.monotonic()
+            # /v1/machines/{m}/executions[/{e}[/output|/events]]
+            parts = request.rel_url.raw_path.split("/")
+            kind = {5: "list or create", 6: "execution"}.get(len(parts), "other")
+            if kind == "execution" and request.method == "GET":
+                due = self.due.pop(parts[5], None)
+                if due is not None and arrived < due:
+                    self.early.append((parts[5], due - arrived))
+            response = await handler(request)
+            sent = time.monotonic()
+            if kind == "other" or response.status >= 400 or request.method == "DELETE":
+                return response
+            assert isinstance(response, web.Response)
+            assert isinstance(response.body, bytes)
+            data = json.loads(response.body)
+            # a page of the list carries each execution's hint just like a GET does
+            for item in data.get("items", ()) if "items" in data else (data,):
+                self.shown(item, sent)
+            return response
+
+        return watch
+
+    def shown(self, item: dict[str, Any], sent: float) -> None:
+        execution_id = item["execution_id"]
+        hint_ms = item.get("retry_after_ms")
+        if hint_ms is None:  # no hint (a terminal execution): nothing to check
+            self.due.pop(execution_id, None)
+        else:
+            self.due[execution_id] = sent + hint_ms / 1000.0
+        if item["status"] in TERMINAL_STATUSES:
+            self.shown_terminal.add(execution_id)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("n", "concurrency"), [(200, 40), (600, 600)])
 async def test_batch_refresh_never_polls_before_any_hint(n: int, concurrency: int) -> None:
@@ -583,32 +657,34 @@ async def test_batch_refresh_never_polls_before_any_hint(n: int, concurrency: in
     enough of them to be read by pages, so pages and GETs of their own mix (the case
     that once polled early).
     """
-    stats = ServerStats()
-    fake = FakeDedalus(api_key="test-key", script=bench_script(0.5))
-    fake.app.middlewares.append(make_middleware(fake, stats))  # watches, changes nothing
-    async with fake, Session(api_key="test-key", base_url=fake.base_url) as session:
+    watch = _HintWatch()
+    fake = FakeDedalus(api_key=FAKE_API_KEY, script=_HALF_DEFAULT)
+    fake.app.middlewares.append(watch.middleware())  # watches, changes nothing
+    async with fake, Session(api_key=FAKE_API_KEY, base_url=fake.base_url) as session:
         requests = [
             ExecutionRequest(machine_id="dm-c294061c-c5b5-5ab3-85c3-a559cc68d778", command=["true"])
             for _ in range(n)
         ]
         results = await session.run_many(requests, concurrency=concurrency)
     assert [r.execution.status for r in results] == ["succeeded"] * n
-    seen = stats.as_dict()
-    assert seen["by_kind"]["list"] > 0  # pages were read
-    assert seen["early_polls"] == 0, seen
-    assert seen["over_hint_count"] == n  # every finish was shown to the client
+    lists = [r for r in fake.requests_for("GET") if r.path.endswith("/executions")]
+    assert lists  # pages were read
+    assert watch.early == []
+    assert len(watch.shown_terminal) == n  # every finish was shown to the client
 
 
 async def test_batch_refresh_falls_back_to_gets_when_listing_fails(
-    fake: FakeDedalus, session: Session
+    fake_dedalus: FakeDedalus, dedalus_session: Session
 ) -> None:
     """A server that refuses the list: its waiters poll one by one and still finish."""
-    fake.set_script(_long)
-    lists = fake.add_fault(Fault(method="GET", path=r"/executions$", status=400, times=None))
-    results = await session.run_many(_requests(40, machines=1), concurrency=40)
+    fake_dedalus.set_script(_long)
+    lists = fake_dedalus.add_fault(
+        Fault(method="GET", path=r"/executions$", status=400, times=None)
+    )
+    results = await dedalus_session.run_many(_requests(40, machines=1), concurrency=40)
     assert [r.stdout for r in results] == [f"out {i}\n" for i in range(40)]
     assert lists.hits == 1  # a refused list is not asked for again
-    polls = [r for r in fake.requests_for("GET") if "/executions/exe-" in r.path]
+    polls = [r for r in fake_dedalus.requests_for("GET") if "/executions/exe-" in r.path]
     assert len(polls) > 40
 
 
@@ -627,7 +703,7 @@ async def test_a_429_burst_slows_the_whole_session_and_everything_finishes(
     lowest_rate: list[float] = []
     async with FakeDedalus(script=_short) as fake:
         session = Session(
-            api_key="test-key",
+            api_key=FAKE_API_KEY,
             base_url=fake.base_url,
             poll=FAST_POLL,
             max_requests_per_second=rate,

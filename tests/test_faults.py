@@ -18,7 +18,7 @@ import json
 import time
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -144,7 +144,11 @@ async def op_run_many(session: Session, fake: FakeDedalus, fault: dict[str, Any]
     """run_many() of six requests on two machines, the fault on the first requests."""
     fake.add_fault(Fault(**fault))
     requests = [
-        ExecutionRequest(machine_id=f"dm-{i % 2}", command=["echo", f"n{i}"], timeout=TIMEOUT)
+        ExecutionRequest(
+            machine_id=f"dm-7586c7cd-886a-5a0d-8099-{i % 2:012x}",
+            command=["echo", f"n{i}"],
+            timeout=TIMEOUT,
+        )
         for i in range(6)
     ]
     results = await session.run_many(requests, check=True)
@@ -706,14 +710,8 @@ async def test_machine_destroyed_mid_run_many_fails_only_its_requests(
 # --- a server slower than request_timeout (real time, small values) ---------------------
 
 
-@pytest.fixture
-async def live() -> AsyncIterator[FakeDedalus]:
-    """A fake on the real clock whose executions finish after 50 ms (hint 20 ms)."""
-    async with FakeDedalus(
-        api_key=API_KEY, script=Script.running(0.05, Outcome(stdout="ok\n"), retry_after_ms=20)
-    ) as server:
-        yield server
-    assert server.errors == []
+# on conftest's live_fake (the real clock): executions finish after 50 ms (hint 20 ms)
+QUICK = Script.running(0.05, Outcome(stdout="ok\n"), retry_after_ms=20)
 
 
 def _live_session(fake: FakeDedalus, **kwargs: Any) -> Session:
@@ -722,11 +720,12 @@ def _live_session(fake: FakeDedalus, **kwargs: Any) -> Session:
     return Session(API_KEY, base_url=fake.base_url, **kwargs)
 
 
-async def test_one_slow_poll_is_retried_and_the_run_finishes(live: FakeDedalus) -> None:
+async def test_one_slow_poll_is_retried_and_the_run_finishes(live_fake: FakeDedalus) -> None:
     """A poll slower than request_timeout is abandoned after 0.2 s and retried; run() still
     returns its output well before the slow response would have come."""
-    live.add_fault(Fault(method="GET", delay=1.5))
-    async with _live_session(live) as session:
+    live_fake.set_script(QUICK)
+    live_fake.add_fault(Fault(method="GET", delay=1.5))
+    async with _live_session(live_fake) as session:
         leaks = Leaks(session)
         started = time.monotonic()
         result = await session.run(MACHINE, ["x"], timeout=10)
@@ -735,32 +734,34 @@ async def test_one_slow_poll_is_retried_and_the_run_finishes(live: FakeDedalus) 
     assert result.stdout == "ok\n"
     assert result.stats.retries >= 1
     assert 0.2 <= elapsed < 1.2
-    assert live.create_count == 1
+    assert live_fake.create_count == 1
 
 
-async def test_slow_create_that_commits_late_is_still_created_once(live: FakeDedalus) -> None:
+async def test_slow_create_that_commits_late_is_still_created_once(live_fake: FakeDedalus) -> None:
     """The first POST is abandoned after request_timeout but the server commits it later;
     the retry (same key, same body) and the late commit yield one execution."""
-    live.add_fault(Fault(method="POST", delay=0.6))
-    async with _live_session(live) as session:
+    live_fake.set_script(QUICK)
+    live_fake.add_fault(Fault(method="POST", delay=0.6))
+    async with _live_session(live_fake) as session:
         leaks = Leaks(session)
         result = await session.run(MACHINE, ["x"], timeout=10)
         await asyncio.sleep(0.8)  # let the slow handler commit (or replay) its create
         await leaks.check()
-    posts = live.requests_for("POST")
+    posts = live_fake.requests_for("POST")
     assert len(posts) == 2
     assert posts[0].idempotency_key == posts[1].idempotency_key
     assert posts[0].body == posts[1].body
-    assert live.create_count == 1
-    assert list(live.executions) == [result.execution.execution_id]
+    assert live_fake.create_count == 1
+    assert list(live_fake.executions) == [result.execution.execution_id]
 
 
-async def test_always_slow_server_is_request_timeout_within_bounds(live: FakeDedalus) -> None:
+async def test_always_slow_server_is_request_timeout_within_bounds(live_fake: FakeDedalus) -> None:
     """Every request slower than request_timeout: RequestTimeout after max_attempts tries,
     each cut at 0.2 s, long before the slow server would answer."""
-    live.add_fault(Fault(method="GET", delay=5.0, times=None))
+    live_fake.set_script(QUICK)
+    live_fake.add_fault(Fault(method="GET", delay=5.0, times=None))
     retry = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.01)
-    async with _live_session(live, retry=retry) as session:
+    async with _live_session(live_fake, retry=retry) as session:
         leaks = Leaks(session)
         started = time.monotonic()
         with pytest.raises(RequestTimeout) as info:
@@ -770,17 +771,18 @@ async def test_always_slow_server_is_request_timeout_within_bounds(live: FakeDed
     assert isinstance(info.value, TimeoutError)
     assert info.value.method == "GET"
     assert 0.6 <= elapsed < 1.5
-    assert len(live.requests_for("GET")) == 3
+    assert len(live_fake.requests_for("GET")) == 3
 
 
 async def test_slow_polls_outlasting_the_wait_deadline_are_wait_timeout(
-    live: FakeDedalus,
+    live_fake: FakeDedalus,
 ) -> None:
     """A wait of 0.5 s against a server that never answers a poll in time: WaitTimeout from
     RequestTimeout, raised within one request_timeout of the deadline."""
-    async with _live_session(live) as session:
+    live_fake.set_script(QUICK)
+    async with _live_session(live_fake) as session:
         handle = await session.create_execution(MACHINE, ["x"])
-        live.add_fault(Fault(method="GET", delay=5.0, times=None))
+        live_fake.add_fault(Fault(method="GET", delay=5.0, times=None))
         leaks = Leaks(session)
         started = time.monotonic()
         with pytest.raises(WaitTimeout) as info:
@@ -789,23 +791,24 @@ async def test_slow_polls_outlasting_the_wait_deadline_are_wait_timeout(
         await leaks.check()
     assert isinstance(info.value.__cause__, RequestTimeout)
     assert elapsed < 0.5 + session.request_timeout + 0.3
-    assert live.create_count == 1
+    assert live_fake.create_count == 1
 
 
 async def test_cancelling_a_run_stuck_on_a_slow_server_releases_everything(
-    live: FakeDedalus,
+    live_fake: FakeDedalus,
 ) -> None:
     """A run cancelled while its request hangs on a slow server stops at once and leaves no
     task or connection behind."""
-    live.add_fault(Fault(method="GET", delay=5.0, times=None))
-    async with _live_session(live, request_timeout=10.0) as session:
+    live_fake.set_script(QUICK)
+    live_fake.add_fault(Fault(method="GET", delay=5.0, times=None))
+    async with _live_session(live_fake, request_timeout=10.0) as session:
         leaks = Leaks(session)
         task = asyncio.create_task(session.run(MACHINE, ["x"], timeout=30))
-        await _until(lambda: len(live.requests_for("GET")) >= 1)
+        await _until(lambda: len(live_fake.requests_for("GET")) >= 1)
         started = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert time.monotonic() - started < 0.5
         await leaks.check()
-    assert live.create_count == 1
+    assert live_fake.create_count == 1

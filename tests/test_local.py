@@ -7,7 +7,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,9 @@ from dedalus_async import (
 )
 from dedalus_async._local import LocalBackend, default_data_dir, machine_dirname, resolve_cwd
 from dedalus_async.testing import FakeClock, FakeDedalus
-from dedalus_async.testing import pytest_plugin as plugin
 
-# The plugin's fixtures, by name (a conftest.py could enable the plugin instead).
-local_backend = plugin.local_backend
-fake_dedalus = plugin.fake_dedalus
-dedalus_session = plugin.dedalus_session
-dedalus_fake_options = plugin.dedalus_fake_options
-dedalus_session_options = plugin.dedalus_session_options
+# ``local_backend`` is the plugin's (tests/conftest.py loads it); ``local_session`` is a
+# Session on it (conftest).
 
 MACHINE = "dm-b2ba66b6-5d11-5ae2-a0f5-9f434344e97b"
 
@@ -39,13 +33,6 @@ MACHINE = "dm-b2ba66b6-5d11-5ae2-a0f5-9f434344e97b"
 def local_backend_options() -> dict[str, Any]:
     """A short wake keeps the suite fast; the wake tests set their own."""
     return {"wake_delay": 0.02}
-
-
-@pytest.fixture
-async def session(local_backend: LocalBackend) -> AsyncIterator[Session]:
-    """A Session on the local backend (this module's own, not conftest's fake one)."""
-    async with local_backend.session() as s:
-        yield s
 
 
 def _real(path: Path) -> str:
@@ -81,9 +68,11 @@ async def _first_stdout(handle: ExecutionHandle) -> str:
 # --- what a command sees and reports ---------------------------------------------------
 
 
-async def test_exit_code_stdout_and_stderr_are_reported(session: Session) -> None:
+async def test_exit_code_stdout_and_stderr_are_reported(local_session: Session) -> None:
     """A non-zero exit is `failed` with that exit code, and both streams are captured."""
-    result = await session.run(MACHINE, ["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=10)
+    result = await local_session.run(
+        MACHINE, ["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=10
+    )
     ex = result.execution
     assert (ex.status, ex.exit_code, ex.signal) == ("failed", 3, None)
     assert (result.stdout, result.stderr) == ("out\n", "err\n")
@@ -91,9 +80,9 @@ async def test_exit_code_stdout_and_stderr_are_reported(session: Session) -> Non
     assert (ex.stdout_truncated, ex.stderr_truncated) == (False, False)
 
 
-async def test_success_goes_through_the_documented_statuses(session: Session) -> None:
+async def test_success_goes_through_the_documented_statuses(local_session: Session) -> None:
     """A fresh machine wakes, queues, runs and succeeds; output is logged while running."""
-    handle = await session.create_execution(MACHINE, ["echo", "x"])
+    handle = await local_session.create_execution(MACHINE, ["echo", "x"])
     assert handle.last is not None
     assert handle.last.status == "wake_in_progress"
     execution = await handle.wait(timeout=10)
@@ -108,18 +97,20 @@ async def test_success_goes_through_the_documented_statuses(session: Session) ->
     ]
 
 
-async def test_stdin_is_written_then_closed_and_absent_stdin_is_empty(session: Session) -> None:
+async def test_stdin_is_written_then_closed_and_absent_stdin_is_empty(
+    local_session: Session,
+) -> None:
     """`stdin` reaches the command (UTF-8) and EOF follows; without it stdin is /dev/null."""
     text = "héllo\nwörld\n"
-    result = await session.run(MACHINE, ["cat"], stdin=text, timeout=10)
+    result = await local_session.run(MACHINE, ["cat"], stdin=text, timeout=10)
     assert result.stdout == text
     assert result.execution.stdout_bytes == len(text.encode())
-    result = await session.run(MACHINE, ["cat"], timeout=10)
+    result = await local_session.run(MACHINE, ["cat"], timeout=10)
     assert (result.exit_code, result.stdout) == (0, "")
 
 
 async def test_environment_merge(
-    session: Session, local_backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+    local_session: Session, local_backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Inherited env minus the API keys, HOME = machine dir, then the request's env wins."""
     monkeypatch.setenv("DEDALUS_X_API_KEY", "must-not-leak")
@@ -128,36 +119,36 @@ async def test_environment_merge(
         'echo "$FOO|$HOME|$DEDALUS_MACHINE_ID|${DEDALUS_X_API_KEY-unset}|$INHERITED_VAR'
         '|$DEDALUS_EXECUTION_ID"'
     )
-    result = await session.run(MACHINE, ["sh", "-c", script], env={"FOO": "bar"}, timeout=10)
+    result = await local_session.run(MACHINE, ["sh", "-c", script], env={"FOO": "bar"}, timeout=10)
     home = _real(local_backend.machine_dir(MACHINE))
     foo, got_home, machine, key, inherited, execution_id = result.stdout.strip().split("|")
     assert (foo, got_home, machine, key, inherited) == ("bar", home, MACHINE, "unset", "inherited")
     assert execution_id == result.execution.execution_id
     assert result.execution.env_keys == ("FOO",)
-    result = await session.run(MACHINE, ["sh", "-c", "echo $HOME"], env={"HOME": "/x"})
+    result = await local_session.run(MACHINE, ["sh", "-c", "echo $HOME"], env={"HOME": "/x"})
     assert result.stdout == "/x\n"
 
 
 async def test_cwd_defaults_to_the_machine_dir_and_resolves_inside_it(
-    session: Session, local_backend: LocalBackend
+    local_session: Session, local_backend: LocalBackend
 ) -> None:
     """Relative cwd and /home/machine/... both land inside the machine's directory."""
     home = Path(_real(local_backend.machine_dir(MACHINE)))
-    result = await session.run(MACHINE, ["sh", "-c", "pwd; mkdir -p sub/deeper"], timeout=10)
+    result = await local_session.run(MACHINE, ["sh", "-c", "pwd; mkdir -p sub/deeper"], timeout=10)
     assert result.stdout == f"{home}\n"
     for cwd in ("sub/deeper", "/home/machine/sub/deeper", "sub/../sub/deeper"):
-        result = await session.run(MACHINE, ["pwd"], cwd=cwd, timeout=10)
+        result = await local_session.run(MACHINE, ["pwd"], cwd=cwd, timeout=10)
         assert result.stdout == f"{home / 'sub' / 'deeper'}\n", cwd
         assert result.execution.cwd == cwd
 
 
 async def test_cwd_outside_the_machine_is_refused(
-    session: Session, local_backend: LocalBackend, tmp_path: Path
+    local_session: Session, local_backend: LocalBackend, tmp_path: Path
 ) -> None:
     """No cwd can lead out of the machine's directory, not even through a symlink."""
-    await session.run(MACHINE, ["ln", "-s", str(tmp_path), "escape"], timeout=10)
+    await local_session.run(MACHINE, ["ln", "-s", str(tmp_path), "escape"], timeout=10)
     for cwd in ("..", "../..", "/etc", "/home/machine/../..", "escape", "missing", "/tmp"):
-        result = await session.run(MACHINE, ["pwd"], cwd=cwd, timeout=10)
+        result = await local_session.run(MACHINE, ["pwd"], cwd=cwd, timeout=10)
         ex = result.execution
         assert (ex.status, ex.error_code, ex.exit_code) == ("failed", "INVALID_CWD", None), cwd
         assert result.stdout == ""
@@ -176,11 +167,11 @@ def test_resolve_cwd_is_confined(tmp_path: Path) -> None:
 
 
 async def test_files_persist_across_executions_and_restarts(
-    session: Session, tmp_path: Path, local_backend: LocalBackend
+    local_session: Session, tmp_path: Path, local_backend: LocalBackend
 ) -> None:
     """The machine directory keeps its files, like /home/machine, even across restarts."""
-    await session.run(MACHINE, ["sh", "-c", "echo kept > note.txt"], timeout=10)
-    result = await session.run(MACHINE, ["cat", "note.txt"], timeout=10)
+    await local_session.run(MACHINE, ["sh", "-c", "echo kept > note.txt"], timeout=10)
+    result = await local_session.run(MACHINE, ["cat", "note.txt"], timeout=10)
     assert result.stdout == "kept\n"
     async with (
         LocalBackend(data_dir=local_backend.data_dir, announce=False) as again,
@@ -189,15 +180,15 @@ async def test_files_persist_across_executions_and_restarts(
         result = await other.run(MACHINE, ["sh", "-c", 'cat "$HOME/note.txt"'], timeout=10)
     assert result.stdout == "kept\n"
     # a different machine does not see it
-    result = await session.run(
+    result = await local_session.run(
         "dm-7f5bf56c-8390-58ff-a89a-cd813a7323a7", ["cat", "note.txt"], timeout=10
     )
     assert result.execution.exit_code not in (None, 0)
 
 
-async def test_command_not_found_fails_without_exit_code(session: Session) -> None:
+async def test_command_not_found_fails_without_exit_code(local_session: Session) -> None:
     """A program that cannot be started is `failed` with an error code, no exit code."""
-    result = await session.run(MACHINE, ["no-such-program-xyz"], timeout=10)
+    result = await local_session.run(MACHINE, ["no-such-program-xyz"], timeout=10)
     ex = result.execution
     assert (ex.status, ex.exit_code, ex.error_code) == ("failed", None, "COMMAND_NOT_FOUND")
     assert ex.error_message is not None
@@ -205,18 +196,20 @@ async def test_command_not_found_fails_without_exit_code(session: Session) -> No
 
 
 async def test_commands_that_cannot_start_say_why(
-    session: Session, local_backend: LocalBackend
+    local_session: Session, local_backend: LocalBackend
 ) -> None:
     """Not executable, a NUL in an argument, an unusable machine directory: each is
     `failed` with no exit code and its own error code."""
-    await session.run(MACHINE, ["sh", "-c", "printf 'echo hi' > script; chmod -x script"])
-    result = await session.run(MACHINE, ["./script"], timeout=10)
+    await local_session.run(MACHINE, ["sh", "-c", "printf 'echo hi' > script; chmod -x script"])
+    result = await local_session.run(MACHINE, ["./script"], timeout=10)
     assert (result.execution.error_code, result.exit_code) == ("COMMAND_NOT_EXECUTABLE", None)
-    result = await session.run(MACHINE, ["echo", "a\x00b"], timeout=10)
+    result = await local_session.run(MACHINE, ["echo", "a\x00b"], timeout=10)
     assert (result.execution.error_code, result.exit_code) == ("INVALID_ARGUMENT", None)
     blocked = local_backend.machine_dir("dm-88ac1214-dba9-516f-af67-41373c0806ed")
     blocked.write_text("a file where the machine's directory should be")
-    result = await session.run("dm-88ac1214-dba9-516f-af67-41373c0806ed", ["true"], timeout=10)
+    result = await local_session.run(
+        "dm-88ac1214-dba9-516f-af67-41373c0806ed", ["true"], timeout=10
+    )
     assert (result.execution.error_code, result.exit_code) == ("MACHINE_UNAVAILABLE", None)
 
 
@@ -248,19 +241,19 @@ def test_runner_settings_are_checked(options: dict[str, Any], tmp_path: Path) ->
 # --- signals, timeouts, cancel ---------------------------------------------------------
 
 
-async def test_a_signal_is_reported_as_signal_without_exit_code(session: Session) -> None:
+async def test_a_signal_is_reported_as_signal_without_exit_code(local_session: Session) -> None:
     """Killed by SIGTERM: `failed`, signal 15, no exit code."""
-    result = await session.run(MACHINE, ["sh", "-c", "kill -TERM $$"], timeout=10)
+    result = await local_session.run(MACHINE, ["sh", "-c", "kill -TERM $$"], timeout=10)
     ex = result.execution
     assert (ex.status, ex.signal, ex.exit_code) == ("failed", 15, None)
     assert ex.error_message is not None
     assert "SIGTERM" in ex.error_message
 
 
-async def test_timeout_ms_kills_the_whole_process_group(session: Session) -> None:
+async def test_timeout_ms_kills_the_whole_process_group(local_session: Session) -> None:
     """At timeout_ms the command and its background child die; TIMEOUT, signal 9."""
     started = time.monotonic()
-    result = await session.run(
+    result = await local_session.run(
         MACHINE, ["sh", "-c", "sleep 30 & echo $!; wait"], timeout_ms=400, timeout=10
     )
     assert time.monotonic() - started < 5
@@ -271,16 +264,20 @@ async def test_timeout_ms_kills_the_whole_process_group(session: Session) -> Non
     assert await _wait_dead(child), "the background child survived the timeout"
 
 
-async def test_processes_left_behind_are_killed_when_the_command_exits(session: Session) -> None:
+async def test_processes_left_behind_are_killed_when_the_command_exits(
+    local_session: Session,
+) -> None:
     """An execution leaves nothing running: its group is killed when the main process ends."""
-    result = await session.run(MACHINE, ["sh", "-c", "sleep 30 & echo $!"], timeout=10)
+    result = await local_session.run(MACHINE, ["sh", "-c", "sleep 30 & echo $!"], timeout=10)
     assert (result.execution.status, result.exit_code) == ("succeeded", 0)
     assert await _wait_dead(int(result.stdout))
 
 
-async def test_delete_cancels_a_running_execution(session: Session) -> None:
+async def test_delete_cancels_a_running_execution(local_session: Session) -> None:
     """DELETE kills the running command's group and the execution reports `cancelled`."""
-    handle = await session.create_execution(MACHINE, ["sh", "-c", "sleep 30 & echo $!; sleep 30"])
+    handle = await local_session.create_execution(
+        MACHINE, ["sh", "-c", "sleep 30 & echo $!; sleep 30"]
+    )
     child = int(await _first_stdout(handle))
     cancelled = await handle.cancel()
     assert (cancelled.status, cancelled.signal, cancelled.exit_code) == ("cancelled", 9, None)
@@ -329,9 +326,9 @@ async def test_the_cap_never_splits_a_character(tmp_path: Path) -> None:
     assert result.execution.stdout_truncated is True
 
 
-async def test_output_is_streamed_while_the_command_runs(session: Session) -> None:
+async def test_output_is_streamed_while_the_command_runs(local_session: Session) -> None:
     """The first chunk arrives as an event while the execution is still running."""
-    handle = await session.create_execution(
+    handle = await local_session.create_execution(
         MACHINE, ["sh", "-c", "echo first; sleep 1; echo second"]
     )
     started = time.monotonic()
@@ -530,11 +527,11 @@ def test_machine_dir_names_are_readable_and_distinct() -> None:
 
 
 async def test_an_odd_machine_id_works_over_http(
-    session: Session, local_backend: LocalBackend
+    local_session: Session, local_backend: LocalBackend
 ) -> None:
     """An id the API allows but no filesystem likes still gets its own directory."""
     machine = "Weird id: ü*?..<>"
-    result = await session.run(machine, ["sh", "-c", "pwd; touch made-here"], timeout=10)
+    result = await local_session.run(machine, ["sh", "-c", "pwd; touch made-here"], timeout=10)
     directory = local_backend.machines_dir / machine_dirname(machine)
     assert (directory / "made-here").is_file()
     assert result.stdout == f"{_real(directory)}\n"

@@ -17,7 +17,6 @@ import logging
 import socket
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -641,38 +640,39 @@ async def test_fake_refuses_every_wrong_key() -> None:
 
 
 @pytest.fixture
-async def backend(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[LocalBackend]:
+def local_backend_options(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
+    """The plugin's ``local_backend`` announcing itself as it starts, with every log record
+    captured from before the start (none may carry its key)."""
     caplog.set_level(logging.DEBUG)
-    async with LocalBackend(data_dir=tmp_path / "local", announce=True) as started:
-        yield started
+    return {"announce": True}
 
 
-async def test_local_backend_refuses_every_wrong_key(backend: LocalBackend) -> None:
+async def test_local_backend_refuses_every_wrong_key(local_backend: LocalBackend) -> None:
     """The local backend's random key is the only one it accepts, and it is never logged."""
-    got = await _statuses(backend.base_url, wrong_keys(backend.api_key))
+    got = await _statuses(local_backend.base_url, wrong_keys(local_backend.api_key))
     assert got == dict.fromkeys(got, 401)
-    ok = await _statuses(backend.base_url, [("real", {"x-api-key": backend.api_key})])
+    ok = await _statuses(local_backend.base_url, [("real", {"x-api-key": local_backend.api_key})])
     assert ok == {"real": 200}
 
 
 async def test_local_backend_never_logs_or_shows_its_key(
-    backend: LocalBackend, caplog: pytest.LogCaptureFixture
+    local_backend: LocalBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Starting (with the announcement) and using the backend log nothing with its key."""
-    async with backend.session() as session:
+    async with local_backend.session() as session:
         await session.run("dm-47129f7a-63bc-53e9-8fd8-4e0a2e5f4ee0", ["true"], timeout=10)
-        text = repr(session) + repr(backend) + repr(backend.server)
+        text = repr(session) + repr(local_backend) + repr(local_backend.server)
     records = [r.getMessage() for r in [*caplog.get_records("setup"), *caplog.records]]
     assert any("without a sandbox" in m for m in records)  # the announcement was captured
-    assert all(backend.api_key not in m for m in records)
-    assert backend.api_key not in text
+    assert all(local_backend.api_key not in m for m in records)
+    assert local_backend.api_key not in text
 
 
-async def test_local_backend_listens_on_127_0_0_1_only(backend: LocalBackend) -> None:
+async def test_local_backend_listens_on_127_0_0_1_only(local_backend: LocalBackend) -> None:
     """Another loopback address (and IPv6 loopback) on the same port is refused: the socket
     is bound to 127.0.0.1 itself, not to a wildcard address."""
-    port = int(backend.base_url.rsplit(":", 1)[1])
-    assert backend.base_url == f"http://127.0.0.1:{port}"
+    port = int(local_backend.base_url.rsplit(":", 1)[1])
+    assert local_backend.base_url == f"http://127.0.0.1:{port}"
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.close()
     await writer.wait_closed()

@@ -632,8 +632,10 @@ async def test_queued_request_near_its_deadline_gives_up_waiting_for_a_connectio
             busy = asyncio.create_task(transport.send(Request("GET", "/slow")))
             await asyncio.sleep(0.05)
             with pytest.raises(RequestTimeout, match="no free connection"):
-                await transport.send(Request("GET", "/v1/machines/m/executions"), timeout=0.1)
-            later = await transport.send(Request("GET", "/v1/machines/m/executions"))
+                await transport.send(
+                    Request("GET", f"/v1/machines/{MACHINE}/executions"), timeout=0.1
+                )
+            later = await transport.send(Request("GET", f"/v1/machines/{MACHINE}/executions"))
             assert later.status == 200
             assert (await busy).status == 404
         finally:

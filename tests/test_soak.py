@@ -82,7 +82,10 @@ async def soak(total: int, *, seed: int, concurrency: int = 100, machines: int =
         async with Session(KEY, base_url=fake.base_url, retry=RETRY, poll=POLL) as session:
             requests = [
                 # the job number makes every command unique: a duplicate is easy to spot
-                ExecutionRequest(machine_id=f"dm-{i % machines}", command=["echo", f"job-{i}"])
+                ExecutionRequest(
+                    machine_id=f"dm-7586c7cd-886a-5a0d-8099-{i % machines:012x}",
+                    command=["echo", f"job-{i}"],
+                )
                 for i in range(total)
             ]
             outcomes = await session.run_many(

@@ -7,7 +7,6 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -340,45 +339,41 @@ async def test_timeout_and_failure_never_look_the_same(session: Session, fake: F
 # --- cancellation (real time: cancellation is about the event loop) ------------------
 
 
-@pytest.fixture
-async def live_fake() -> AsyncIterator[FakeDedalus]:
-    """A fake on the real clock, with executions stuck in running (hint 50 ms)."""
-    async with FakeDedalus(api_key=API_KEY, script=Script.stuck(retry_after_ms=50)) as server:
-        yield server
-    assert server.errors == []
+# on conftest's live_fake (the real clock): executions stuck in running, hint 50 ms
+STUCK = Script.stuck(retry_after_ms=50)
 
 
 async def test_cancelling_wait_leaves_nothing_behind(live_fake: FakeDedalus) -> None:
-    fake = live_fake
     """Cancelling the waiting task stops polling at once; no task is left, no DELETE sent."""
+    live_fake.set_script(STUCK)
     before = client_tasks()
-    async with Session(API_KEY, base_url=fake.base_url) as s:
+    async with Session(API_KEY, base_url=live_fake.base_url) as s:
         handle = await s.create_execution(MACHINE, ["x"])
         task = asyncio.create_task(handle.wait(timeout=60))
         await asyncio.sleep(0.2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        polls = len(fake.requests_for("GET"))
+        polls = len(live_fake.requests_for("GET"))
         await asyncio.sleep(0.2)
-        assert len(fake.requests_for("GET")) == polls  # polling really stopped
+        assert len(live_fake.requests_for("GET")) == polls  # polling really stopped
     assert client_tasks() == before
-    assert fake.requests_for("DELETE") == []
-    assert fake.get_record(handle.execution_id).status == "running"
+    assert live_fake.requests_for("DELETE") == []
+    assert live_fake.get_record(handle.execution_id).status == "running"
 
 
 async def test_cancel_remote_sends_a_delete(live_fake: FakeDedalus) -> None:
-    fake = live_fake
     """With cancel_remote=True, an asyncio.timeout around run() also stops the remote work."""
+    live_fake.set_script(STUCK)
     before = client_tasks()
-    async with Session(API_KEY, base_url=fake.base_url) as s:
+    async with Session(API_KEY, base_url=live_fake.base_url) as s:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
                 await s.run(MACHINE, ["x"], cancel_remote=True)
-    deletes = fake.requests_for("DELETE")
+    deletes = live_fake.requests_for("DELETE")
     assert len(deletes) == 1
-    (record,) = fake.executions.values()
-    assert fake.get_record(record.execution_id).status == "cancelled"
+    (record,) = live_fake.executions.values()
+    assert live_fake.get_record(record.execution_id).status == "cancelled"
     assert client_tasks() == before
 
 
@@ -391,21 +386,21 @@ async def test_cancel_remote_on_wait_timeout(session: Session, fake: FakeDedalus
 
 
 async def test_task_group_failure_cancels_waits(live_fake: FakeDedalus) -> None:
-    fake = live_fake
     """A failing sibling in a TaskGroup cancels the wait cleanly."""
+    live_fake.set_script(STUCK)
     before = client_tasks()
 
     async def boom() -> None:
         await asyncio.sleep(0.1)
         raise RuntimeError("sibling failed")
 
-    async with Session(API_KEY, base_url=fake.base_url) as s:
+    async with Session(API_KEY, base_url=live_fake.base_url) as s:
         handle = await s.create_execution(MACHINE, ["x"])
         with pytest.raises(ExceptionGroup):
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(handle.wait(cancel_remote=True))
                 tg.create_task(boom())
-    assert len(fake.requests_for("DELETE")) == 1
+    assert len(live_fake.requests_for("DELETE")) == 1
     assert client_tasks() == before
 
 

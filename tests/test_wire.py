@@ -28,6 +28,7 @@ from dedalus_async import _wire as wire
 
 SAMPLES = Path(__file__).parent / "samples"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
+MACHINE = "dm-95e5a864-0e30-55bf-b0c5-dd9c4df102d1"  # the real form: "dm-" and a UUID
 
 
 def response(name_or_body: str | bytes, status: int = 200, **headers: str) -> wire.Response:
@@ -298,7 +299,7 @@ def test_create_request_body_is_compact_and_stable() -> None:
             '{"command":["echo","hé"],"cwd":"/tmp","env":{"A":"1"},"stdin":"in","timeout_ms":5000}'
         ).encode()
     )
-    minimal = wire.create_request("m", ("true",), idempotency_key="k")
+    minimal = wire.create_request(MACHINE, ("true",), idempotency_key="k")
     assert minimal.body == b'{"command":["true"]}'
 
 
@@ -361,7 +362,7 @@ def test_bad_create_arguments(
 ) -> None:
     """Every create argument is checked; the error names the field and the fix."""
     with pytest.raises(error) as info:
-        wire.create_request("m", idempotency_key="k", **kwargs)
+        wire.create_request(MACHINE, idempotency_key="k", **kwargs)
     assert words in str(info.value)
 
 

@@ -1,0 +1,1 @@
+"""Tests of the benchmarks themselves (run in the default test run)."""
