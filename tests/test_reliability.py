@@ -215,13 +215,6 @@ async def test_without_cancel_remote_a_cancelled_run_leaves_the_execution(
 SLOW_HINT = Script((Phase("running", 1000.0, 20_000),))  # a poll every 20 s
 
 
-@pytest.fixture
-async def slow_fake() -> AsyncIterator[FakeDedalus]:
-    """On the real clock: closing must interrupt real sleeps, not fake ones."""
-    async with FakeDedalus(api_key=API_KEY, script=SLOW_HINT) as server:
-        yield server
-
-
 async def _closed_during(session: Session, call: Awaitable[object]) -> float:
     """Start ``call``, close the Session under it; seconds until it ended (it must raise
     SessionClosedError)."""
@@ -237,16 +230,18 @@ async def _closed_during(session: Session, call: Awaitable[object]) -> float:
 
 @pytest.mark.parametrize("timeout", [None, 600.0])
 async def test_closing_the_session_ends_a_wait_at_once(
-    slow_fake: FakeDedalus, timeout: float | None
+    live_fake: FakeDedalus, timeout: float | None
 ) -> None:
-    session = Session(API_KEY, base_url=slow_fake.base_url)
+    live_fake.set_script(SLOW_HINT)  # on the real clock: closing must cut real sleeps
+    session = Session(API_KEY, base_url=live_fake.base_url)
     await session.open()
     handle = await session.create_execution(MACHINE, ["sleep", "1000"])
     assert await _closed_during(session, handle.wait(timeout=timeout)) < 1.0
 
 
-async def test_closing_the_session_ends_a_followed_event_stream(slow_fake: FakeDedalus) -> None:
-    session = Session(API_KEY, base_url=slow_fake.base_url)
+async def test_closing_the_session_ends_a_followed_event_stream(live_fake: FakeDedalus) -> None:
+    live_fake.set_script(SLOW_HINT)  # on the real clock: closing must cut real sleeps
+    session = Session(API_KEY, base_url=live_fake.base_url)
     await session.open()
     handle = await session.create_execution(MACHINE, ["sleep", "1000"])
 
@@ -257,18 +252,20 @@ async def test_closing_the_session_ends_a_followed_event_stream(slow_fake: FakeD
     assert await _closed_during(session, follow()) < 1.0
 
 
-async def test_closing_the_session_ends_a_call_waiting_to_retry(slow_fake: FakeDedalus) -> None:
-    slow_fake.add_fault(Fault(method="GET", status=503, headers={"Retry-After": "10"}, times=None))
-    session = Session(API_KEY, base_url=slow_fake.base_url)
+async def test_closing_the_session_ends_a_call_waiting_to_retry(live_fake: FakeDedalus) -> None:
+    live_fake.add_fault(Fault(method="GET", status=503, headers={"Retry-After": "10"}, times=None))
+    live_fake.set_script(SLOW_HINT)  # on the real clock: closing must cut real sleeps
+    session = Session(API_KEY, base_url=live_fake.base_url)
     await session.open()
     handle = await session.create_execution(MACHINE, ["sleep", "1000"])
     assert await _closed_during(session, handle.refresh()) < 1.0
 
 
-async def test_a_call_after_close_is_refused_before_sending(slow_fake: FakeDedalus) -> None:
-    async with Session(API_KEY, base_url=slow_fake.base_url) as session:
+async def test_a_call_after_close_is_refused_before_sending(live_fake: FakeDedalus) -> None:
+    live_fake.set_script(SLOW_HINT)
+    async with Session(API_KEY, base_url=live_fake.base_url) as session:
         handle = await session.create_execution(MACHINE, ["sleep", "1000"])
-    sent = len(slow_fake.requests)
+    sent = len(live_fake.requests)
     with pytest.raises(SessionClosedError, match="closed"):
         await handle.wait()
-    assert len(slow_fake.requests) == sent
+    assert len(live_fake.requests) == sent
