@@ -13,12 +13,11 @@ build a mutating request without one).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Literal, Protocol, TypeVar
-
-import anyio
+from typing import Any, Literal, Protocol, TypeVar
 
 from . import _wire
 from ._clock import Clock
@@ -97,8 +96,9 @@ class Requester:
         self.retry = retry
         self.request_timeout = request_timeout
         self.state: Literal["new", "open", "closed"] = "new"
-        # the calls in progress; closing cancels them (see Guard)
-        self._guards: set[Guard] = set()
+        # the tasks in a call (and how deeply), and those closing cancelled (see Guard)
+        self._calls: dict[asyncio.Task[Any], int] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -111,8 +111,12 @@ class Requester:
     async def aclose(self) -> None:
         if self.state == "open":
             self.state = "closed"
-            for guard in list(self._guards):
-                guard.scope.cancel()  # every wait, stream and retry in progress ends now
+            current = asyncio.current_task()
+            for task in self._calls:
+                if task is not current and not task.done():
+                    # every wait, stream and retry in progress ends now
+                    self._closing.add(task)
+                    task.cancel()
             await self.transport.aclose()
         self.state = "closed"
 
@@ -145,19 +149,12 @@ class Requester:
 
         ``deadline`` (on the clock's monotonic scale) bounds the retries and each attempt's
         timeout; when it alone stopped them, :class:`DeadlineReached` is raised instead of
-        the last error. Retries and their sleeps are added to ``tally``.
+        the last error. Retries and their sleeps are added to ``tally``. Closing the
+        Session ends it with :class:`~dedalus_async.SessionClosedError`: a request in
+        flight fails as the transport closes, and no retry follows; a pause before a retry
+        (or in the throttle) is cut short.
         """
-        with self.guard():
-            return await self._send(request, decode, deadline, retry, tally)
-
-    async def _send(
-        self,
-        request: Request,
-        decode: Callable[[Response], T],
-        deadline: float | None,
-        retry: RetryPolicy | None,
-        tally: Tally | None,
-    ) -> T:
+        self.check_open()
         policy = retry or self.retry
         clock = self.clock
         throttle = self.throttle
@@ -168,7 +165,8 @@ class Requester:
             # the Session-wide pace: None (go now) unless a rate or a 429 pause applies
             waiting = throttle.acquire()
             if waiting is not None:
-                await waiting
+                with Guard(self):
+                    await waiting
             epoch = throttle.epoch
             timeout: float | None = None
             if deadline is not None:
@@ -197,6 +195,11 @@ class Requester:
             except (TransportError, ResponseDecodeError) as exc:
                 # a lost or garbled response is safe to ask for again (see above)
                 error = exc
+            if self.state != "open":
+                # the Session closed under this request: no retry can succeed
+                raise SessionClosedError(
+                    "the Session was closed while this call was in progress"
+                ) from error
             remaining = None if deadline is None else deadline - clock.monotonic()
             delay = retry_delay(
                 policy,
@@ -232,27 +235,46 @@ class Requester:
             if tally is not None:
                 tally.retries += 1
                 tally.slept += delay
-            await clock.sleep(delay)
+            with Guard(self):
+                await clock.sleep(delay)
             slept += delay
+
+
+def _closed_under(requester: Requester, task: asyncio.Task[Any] | None) -> None:
+    """Raise ``SessionClosedError`` if closing this Session is what cancelled ``task``
+    (and nobody else did too); otherwise return, and the cancellation goes on."""
+    if task in requester._closing:
+        assert task is not None
+        requester._closing.discard(task)
+        if task.uncancel() == 0:
+            raise SessionClosedError(
+                "the Session was closed while this call was in progress"
+            ) from None
 
 
 class Guard:
     """A call in progress that closing the Session must end (see :meth:`Requester.guard`).
 
-    A cancel scope of its own, registered with the requester while the block runs; when
-    :meth:`Requester.aclose` cancels it, the block ends with ``SessionClosedError`` instead
-    of retrying a closed transport until its deadline (or forever without one).
+    While the block runs, its task is registered with the requester (once, however deeply
+    guards nest). :meth:`Requester.aclose` cancels the registered tasks, and the guard that
+    sees that cancellation turns it into ``SessionClosedError``, instead of a retry loop
+    sending to a closed transport until its deadline (or forever without one). A task
+    cancelled by someone else as well stays cancelled. Cheaper than a cancel scope per
+    call: every request goes through here.
     """
 
-    __slots__ = ("_requester", "scope")
+    __slots__ = ("_requester", "_task")
 
     def __init__(self, requester: Requester) -> None:
         self._requester = requester
-        self.scope = anyio.CancelScope()
+        self._task: asyncio.Task[Any] | None = None
 
     def __enter__(self) -> Guard:
-        self._requester._guards.add(self)
-        self.scope.__enter__()
+        task = asyncio.current_task()
+        if task is not None:
+            calls = self._requester._calls
+            calls[task] = calls.get(task, 0) + 1
+            self._task = task
         return self
 
     def __exit__(
@@ -261,10 +283,14 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._requester._guards.discard(self)
-        self.scope.__exit__(exc_type, exc, tb)
-        if self.scope.cancelled_caught:
-            # the cancellation was ours (the scope absorbed it): say why the call ended
-            raise SessionClosedError(
-                "the Session was closed while this call was in progress"
-            ) from None
+        task = self._task
+        if task is None:
+            return
+        requester = self._requester
+        depth = requester._calls[task] - 1
+        if depth:
+            requester._calls[task] = depth
+        else:
+            del requester._calls[task]
+        if exc_type is asyncio.CancelledError:
+            _closed_under(requester, task)
