@@ -117,7 +117,9 @@ def _check_header_value(name: str, value: str) -> None:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
+    # "localhost" itself, and loopback addresses. Not other names under .localhost: a
+    # resolver is free to send those anywhere, and the key would go with them in clear.
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback

@@ -303,9 +303,15 @@ class EventStream:
         request = _wire.page_request(self._path, limit=self._limit, cursor=self._next)
         items: Sequence[ExecutionEvent]
         items, next_cursor = await requester.send(request, _wire.decode_events)
-        if self._last_sequence is not None:
-            # a resumed cursor may replay part of a page already delivered
-            items = [e for e in items if e.sequence > self._last_sequence]
+        # Deliver each sequence once: a resumed cursor may replay part of a page already
+        # delivered, and a page may repeat an entry of its own.
+        seen = self._last_sequence
+        fresh: list[ExecutionEvent] = []
+        for event in items:
+            if seen is None or event.sequence > seen:
+                fresh.append(event)
+                seen = event.sequence
+        items = fresh
         if next_cursor is not None:
             self._next = next_cursor
         self._buffer.extend(items)

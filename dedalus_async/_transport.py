@@ -1,9 +1,11 @@
-"""The one place that talks to aiohttp.
+"""The one place that talks to aiohttp's client.
 
 It sends a :class:`~dedalus_async._wire.Request` and returns a
 :class:`~dedalus_async._wire.Response`, and it maps every aiohttp and timeout failure into
-:class:`~dedalus_async.TransportError` / :class:`~dedalus_async.RequestTimeout` with
-``raise ... from exc``. It holds the credentials, so nothing else does.
+:class:`~dedalus_async.TransportError` / :class:`~dedalus_async.RequestTimeout`, chained
+to the original error without its traceback (aiohttp's frames hold the request headers in
+their locals). It holds the credentials, so nothing else does, and no local variable of
+its own holds them either: error reporters record a traceback's locals.
 """
 
 from __future__ import annotations
@@ -93,16 +95,18 @@ class AiohttpTransport:
         if session is not None and not self._borrowed:
             await session.close()
 
+    def _headers_for(self, request: Request) -> dict[str, str]:
+        if request.idempotency_key is not None:
+            return {**self._idem_headers, "Idempotency-Key": request.idempotency_key}
+        if request.body is not None:
+            return self._idem_headers
+        return self._headers
+
     async def send(self, request: Request, *, timeout: float | None = None) -> Response:
         """Send one request and read the whole response body."""
         session = self._session
         if session is None:
             raise TransportError("transport is closed", method=request.method, path=request.path)
-        headers = self._headers
-        if request.idempotency_key is not None:
-            headers = {**self._idem_headers, "Idempotency-Key": request.idempotency_key}
-        elif request.body is not None:
-            headers = self._idem_headers
         # the path is already percent-encoded: yarl need not parse or escape it again
         url = URL(self._base + request.path, encoded=True)
         if request.params:
@@ -128,7 +132,7 @@ class AiohttpTransport:
                         f"within {near_deadline:g} s",
                         method=request.method,
                         path=request.path,
-                    ) from exc
+                    ) from exc.with_traceback(None)
             else:
                 await gate.acquire()
         try:
@@ -136,7 +140,9 @@ class AiohttpTransport:
                 request.method,
                 url,
                 data=request.body,
-                headers=headers,
+                # built in place, never bound to a local of this frame: error reporters
+                # that record a traceback's locals must not find the key there
+                headers=self._headers_for(request),
                 allow_redirects=False,
                 timeout=client_timeout,
             ) as resp:
@@ -148,7 +154,7 @@ class AiohttpTransport:
                 f"{request.method} {request.path} got no complete response within {limit:g} s",
                 method=request.method,
                 path=request.path,
-            ) from exc
+            ) from exc.with_traceback(None)
         except aiohttp.ClientResponseError as exc:
             # Its request_info holds the request headers, credentials included: the error
             # is raised below, outside this block, so that it neither chains nor keeps it.
@@ -163,7 +169,7 @@ class AiohttpTransport:
                 f"{request.method} {request.path} failed: {type(exc).__name__}: {_reason(exc)}",
                 method=request.method,
                 path=request.path,
-            ) from exc
+            ) from exc.with_traceback(None)  # aiohttp's frames hold the headers in locals
         except asyncio.CancelledError:
             raise
         except OSError as exc:  # a socket error that aiohttp let through unwrapped
@@ -171,7 +177,7 @@ class AiohttpTransport:
                 f"{request.method} {request.path} failed: {type(exc).__name__}: {exc}",
                 method=request.method,
                 path=request.path,
-            ) from exc
+            ) from exc.with_traceback(None)
         finally:
             if gate is not None:
                 gate.release()

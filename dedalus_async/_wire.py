@@ -50,6 +50,8 @@ T = TypeVar("T")
 
 MAX_ID_LENGTH: Final = 253
 MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255
+#: The longest `timeout_ms` sent: 2**53 - 1, the largest integer every JSON reader keeps.
+MAX_TIMEOUT_MS: Final = 2**53 - 1
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # RFC 3986 "unreserved" characters: exactly what quote(..., safe="") leaves as it is
 _UNRESERVED = re.compile(r"[A-Za-z0-9._~-]+")
@@ -110,7 +112,20 @@ def check_id(name: str, value: object) -> str:
         raise ValueError(f"{name} must not contain control characters")
     if value in (".", ".."):
         raise ValueError(f"{name} {value!r} is not an ID")
-    return quote(value, safe="")
+    return quote(_check_text(name, value), safe="")
+
+
+def _check_text(name: str, value: str) -> str:
+    """A str that can travel as UTF-8 (no lone surrogate); the value itself is not shown."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{name} has a lone surrogate at position {exc.start}, which UTF-8 cannot "
+                "carry: decode bytes with errors='replace' (or fix the text) before sending"
+            ) from None
+    return value
 
 
 def check_command(command: object) -> list[str]:
@@ -129,6 +144,9 @@ def check_command(command: object) -> list[str]:
     for i, arg in enumerate(argv):
         if not isinstance(arg, str):
             raise TypeError(f"command[{i}] must be a str, not {type(arg).__name__}")
+        _check_text(f"command[{i}]", arg)
+    if not argv[0]:
+        raise ValueError("command[0] must name the program to run, not be an empty string")
     return argv
 
 
@@ -147,15 +165,18 @@ def check_env(env: object) -> dict[str, str] | None:
         if not isinstance(value, str):
             # the value is deliberately not shown: env often carries secrets
             raise TypeError(f"env[{key!r}] must be a str, not {type(value).__name__}")
-        out[key] = value
+        _check_text("an env key", key)
+        out[key] = _check_text(f"env[{key!r}]", value)
     return out
 
 
 def check_optional_str(name: str, value: object) -> str | None:
     """Validate an optional string argument."""
-    if value is not None and not isinstance(value, str):
+    if value is None:
+        return None
+    if not isinstance(value, str):
         raise TypeError(f"{name} must be a str or None, not {type(value).__name__}")
-    return value
+    return _check_text(name, value)
 
 
 def check_timeout_ms(value: object) -> int | None:
@@ -168,6 +189,11 @@ def check_timeout_ms(value: object) -> int | None:
         raise TypeError(f"timeout_ms must be an int (milliseconds), not {kind}{hint}")
     if value <= 0:
         raise ValueError(f"timeout_ms must be a positive number of milliseconds, got {value}")
+    if value > MAX_TIMEOUT_MS:
+        raise ValueError(
+            f"timeout_ms must be at most {MAX_TIMEOUT_MS} (2**53 - 1, the largest integer "
+            f"every JSON reader keeps exactly), got {value}"
+        )
     return value
 
 

@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from dedalus_async import (
+    ConfigurationError,
     DedalusError,
+    ExecutionRequest,
     PollPolicy,
     RetryPolicy,
     ServerError,
     Session,
     SessionClosedError,
+    TransportError,
 )
 from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Phase, Script
 
@@ -269,3 +276,111 @@ async def test_a_call_after_close_is_refused_before_sending(live_fake: FakeDedal
     with pytest.raises(SessionClosedError, match="closed"):
         await handle.wait()
     assert len(live_fake.requests) == sent
+
+
+# --- bad input never reaches the server --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        ({"command": [""]}, "command[0]"),
+        ({"command": ["echo", "\ud800"]}, "command[1]"),
+        ({"command": ["env"], "env": {"A": "\udcff"}}, "env['A']"),
+        ({"command": ["cat"], "stdin": "x\ud800"}, "stdin"),
+        ({"command": ["pwd"], "cwd": "\udc80"}, "cwd"),
+        ({"command": ["sleep", "1"], "timeout_ms": 2**53}, "timeout_ms"),
+        ({"command": ["sleep", "1"], "timeout_ms": 2**64}, "timeout_ms"),
+    ],
+)
+async def test_input_the_wire_cannot_carry_is_refused_before_sending(
+    session: Session, fake: FakeDedalus, call: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(field)) as caught:
+        await session.create_execution(MACHINE, **call)
+    assert "\ud800" not in str(caught.value)  # the text itself is not echoed
+    assert fake.requests == []
+
+
+async def test_a_lone_surrogate_in_an_id_is_refused_before_sending(
+    session: Session, fake: FakeDedalus
+) -> None:
+    with pytest.raises(ValueError, match="machine_id has a lone surrogate"):
+        await session.get_execution("dm-\ud800", "exe-1")
+    assert fake.requests == []
+
+
+async def test_the_largest_timeout_ms_is_sent(session: Session, fake: FakeDedalus) -> None:
+    fake.set_script(Script.immediate())
+    await session.create_execution(MACHINE, ["true"], timeout_ms=2**53 - 1)
+    assert json.loads(fake.requests[0].body)["timeout_ms"] == 2**53 - 1
+
+
+def test_a_fan_out_request_the_wire_cannot_carry_fails_when_built() -> None:
+    """So a bad request 2,000th in a list fails before the first is sent."""
+    with pytest.raises(ValueError, match=re.escape("command[1]")):
+        ExecutionRequest(machine_id=MACHINE, command=["echo", "\ud800"])
+    with pytest.raises(ValueError, match="command\\[0\\]"):
+        ExecutionRequest(machine_id=MACHINE, command=[""])
+
+
+def test_only_localhost_itself_and_loopback_addresses_may_use_plain_http() -> None:
+    Session(API_KEY, base_url="http://localhost:8080")
+    Session(API_KEY, base_url="http://127.0.0.2:8080")
+    Session(API_KEY, base_url="http://[::1]:8080")
+    with pytest.raises(ConfigurationError, match="refusing plain http"):
+        Session(API_KEY, base_url="http://api.localhost:8080")
+
+
+# --- the key in tracebacks ------------------------------------------------------------------
+
+
+async def test_no_frame_of_a_transport_error_holds_the_key_in_its_locals() -> None:
+    """Error reporters (Sentry and the like) record every frame's locals: none of ours, and
+    none chained below, may hold the key."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again below: connections are refused
+    async with Session(
+        API_KEY, base_url=f"http://127.0.0.1:{port}", retry=RetryPolicy(max_attempts=1)
+    ) as session:
+        with pytest.raises(TransportError) as caught:
+            await session.get_execution(MACHINE, "exe-1")
+    frames = 0
+    error: BaseException | None = caught.value
+    while error is not None:
+        tb = error.__traceback__
+        while tb is not None:
+            frames += 1
+            for name, value in tb.tb_frame.f_locals.items():
+                assert API_KEY not in repr(value), (tb.tb_frame.f_code.co_name, name)
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+    assert frames > 3  # the walk saw our frames
+
+
+# --- an events page that repeats an entry ------------------------------------------------------
+
+
+async def test_an_event_repeated_within_a_page_is_delivered_once() -> None:
+    events = [
+        {"at": "2026-01-01T00:00:00Z", "sequence": n, "type": "stdout", "chunk": f"{n}\n"}
+        for n in (1, 2, 2, 3)
+    ]
+
+    async def page(request: web.Request) -> web.Response:
+        return web.json_response({"items": events, "next_cursor": None})
+
+    app = web.Application()
+    app.router.add_get("/v1/machines/{machine}/executions/{eid}/events", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with Session(API_KEY, base_url=f"http://{host}:{port}") as session:
+            got = [e.sequence async for e in session.iter_events(MACHINE, "exe-1")]
+    finally:
+        await runner.cleanup()
+    assert got == [1, 2, 3]

@@ -181,10 +181,19 @@ async def path_conflict(w: World) -> None:
 
 
 async def path_unprocessable(w: World) -> None:
-    # an empty program name passes the client's checks but not the server's
+    # a body the server refuses though the client's checks pass (a rule only the server
+    # knows): an RFC 7807 problem, as the API answers 422
+    w.fake.add_fault(
+        Fault(
+            method="POST",
+            status=422,
+            body={"title": "Unprocessable Entity", "status": 422, "detail": "command: refused"},
+            content_type="application/problem+json",
+        )
+    )
     await w.expect(
         UnprocessableEntityError,
-        w.session.create_execution(MACHINE, ["", ENV_SECRET], env=ENV, stdin=STDIN_SECRET),
+        w.session.create_execution(MACHINE, ["echo", ENV_SECRET], env=ENV, stdin=STDIN_SECRET),
     )
 
 
