@@ -1,9 +1,13 @@
 """Automation: `nox` runs the default sessions (tests, lint, typing) on this interpreter.
 
-`nox -s bench` and `nox -s soak` are opt-in and never part of the default run.
+`nox -s bench`, `nox -s soak` and `nox -s mutation` are opt-in and never part of the
+default run.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import nox
 
@@ -57,3 +61,65 @@ def soak(session: nox.Session) -> None:
     """10,000 executions with random faults (not part of the default run)."""
     session.install(".[fast]", *_group("test"))
     session.run("pytest", "-m", "soak", "-p", "no:cacheprovider", *session.posargs)
+
+
+# The pure modules `nox -s mutation` mutates ([tool.mutmut] only_mutate in pyproject.toml).
+MUTATED = [
+    "_policy",
+    "_throttle",
+    "_wire",
+    "_convert",
+    "_checks",
+    "_models",
+    "_errors",
+    "_results",
+    "_clock",
+    "_config",
+]
+# Mutants that cannot change behaviour, so no test can kill them: excluded from the score.
+# Keys are mutmut's mutant names (`mutmut show NAME` prints the diff); each says why.
+EQUIVALENT: dict[str, str] = {}
+# mutmut's exit codes (mutmut.stats.status_by_exit_code) that mean "a test caught it":
+# a failing test, pytest's internal error, a timeout (the mutant made the code hang).
+_KILLED = {1, 3, 24, -24, 36, 152, 255}
+
+
+def _mutation_scores(root: Path) -> list[tuple[str, int, int, int, list[str]]]:
+    """(module, mutants, killed, equivalent, survivors) per module, from mutmut's results."""
+    rows = []
+    for module in MUTATED:
+        meta = root / "mutants" / "dedalus_async" / f"{module}.py.meta"
+        if not meta.exists():
+            continue
+        codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
+        checked = {name: code for name, code in codes.items() if code is not None}
+        if not checked:
+            continue
+        equivalent = [name for name in checked if name in EQUIVALENT]
+        killed = [n for n, c in checked.items() if c in _KILLED and n not in EQUIVALENT]
+        survivors = sorted(set(checked) - set(killed) - set(equivalent))
+        rows.append((module, len(checked), len(killed), len(equivalent), survivors))
+    return rows
+
+
+@nox.session
+def mutation(session: nox.Session) -> None:
+    """Mutation-test the pure modules with mutmut and print a score per module (opt-in).
+
+    Every mutant runs in a fresh interpreter that imports the mutated package, so code run
+    at import time (attrs validators, cattrs hooks) is mutated too. Extra args are mutant
+    name globs, e.g. `nox -s mutation -- "dedalus_async._throttle*"`. Scores exclude the
+    mutants listed in EQUIVALENT; survivors are listed (`mutmut show NAME` for the diff).
+    """
+    session.install(".[fast]", *_group("mutation"))
+    # at most 2 workers: the suite's own tests are timing-sensitive on a busy machine
+    session.run("mutmut", "run", "--max-children", "2", *session.posargs, silent=True)
+    root = Path(__file__).parent
+    rows = _mutation_scores(root)
+    lines = ["| module | mutants | killed | equivalent | score |", "|---|---|---|---|---|"]
+    for module, total, killed, equivalent, survivors in rows:
+        score = 100.0 * killed / max(1, total - equivalent)
+        lines.append(f"| `{module}.py` | {total} | {killed} | {equivalent} | {score:.0f} % |")
+        for name in survivors:
+            session.log(f"survived: {name}")
+    session.log("\n" + "\n".join(lines))
