@@ -232,8 +232,15 @@ async def create_seen_through(
 async def read_result(
     handle: ExecutionHandle, execution: Execution, *, check: bool
 ) -> ExecutionResult:
-    """The end of a run: fetch the output, build the result, raise only if asked."""
-    output = await handle.output() if may_have_output(execution) else None
+    """The end of a run: fetch the output, build the result, raise only if asked.
+
+    The output is read as patiently as the wait polled (by time, not by a count of tries):
+    an execution that succeeded is not reported failed over a short server blip.
+    """
+    output = None
+    if may_have_output(execution):
+        request = _wire.execution_request("GET", handle.machine_id, handle.execution_id, "/output")
+        output = await handle._loop.send_patiently(request, _wire.decode_output)
     result = ExecutionResult(
         execution=execution,
         stdout=(output.stdout if output else None) or "",
@@ -302,7 +309,10 @@ class EventStream:
         requester = self._loop.requester
         request = _wire.page_request(self._path, limit=self._limit, cursor=self._next)
         items: Sequence[ExecutionEvent]
-        items, next_cursor = await requester.send(request, _wire.decode_events)
+        if self._follow:  # as patient as a wait: a blip must not end a followed stream
+            items, next_cursor = await self._loop.send_patiently(request, _wire.decode_events)
+        else:
+            items, next_cursor = await requester.send(request, _wire.decode_events)
         # Deliver each sequence once: a resumed cursor may replay part of a page already
         # delivered, and a page may repeat an entry of its own.
         seen = self._last_sequence

@@ -25,10 +25,16 @@ R1. *What is retried.* Transport errors (could not connect, connection reset, on
     that is the session's job.
 R2. *How many tries.* ``max_attempts`` counts every try of one logical request, the first
     included. After try number ``max_attempts`` fails: give up (the error propagates).
+    Except when the server said when to come back (R3): such an answer is pacing, not
+    failure, and is retried for as long as the budget (R5) and the deadline (R6) allow,
+    however many tries that takes (a 2 s storm of 429s must not exhaust four tries).
 R3. *How long, when the server says.* A server pause (``Retry-After`` or
     ``retry-after-ms``, parsed to seconds by the caller) is obeyed as given. One in the
     past (negative) means now: 0. One longer than ``max_retry_after`` is not waited out:
     give up at once rather than hang, and never retry earlier than the server asked.
+R3a. *Floor.* No pause is shorter than ``min_pause * (1 + rand)`` (50-100 ms by default),
+    whatever the server or the backoff says: ``Retry-After: 0`` (or negative, or a date in
+    the past) gives at most one try per ``min_pause``, never a busy loop.
     A NaN (a broken parse) counts as no pause at all.
 R4. *How long, otherwise:* "full jitter" exponential backoff,
     ``rand * min(max_backoff, initial_backoff * multiplier ** (attempt - 1))``. The
@@ -38,7 +44,7 @@ R5. *Budget.* The sleeps of one logical request add up to at most ``budget`` sec
 R6. *Deadline.* With a caller's deadline ``remaining`` seconds away, give up rather than
     sleep until or past it (``delay >= remaining``): a try that cannot start before the
     deadline is pointless.
-R7. A delay is never negative, NaN or infinite.
+R7. A delay is never negative, NaN or infinite, nor below the floor of R3a.
 
 Polling an execution until it is done (:func:`next_poll`, :class:`PollState`)
 ----------------------------------------------------------------------------
@@ -63,7 +69,9 @@ P4. *No hint:* exponential backoff, quick for a short job and gentle for a long 
     ``n`` counts the responses without a hint since the last hint (0 for the first). The
     growth is capped before it can overflow.
 P5. *Expiry ahead.* If ``expires_at`` is in the future, never sleep past it without
-    looking: ``delay = min(delay, expires_in)`` (reason ``"expires_at"``).
+    looking: ``delay = min(delay, max(expires_in, hint_floor))`` (reason ``"expires_at"``).
+    The floor keeps a rolling ``expires_at`` just ahead (now + 2 ms on every response)
+    from turning the wait into a busy loop: the look lands at most ``hint_floor`` late.
 P6. *Expiry passed, still not done:* look again soon, once per wait:
     ``delay = min(delay, expiry_grace)`` (reason ``"after-expiry"``). After that the
     normal schedule applies, so a server whose status never flips to ``expired`` is not
@@ -249,6 +257,9 @@ class RetryPolicy:
     )
     #: Seconds one logical request may spend sleeping between its tries, in total.
     budget: float = attrs.field(default=60.0, validator=_number(">= 0", lambda _, v: v >= 0))
+    #: Seconds; the shortest pause between two tries (R3a), with up to as much again of
+    #: jitter: no server answer can make the retries a busy loop.
+    min_pause: float = attrs.field(default=0.05, validator=_number(">= 0", lambda _, v: v >= 0))
 
     @classmethod
     def none(cls) -> RetryPolicy:
@@ -281,9 +292,11 @@ def retry_delay(
     if slept < 0:
         raise ValueError(f"slept must be >= 0, got {slept!r}")
 
-    if attempt >= policy.max_attempts:  # R2
+    paced = retry_after is not None and retry_after == retry_after  # (NaN != NaN)
+    if attempt >= policy.max_attempts and not paced:  # R2
         return None
-    if retry_after is not None and retry_after == retry_after:  # R3 (NaN != NaN)
+    if paced:  # R3
+        assert retry_after is not None
         # max(0.0, x) rather than max(x, 0.0): for x == -0.0 the first argument wins,
         # and a "-0.0" sleep would look negative in logs.
         pause = max(0.0, retry_after)
@@ -295,6 +308,7 @@ def retry_delay(
         delay = rand * _grow(
             policy.initial_backoff, policy.multiplier, attempt - 1, policy.max_backoff
         )
+    delay = max(delay, policy.min_pause * (1.0 + rand))  # R3a
     if slept + delay > policy.budget:  # R5
         return None
     if remaining is not None and delay >= remaining:  # R6
@@ -475,7 +489,7 @@ def next_poll(
     if expires_in is not None:
         if expires_in > 0:  # P5
             if expires_in < delay:
-                delay, reason = float(expires_in), "expires_at"
+                delay, reason = max(float(expires_in), min(delay, policy.hint_floor)), "expires_at"
         elif not expiry_look_done:  # P6
             expiry_look_done = True
             if policy.expiry_grace < delay:

@@ -163,6 +163,12 @@ class Requester:
         while True:
             attempt += 1
             # the Session-wide pace: None (go now) unless a rate or a 429 pause applies
+            if deadline is not None and throttle.paused_until > deadline:
+                # a pause the server asked of the whole Session outlasts this call: end it
+                # at once, not after the pause (T2 caps the pause; the deadline caps us)
+                raise DeadlineReached(
+                    _paused_error(request, throttle.paused_until - clock.monotonic())
+                )
             waiting = throttle.acquire()
             if waiting is not None:
                 with Guard(self):
@@ -238,6 +244,18 @@ class Requester:
             with Guard(self):
                 await clock.sleep(delay)
             slept += delay
+
+
+def _paused_error(request: Request, left: float) -> RateLimitedError:
+    return RateLimitedError(
+        f"{request.method} {request.path} was not sent: the Session is paused for "
+        f"{left:.3g} s more by the server's rate limit (HTTP 429), past this call's deadline",
+        retry_after=left,
+        status=429,
+        error_code="SESSION_PAUSED",
+        method=request.method,
+        path=request.path,
+    )
 
 
 def _closed_under(requester: Requester, task: asyncio.Task[Any] | None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 import attrs
@@ -26,10 +26,15 @@ from ._models import Execution, ExecutionRef
 from ._policy import Done, GiveUp, PollPolicy, PollState, RetryPolicy, Sleep, next_poll
 from ._requester import DeadlineReached, Requester, Tally
 from ._results import WaitStats
+from ._wire import Response
 
 __all__ = ["WaitLoop", "Watched", "changed_from", "is_terminal"]
 
 logger = logging.getLogger("dedalus_async")
+T = TypeVar("T")
+
+# the last look at a wait's deadline: one try, whatever the error
+_ONE_TRY = RetryPolicy(max_attempts=1, budget=0.0, min_pause=0.0)
 
 
 class Watched(Protocol):
@@ -119,7 +124,7 @@ class WaitLoop:
         clock = requester.clock
         start = clock.monotonic()
         tally = Tally()
-        poll_retry = self._poll_retry()
+        poll_retry = self.poll_retry()
         state = PollState()
         request = _wire.execution_request("GET", watched.machine_id, watched.execution_id)
         snapshot = watched.last
@@ -138,8 +143,13 @@ class WaitLoop:
                         )
                     except DeadlineReached as reached:
                         assert timeout is not None
-                        watched.stats = self._stats(tally, start, None)
-                        raise _timeout_error(watched, timeout) from reached.error
+                        assert deadline is not None
+                        # Retries stopped short of the deadline: use the time left for one
+                        # last look at the deadline itself (a wait never gives up early).
+                        snapshot = await self._last_look(request, deadline, tally)
+                        if snapshot is None:
+                            watched.stats = self._stats(tally, start, None)
+                            raise _timeout_error(watched, timeout) from reached.error
                     watched.last = snapshot
                 done = done_when(snapshot)
                 expires_in = None
@@ -178,6 +188,37 @@ class WaitLoop:
             if not finished and cancel_remote:
                 await self.cancel_remote(watched)
 
+    async def _last_look(
+        self, request: _wire.Request, deadline: float, tally: Tally
+    ) -> Execution | None:
+        """Sleep to the deadline, then GET once (no retry); None if that fails too."""
+        requester = self.requester
+        clock = requester.clock
+        left = deadline - clock.monotonic()
+        if left <= 0:
+            return None
+        tally.slept += left
+        await clock.sleep(left)
+        tally.polls += 1
+        try:
+            return await requester.send(
+                request, _wire.decode_execution, retry=_ONE_TRY, deadline=deadline, tally=tally
+            )
+        except (DedalusError, DeadlineReached):
+            return None
+
+    async def send_patiently(self, request: _wire.Request, decode: Callable[[Response], T]) -> T:
+        """Send ``request`` retrying transient errors the way a wait's polls do: by time (the
+        retry policy's ``budget``), not by a count of tries. For the reads that follow or
+        finish a wait (the output, a followed event stream), so a short server blip that
+        ``wait()`` survives does not fail them either."""
+        requester = self.requester
+        deadline = requester.clock.monotonic() + requester.retry.budget
+        try:
+            return await requester.send(request, decode, deadline=deadline, retry=self.poll_retry())
+        except DeadlineReached as reached:
+            raise reached.error from None
+
     async def cancel_remote(self, watched: Watched) -> None:
         """DELETE the execution, shielded from the cancellation in progress, time-boxed."""
         if watched.last is not None and watched.last.is_terminal:
@@ -189,7 +230,7 @@ class WaitLoop:
             except DedalusError as exc:
                 logger.warning("could not cancel %s remotely: %s", watched.execution_id, exc)
 
-    def _poll_retry(self) -> RetryPolicy:
+    def poll_retry(self) -> RetryPolicy:
         """The retry policy of a wait's polls: the requester's, bounded by the deadline alone.
 
         Polls retry transient errors for as long as the deadline allows (P9 of _policy).

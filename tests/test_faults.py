@@ -237,6 +237,9 @@ async def test_transient_fault_is_ridden_out(
 
 # --- Retry-After: what each form means, exactly --------------------------------------
 
+# the shortest pause (R3a of _policy) with the session fixture's random=0.5
+FLOOR = RetryPolicy().min_pause * 1.5
+
 
 @pytest.mark.parametrize(
     ("headers", "slept"),
@@ -244,10 +247,11 @@ async def test_transient_fault_is_ridden_out(
         pytest.param({"Retry-After": "1.5"}, 1.5, id="seconds"),
         pytest.param({"retry-after-ms": "250"}, 0.25, id="milliseconds"),
         pytest.param({"Retry-After": "Thu, 01 Jan 2026 00:00:30 GMT"}, 30.0, id="date-ahead"),
-        pytest.param({"Retry-After": PAST_DATE}, 0.0, id="date-in-past-means-now"),
-        pytest.param({"Retry-After": "-3"}, 0.0, id="negative-seconds-means-now"),
-        pytest.param({"retry-after-ms": "0"}, 0.0, id="zero-ms"),
-        pytest.param({"retry-after-ms": "-100"}, 0.0, id="negative-ms-means-now"),
+        # "now" still waits the floor (R3a): no server answer makes a busy loop
+        pytest.param({"Retry-After": PAST_DATE}, FLOOR, id="date-in-past-means-the-floor"),
+        pytest.param({"Retry-After": "-3"}, FLOOR, id="negative-seconds-means-the-floor"),
+        pytest.param({"retry-after-ms": "0"}, FLOOR, id="zero-ms-means-the-floor"),
+        pytest.param({"retry-after-ms": "-100"}, FLOOR, id="negative-ms-means-the-floor"),
         pytest.param({}, BACKOFF_1, id="absent-means-backoff"),
         pytest.param({"Retry-After": "soon"}, BACKOFF_1, id="garbage-means-backoff"),
         pytest.param({"Retry-After": "nan"}, BACKOFF_1, id="nan-means-backoff"),

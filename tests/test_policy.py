@@ -156,8 +156,12 @@ def test_retry_policy_validation(
 
 
 def test_retry_policy_accepts_ints_and_zeroes() -> None:
-    policy = RetryPolicy(initial_backoff=0, max_backoff=0, multiplier=1, budget=0)
+    policy = RetryPolicy(initial_backoff=0, max_backoff=0, multiplier=1, budget=0, min_pause=0)
     assert _retry(policy) == 0.0
+
+
+# the shortest pause (R3a) with rand = 0.5, _retry's default
+FLOOR = RetryPolicy().min_pause * 1.5
 
 
 # ---------------------------------------------------------------- is_retryable_status
@@ -212,7 +216,7 @@ def test_retry_gives_up_after_max_attempts(
 @pytest.mark.parametrize(
     ("attempt", "rand", "expected"),
     [
-        (1, 0.0, 0.0),
+        (1, 0.0, 0.05),  # a zero draw still waits the floor (R3a), min_pause * (1 + 0)
         (1, 0.5, 0.125),
         (2, 0.5, 0.25),
         (3, 0.5, 0.5),
@@ -232,7 +236,7 @@ def test_retry_full_jitter_backoff(attempt: int, rand: float, expected: float) -
     ("changes", "attempt", "expected"),
     [
         ({"multiplier": 1}, 10**100, 0.125),  # no growth at all, however many tries
-        ({"initial_backoff": 0, "max_backoff": 0}, 10**100, 0.0),
+        ({"initial_backoff": 0, "max_backoff": 0}, 10**100, FLOOR),  # R3a
         # the power overflows (a budget this large keeps R5 out of the way)
         ({"multiplier": 1e300, "max_backoff": 1e308, "budget": 1e308}, 5, 5e307),
         (
@@ -262,9 +266,10 @@ def test_retry_backoff_is_overflow_safe(
     ("retry_after", "expected"),
     [
         (3.0, 3.0),
-        (0.0, 0.0),
-        (-5.0, 0.0),  # in the past: now
-        (-math.inf, 0.0),
+        # now, or in the past: now, but never sooner than the floor (R3a; rand = 0.9)
+        (0.0, 0.05 * 1.9),
+        (-5.0, 0.05 * 1.9),
+        (-math.inf, 0.05 * 1.9),
         (60.0, 60.0),  # == max_retry_after is still waited
         (60.001, None),  # longer: give up
         (math.inf, None),
@@ -281,11 +286,29 @@ def test_retry_obeys_server_pause(retry_after: float, expected: float | None) ->
         assert math.copysign(1.0, delay) == 1.0  # not even -0.0
 
 
-def test_retry_negative_zero_pause_is_positive_zero() -> None:
+def test_retry_negative_zero_pause_is_the_floor() -> None:
     delay = _retry(retry_after=-0.0)
-    assert delay == 0.0
+    assert delay == FLOOR
     assert delay is not None
     assert math.copysign(1.0, delay) == 1.0
+
+
+@pytest.mark.parametrize("retry_after", [0.0, -1.0, 0.01])
+def test_a_pause_shorter_than_the_floor_waits_the_floor_with_jitter(retry_after: float) -> None:
+    # R3a: between min_pause and twice it, by the draw
+    policy = RetryPolicy(min_pause=0.1)
+    assert _retry(policy, retry_after=retry_after, rand=0.0) == 0.1
+    assert _retry(policy, retry_after=retry_after, rand=0.5) == pytest.approx(0.15)
+    assert _retry(policy, retry_after=0.5, rand=0.99) == 0.5  # above the floor: as given
+
+
+@pytest.mark.parametrize("attempt", [4, 40, 400])
+def test_a_server_pause_is_retried_beyond_max_attempts_within_the_budget(attempt: int) -> None:
+    """R2: an answer that says when to come back is pacing, not failure."""
+    assert _retry(attempt=attempt, retry_after=0.1, slept=10.0) == 0.1
+    assert _retry(attempt=attempt, retry_after=0.1, slept=59.95) is None  # R5 still holds
+    assert _retry(attempt=attempt, retry_after=0.1, remaining=0.1) is None  # R6 too
+    assert _retry(attempt=attempt) is None  # without a pause, R2 counts as before
 
 
 def test_retry_nan_pause_counts_as_absent() -> None:
@@ -299,8 +322,8 @@ def test_retry_nan_pause_counts_as_absent() -> None:
         (0.0, 30.0, 30.0),
         (30.0, 30.0, 30.0),  # exactly the budget is allowed
         (30.0, 30.5, None),
-        (59.9, 0.0, 0.0),
-        (60.0, 0.0, 0.0),
+        (59.9, 0.0, FLOOR),  # "now" waits the floor, and that fits
+        (59.95, 0.0, None),  # 59.95 + 0.075 does not
         (59.9, 0.2, None),
         (1000.0, 0.0, None),  # already over the budget: not even a zero pause
     ],
@@ -517,7 +540,8 @@ def test_hint_is_read_from_every_response() -> None:
     ("retry_after_ms", "expires_in", "expected"),
     [
         (2000, 0.5, Sleep(0.5, "expires_at")),  # never sleep past expires_at
-        (2000, 0.001, Sleep(0.001, "expires_at")),  # even below the hint floor
+        # not below the hint floor: a rolling expires_at just ahead is no busy loop
+        (2000, 0.001, Sleep(0.05, "expires_at")),
         (2000, 2.0, Sleep(2.0, "hint")),  # a tie keeps the hint's reason
         (2000, 3.0, Sleep(2.0, "hint")),
         (None, 0.1, Sleep(0.1, "expires_at")),

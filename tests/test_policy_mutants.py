@@ -22,11 +22,15 @@ def test_retry_backoff_from_a_base_of_one_second(attempt: int, expected: float) 
     assert delay == 0.5 * expected
 
 
-def test_retry_backoff_from_a_zero_base_is_zero() -> None:
-    policy = RetryPolicy(initial_backoff=0.0, max_backoff=0.0)
+def test_retry_backoff_from_a_zero_base_is_the_floor() -> None:
+    policy = RetryPolicy(initial_backoff=0.0, max_backoff=0.0, min_pause=0.0)
     assert (
         retry_delay(policy, attempt=1, retry_after=None, slept=0.0, remaining=None, rand=0.9) == 0.0
     )
+    with_floor = RetryPolicy(initial_backoff=0.0, max_backoff=0.0)  # R3a
+    assert retry_delay(
+        with_floor, attempt=1, retry_after=None, slept=0.0, remaining=None, rand=0.9
+    ) == pytest.approx(0.095)
 
 
 @pytest.mark.parametrize("backoff_attempt", [0, 1, 3])

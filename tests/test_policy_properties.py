@@ -80,6 +80,7 @@ def retry_policies(draw: st.DrawFn) -> RetryPolicy:
         multiplier=draw(_seconds(1.0, 1e6)),
         max_retry_after=draw(_seconds(0.0, 300.0)),
         budget=draw(_seconds(0.0, 600.0)),
+        min_pause=draw(_seconds(0.0, 1.0)),
     )
 
 
@@ -293,9 +294,10 @@ def _simulate(
         )
         if not isinstance(decision, Sleep):
             return Outcome(decision, now, sleeps, look + 1)
-        # P5: a sleep never carries us past an expires_at that was still ahead.
+        # P5: a sleep never carries us past an expires_at that was still ahead, but for
+        # the hint floor (an expiry closer than that waits the floor: no busy loop).
         if expires_in is not None and expires_in > 0:
-            assert decision.seconds <= expires_in
+            assert decision.seconds <= max(expires_in, policy.hint_floor)
         sleeps.append(decision)
         now += decision.seconds
     raise AssertionError(f"the wait did not end after {_MAX_LOOKS} looks")
@@ -380,8 +382,8 @@ def test_expiry_is_looked_at_then_not_hammered(
     for sleep in outcome.sleeps:
         times.append(times[-1] + sleep.seconds)
     after = [t for t in times if t >= expires_at]
-    # A look lands on expires_at (up to the rounding of float additions)...
-    assert after[0] - expires_at <= 1e-9
+    # A look lands on expires_at, or at most the hint floor after it (P5)...
+    assert after[0] - expires_at <= policy.hint_floor + 1e-9
     # ... the next one comes at most expiry_grace later (the deadline is a minute away) ...
     assert after[1] - after[0] <= policy.expiry_grace + 1e-9
     # ... and from then on looks are at least the shortest normal delay apart, but for the
@@ -419,18 +421,21 @@ def test_retry_delay_is_bounded(
         remaining=remaining,
         rand=rand,
     )
-    if attempt >= policy.max_attempts:
-        assert delay is None
+    paced = retry_after is not None and retry_after == retry_after  # not NaN
+    if attempt >= policy.max_attempts and not paced:
+        assert delay is None  # R2 counts only the errors the server gave no pause for
     if delay is None:
         return
     assert math.isfinite(delay)
-    assert delay >= 0
+    floor = policy.min_pause * (1 + rand)
+    assert delay >= floor  # R3a: never a busy loop
     assert slept + delay <= policy.budget
-    if retry_after is not None and retry_after == retry_after:  # not NaN
-        assert delay <= policy.max_retry_after
-        assert delay == max(0.0, retry_after)
+    if paced:
+        assert retry_after is not None
+        assert max(0.0, retry_after) <= policy.max_retry_after
+        assert delay == max(float(max(0.0, retry_after)), floor)
     else:
-        assert delay <= policy.max_backoff
+        assert delay <= max(policy.max_backoff, floor)
     if remaining is not None:
         assert delay < remaining
 
@@ -447,25 +452,34 @@ def test_a_retried_request_stays_within_its_limits(
     deadline: float | None,
     draws: list[float],
 ) -> None:
-    """Retried to the end: <= max_attempts tries, <= budget slept, all before the deadline."""
-    # Zero delays are legal (rand = 0, initial_backoff = 0), so a loop that runs to
-    # max_attempts must have a small max_attempts to end quickly.
-    policy = attrs.evolve(policy, max_attempts=min(policy.max_attempts, 50))
+    """Retried to the end: <= max_attempts tries after errors without a pause (R2), any
+    number after server pauses, <= budget slept, all before the deadline."""
+    # Zero delays are legal (min_pause = 0, rand = 0, initial_backoff = 0), so a loop that
+    # runs long must have small limits to end quickly.
+    policy = attrs.evolve(
+        policy,
+        max_attempts=min(policy.max_attempts, 50),
+        min_pause=max(policy.min_pause, 0.05),
+        budget=min(policy.budget, 100.0),
+    )
     now, attempt = 0.0, 1
     while True:
+        pause = pauses[(attempt - 1) % len(pauses)]
         delay = retry_delay(
             policy,
             attempt=attempt,
-            retry_after=pauses[(attempt - 1) % len(pauses)],
+            retry_after=pause,
             slept=now,
             remaining=None if deadline is None else deadline - now,
             rand=draws[attempt % len(draws)],
         )
         if delay is None:
             break
+        assert delay >= policy.min_pause  # R3a: the loop moves time on
         now += delay
         attempt += 1
-        assert attempt <= policy.max_attempts
+        if pause is None:
+            assert attempt <= policy.max_attempts
     assert now <= policy.budget + 1e-9
     if deadline is not None:
         assert now < deadline or now == 0.0

@@ -16,6 +16,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ from dedalus_async import (
     Session,
     SessionClosedError,
     TransportError,
+    WaitTimeout,
 )
 from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Phase, Script
 
@@ -384,3 +386,202 @@ async def test_an_event_repeated_within_a_page_is_delivered_once() -> None:
     finally:
         await runner.cleanup()
     assert got == [1, 2, 3]
+
+
+# --- a server that says "come back now", storms, pauses ------------------------------------
+
+
+class Storm:
+    """An executions API on the real clock that misbehaves on cue.
+
+    ``retry_after`` headers go on every error it sends; ``storm_until`` (monotonic) makes
+    every request matching ``storm_paths`` fail with ``storm_status`` until then;
+    ``rolling_expiry`` makes every snapshot expire 2 ms from now, with no hint.
+    """
+
+    def __init__(self) -> None:
+        self.storm_until = 0.0
+        self.storm_status = 503
+        self.storm_paths: tuple[str, ...] = ("",)
+        self.error_headers: dict[str, str] = {}
+        self.rolling_expiry = False
+        self.finish_after = 0.2  # seconds from create to succeeded
+        self.requests: list[tuple[float, str, str]] = []
+        self.created: dict[str, float] = {}
+        self._ids = itertools.count(1)
+
+    def _snapshot(self, eid: str, machine: str) -> dict[str, object]:
+        done = time.monotonic() - self.created[eid] >= self.finish_after
+        body: dict[str, object] = {
+            "execution_id": eid,
+            "machine_id": machine,
+            "status": "succeeded" if done else "running",
+            "created_at": "2026-01-01T00:00:00Z",
+            "stdout_bytes": 3 if done else 0,
+            "stderr_bytes": 0,
+        }
+        if done:
+            body["exit_code"] = 0
+        elif self.rolling_expiry:
+            at = datetime.now(UTC) + timedelta(milliseconds=2)
+            body["expires_at"] = at.isoformat().replace("+00:00", "Z")
+        else:
+            body["retry_after_ms"] = 50
+        return body
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests.append((time.monotonic(), request.method, request.path))
+        storming = time.monotonic() < self.storm_until
+        if storming and any(request.path.endswith(p) for p in self.storm_paths):
+            return web.json_response(
+                {"error_code": "STORM", "message": "try later", "retryable": True},
+                status=self.storm_status,
+                headers=self.error_headers,
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def create(self, request: web.Request) -> web.Response:
+        eid = f"exe-{next(self._ids)}"
+        self.created[eid] = time.monotonic()
+        return web.json_response(self._snapshot(eid, request.match_info["machine"]), status=201)
+
+    async def get(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            self._snapshot(request.match_info["eid"], request.match_info["machine"])
+        )
+
+    async def output(self, request: web.Request) -> web.Response:
+        eid = request.match_info["eid"]
+        return web.json_response({"execution_id": eid, "stdout": "ok\n", "stderr": ""})
+
+    def gets(self) -> list[float]:
+        return [at for at, method, path in self.requests if method == "GET"]
+
+
+@pytest.fixture
+async def storm() -> AsyncIterator[tuple[Storm, str]]:
+    server = Storm()
+    app = web.Application(middlewares=[server.middleware])
+    base = "/v1/machines/{machine}/executions"
+    app.router.add_post(base, server.create)
+    app.router.add_get(base + "/{eid}", server.get)
+    app.router.add_get(base + "/{eid}/output", server.output)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield server, f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Retry-After": "0"}, {"Retry-After": "-5"}, {"retry-after-ms": "-100"}, {}],
+    ids=["zero", "negative", "negative-ms", "none"],
+)
+async def test_come_back_now_is_no_busy_loop(
+    storm: tuple[Storm, str], headers: dict[str, str]
+) -> None:
+    """A 503 that says "retry now", forever: at most one request per floor interval."""
+    server, base_url = storm
+    server.finish_after = 1000.0
+    server.storm_paths = ("/exe-1",)
+    server.error_headers = headers
+    async with Session(API_KEY, base_url=base_url) as session:
+        handle = await session.create_execution(MACHINE, ["sleep", "1000"])
+        server.storm_until = time.monotonic() + 60.0
+        start = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            await handle.wait(timeout=1.0)
+        elapsed = time.monotonic() - start
+    floor = RetryPolicy().min_pause
+    assert len(server.gets()) <= elapsed / floor + 2  # before the floor: thousands
+    assert 0.9 <= elapsed < 2.0  # the whole deadline is used, and not much more
+
+
+async def test_a_rolling_expiry_just_ahead_is_no_busy_loop(storm: tuple[Storm, str]) -> None:
+    server, base_url = storm
+    server.finish_after = 1000.0
+    server.rolling_expiry = True
+    async with Session(API_KEY, base_url=base_url) as session:
+        handle = await session.create_execution(MACHINE, ["sleep", "1000"])
+        with pytest.raises(WaitTimeout):
+            await handle.wait(timeout=1.0)
+    floor = PollPolicy().hint_floor
+    assert len(server.gets()) <= 1.0 / floor + 2  # before: ~360 GETs a second
+
+
+async def test_a_wait_ends_at_its_deadline_whatever_the_session_pause(
+    storm: tuple[Storm, str],
+) -> None:
+    """One 429 asking for an hour pauses the Session (capped at a minute, T2), but a wait
+    with a one-second deadline still ends after about a second."""
+    server, base_url = storm
+    server.finish_after = 1000.0
+    server.storm_status = 429
+    server.error_headers = {"Retry-After": "3600"}
+    server.storm_paths = ("/exe-1",)
+    async with Session(API_KEY, base_url=base_url) as session:
+        handle = await session.create_execution(MACHINE, ["sleep", "1000"])
+        server.storm_until = time.monotonic() + 3600
+        await asyncio.sleep(0)
+        with pytest.raises(DedalusError):  # the 429 itself: an hour is past any retry
+            await handle.refresh()
+        assert session.throttle.paused_until > session.clock.monotonic() + 30
+        start = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            await handle.wait(timeout=1.0)
+        assert time.monotonic() - start < 1.5
+
+
+async def test_a_storm_of_429s_loses_no_create(storm: tuple[Storm, str]) -> None:
+    """2 s of 429s (Retry-After: 0.1) on every create: pacing, not failure; all succeed."""
+    server, base_url = storm
+    server.storm_status = 429
+    server.error_headers = {"Retry-After": "0.1"}
+    server.storm_paths = ("/executions",)
+    server.storm_until = time.monotonic() + 2.0
+    async with Session(API_KEY, base_url=base_url) as session:
+        handles = await asyncio.gather(
+            *(session.create_execution(MACHINE, ["true"]) for _ in range(300))
+        )
+    assert len({h.execution_id for h in handles}) == 300
+    assert len(server.created) == 300
+
+
+async def test_a_storm_on_output_fails_no_succeeded_run(storm: tuple[Storm, str]) -> None:
+    """1.5 s of 503s (no Retry-After) on /output after the runs succeeded: every result is
+    still read, none reported failed."""
+    server, base_url = storm
+    server.finish_after = 0.05
+    server.storm_paths = ("/output",)
+    server.storm_until = time.monotonic() + 1.5
+    async with Session(API_KEY, base_url=base_url) as session:
+        results = await asyncio.gather(*(session.run(MACHINE, ["echo", "ok"]) for _ in range(50)))
+    assert all(r.ok and r.stdout == "ok\n" for r in results)
+    outputs = [at for at, method, path in server.requests if path.endswith("/output")]
+    assert len(outputs) > 50  # the storm was met: some reads were retried
+
+
+async def test_a_followed_event_stream_survives_a_blip(live_fake: FakeDedalus) -> None:
+    """``events(follow=True)`` is as patient as ``wait()``: 1.5 s of 503s on the events
+    (no Retry-After) do not end it."""
+    live_fake.set_script(Script((Phase("running", 2.5, 100),)))
+    async with Session(API_KEY, base_url=live_fake.base_url) as session:
+        handle = await session.create_execution(MACHINE, ["sleep", "2"])
+        blip = live_fake.add_fault(Fault(path="/events", status=503, times=None))
+        follow = asyncio.ensure_future(_drain(handle.events(follow=True)))
+        await asyncio.sleep(1.5)
+        live_fake.clear_faults()  # the blip is over
+        events = await asyncio.wait_for(follow, 10)
+    assert blip.hits >= 3  # the stream met the blip, more than a count of tries allows
+    assert events[-1].status == "succeeded"
+
+
+async def _drain(stream: AsyncIterator[Any]) -> list[Any]:
+    return [event async for event in stream]

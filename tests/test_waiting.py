@@ -182,10 +182,10 @@ async def test_polls_retry_until_the_deadline_with_one_policy_per_retry_policy(
     parts: tuple[WaitLoop, Session],
 ) -> None:
     loop, _ = parts
-    first = loop._poll_retry()
-    assert first is loop._poll_retry()  # built once, not once per wait
+    first = loop.poll_retry()
+    assert first is loop.poll_retry()  # built once, not once per wait
     assert first.max_attempts > 1_000_000  # only the deadline bounds a wait's retries
     loop.requester.retry = RetryPolicy(max_attempts=2)
-    second = loop._poll_retry()
+    second = loop.poll_retry()
     assert second is not first
     assert second.initial_backoff == loop.requester.retry.initial_backoff
