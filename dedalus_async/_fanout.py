@@ -33,7 +33,7 @@ import attrs
 from . import _wire
 from ._checks import check_count, check_seconds
 from ._errors import APIStatusError, DedalusError
-from ._handle import ExecutionHandle, read_result
+from ._handle import ExecutionHandle, create_seen_through, read_result
 from ._models import Execution
 from ._policy import USE_POLICY_DEFAULT, PollPolicy, Sleep, UsePolicyDefault, resolve_timeout
 from ._requester import DeadlineReached
@@ -353,19 +353,20 @@ class _FanOut:
         plan = self.plan
         request = plan.requests[index]
         async with self._create_slots:
-            # With cancel_remote, a create that was sent is seen through even if the
-            # fan-out is cancelled meanwhile: only then is its ID known, so that the wait
-            # below (whose cleanup runs at its first checkpoint) can delete it.
-            with anyio.CancelScope(shield=plan.cancel_remote):
-                handle = await self.client.create_execution(
-                    request.machine_id,
-                    request.command,
-                    cwd=request.cwd,
-                    env=request.env,
-                    stdin=request.stdin,
-                    timeout_ms=request.timeout_ms,
-                    idempotency_key=plan.keys[index],
-                )
+            create = self.client.create_execution(
+                request.machine_id,
+                request.command,
+                cwd=request.cwd,
+                env=request.env,
+                stdin=request.stdin,
+                timeout_ms=request.timeout_ms,
+                idempotency_key=plan.keys[index],
+            )
+            # With cancel_remote, a create cancelled in flight is seen through (for at most
+            # request_timeout, not all its retries) and what it made deleted.
+            handle = await (
+                create_seen_through(create, self.waits) if plan.cancel_remote else create
+            )
         if plan.batch_refresh:
             execution = await self._wait_batched(handle, request)
         else:

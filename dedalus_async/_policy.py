@@ -22,7 +22,10 @@ R1. *What is retried.* Transport errors (could not connect, connection reset, on
     - below 400: never (not an error).
 
     A create (POST) is retried only under the same ``Idempotency-Key`` with the same body;
-    that is the session's job.
+    that is the session's job. One 409 is retried after all (:func:`is_in_progress`): on a
+    request sent under an Idempotency-Key, a 409 whose error code says the first request
+    with that key is still being processed (the IETF idempotency-key draft's answer to a
+    concurrent retry). Trying again with the same key gets the first request's answer.
 R2. *How many tries.* ``max_attempts`` counts every try of one logical request, the first
     included. After try number ``max_attempts`` fails: give up (the error propagates).
     Except when the server said when to come back (R3): such an answer is pacing, not
@@ -118,6 +121,7 @@ __all__ = [
     "Sleep",
     "SleepReason",
     "UsePolicyDefault",
+    "is_in_progress",
     "is_retryable_status",
     "next_poll",
     "resolve_timeout",
@@ -314,6 +318,19 @@ def retry_delay(
     if remaining is not None and delay >= remaining:  # R6
         return None
     return delay
+
+
+# Error codes of a 409 that mean "the request with this key is still being processed" (R1).
+_IN_PROGRESS_MARKERS = ("IN_PROGRESS", "PROCESSING", "CONCURRENT")
+
+
+def is_in_progress(status: int, error_code: str | None) -> bool:
+    """A 409 saying the first request under the same Idempotency-Key is still being
+    processed (rule R1): worth another try with that key, unlike every other 409."""
+    if status != 409 or not error_code:
+        return False
+    code = error_code.upper()
+    return any(marker in code for marker in _IN_PROGRESS_MARKERS)
 
 
 # HTTP statuses that another try cannot fix, whatever the body claims (R1).

@@ -29,7 +29,7 @@ from ._errors import (
     SessionClosedError,
     TransportError,
 )
-from ._policy import RetryPolicy, is_retryable_status, retry_delay
+from ._policy import RetryPolicy, is_in_progress, is_retryable_status, retry_delay
 from ._throttle import Throttle
 from ._wire import Request, Response
 
@@ -192,7 +192,10 @@ class Requester:
                 if isinstance(error, RateLimitedError):
                     # the whole Session slows down, not only this request
                     throttle.rate_limited(error.retry_after, epoch)
-                if not is_retryable_status(error.status, error.retryable):
+                if not is_retryable_status(error.status, error.retryable) and not (
+                    request.idempotency_key is not None
+                    and is_in_progress(error.status, error.error_code)
+                ):
                     raise error
                 if isinstance(error, RateLimitedError):
                     retry_after = error.retry_after

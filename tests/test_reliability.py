@@ -24,6 +24,7 @@ from aiohttp import web
 
 from dedalus_async import (
     ConfigurationError,
+    ConflictError,
     DedalusError,
     ExecutionRequest,
     PollPolicy,
@@ -112,6 +113,8 @@ class Flaky:
     def __init__(self) -> None:
         self.create_delay = 0.0
         self.fail_creates = False
+        # error codes of 409s to answer the next creates with, one each
+        self.conflicts: list[str] = []
         self.keys: list[str] = []
         self.executions: dict[str, dict[str, object]] = {}
         self.deleted: list[str] = []
@@ -121,6 +124,9 @@ class Flaky:
         self.keys.append(request.headers.get("Idempotency-Key", ""))
         if self.fail_creates:
             return web.json_response({"error_code": "UNAVAILABLE", "retryable": True}, status=503)
+        if self.conflicts:
+            code = self.conflicts.pop(0)
+            return web.json_response({"error_code": code, "message": "conflict"}, status=409)
         await asyncio.sleep(self.create_delay)
         body = await request.json()
         eid = f"exe-{next(self._ids)}"
@@ -152,7 +158,7 @@ async def flaky() -> AsyncIterator[tuple[Flaky, str]]:
     app.router.add_post(base, server.create)
     app.router.add_get(base + "/{eid}", server.get)
     app.router.add_delete(base + "/{eid}", server.delete)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -585,3 +591,46 @@ async def test_a_followed_event_stream_survives_a_blip(live_fake: FakeDedalus) -
 
 async def _drain(stream: AsyncIterator[Any]) -> list[Any]:
     return [event async for event in stream]
+
+
+# --- 409 "still in progress", and leaving a fan-out under cancellation --------------------------
+
+
+async def test_a_create_still_in_progress_is_retried_under_its_key(
+    flaky: tuple[Flaky, str],
+) -> None:
+    """The IETF idempotency-key draft answers a concurrent retry with 409: try again with
+    the same key and get the first request's answer."""
+    server, base_url = flaky
+    server.conflicts = ["IDEMPOTENCY_KEY_IN_PROGRESS", "REQUEST_PROCESSING"]
+    async with Session(API_KEY, base_url=base_url, retry=FAST) as session:
+        handle = await session.create_execution(MACHINE, ["true"])
+    assert handle.execution_id == "exe-1"
+    assert len(server.keys) == 3
+    assert len(set(server.keys)) == 1
+
+
+async def test_any_other_conflict_is_not_retried(flaky: tuple[Flaky, str]) -> None:
+    server, base_url = flaky
+    server.conflicts = ["INVALID_STATE"]
+    async with Session(API_KEY, base_url=base_url, retry=FAST) as session:
+        with pytest.raises(ConflictError):
+            await session.create_execution(MACHINE, ["true"])
+    assert len(server.keys) == 1
+
+
+async def test_leaving_a_fan_out_under_cancellation_is_bounded(
+    flaky: tuple[Flaky, str],
+) -> None:
+    """Creates stalled on the server, run_many(cancel_remote=True) under a 1 s timeout:
+    each shielded create gets request_timeout to finish, not all its retries (~9 s)."""
+    server, base_url = flaky
+    server.create_delay = 30.0
+    requests = [ExecutionRequest(machine_id=MACHINE, command=["true"]) for _ in range(4)]
+    async with Session(API_KEY, base_url=base_url, request_timeout=2.0) as session:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await session.run_many(requests, cancel_remote=True)
+        elapsed = time.monotonic() - start
+    assert elapsed < 4.0  # the 1 s timeout + at most one request_timeout for the creates
