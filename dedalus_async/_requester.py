@@ -144,6 +144,7 @@ class Requester:
         deadline: float | None = None,
         retry: RetryPolicy | None = None,
         tally: Tally | None = None,
+        paced: bool = True,
     ) -> T:
         """Send ``request`` until it succeeds, a permanent error comes, or retries run out.
 
@@ -152,7 +153,9 @@ class Requester:
         the last error. Retries and their sleeps are added to ``tally``. Closing the
         Session ends it with :class:`~dedalus_async.SessionClosedError`: a request in
         flight fails as the transport closes, and no retry follows; a pause before a retry
-        (or in the throttle) is cut short.
+        (or in the throttle) is cut short. ``paced=False`` skips the Session-wide pace
+        (the throttle): for the one DELETE that stops remote work when a call is
+        cancelled, which must not wait out a rate-limit pause the server asked for.
         """
         self.check_open()
         policy = retry or self.retry
@@ -163,14 +166,15 @@ class Requester:
         while True:
             attempt += 1
             # the Session-wide pace: None (go now) unless a rate or a 429 pause applies
-            if deadline is not None and throttle.paused_until > deadline:
+            if not paced:
+                pass
+            elif deadline is not None and throttle.paused_until > deadline:
                 # a pause the server asked of the whole Session outlasts this call: end it
                 # at once, not after the pause (T2 caps the pause; the deadline caps us)
                 raise DeadlineReached(
                     _paused_error(request, throttle.paused_until - clock.monotonic())
                 )
-            waiting = throttle.acquire()
-            if waiting is not None:
+            elif (waiting := throttle.acquire()) is not None:
                 with Guard(self):
                     await waiting
             epoch = throttle.epoch

@@ -137,7 +137,7 @@ class Session(ExecutionsAPI):
         self._waits = WaitLoop(
             self._requester,
             poll=poll if poll is not None else PollPolicy(),
-            delete=self.delete_execution,
+            new_key=self.new_idempotency_key,
         )
 
     def __repr__(self) -> str:

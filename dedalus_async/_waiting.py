@@ -61,19 +61,20 @@ def changed_from(status: str | None) -> Callable[[Execution], bool]:
 
 
 class WaitLoop:
-    """Waits for executions over one :class:`Requester`; ``delete`` cancels remotely."""
+    """Waits for executions over one :class:`Requester`; ``new_key`` mints the
+    Idempotency-Key of a remote cancel's DELETE."""
 
     def __init__(
         self,
         requester: Requester,
         *,
         poll: PollPolicy,
-        delete: Callable[[str, str], Awaitable[Execution]],
+        new_key: Callable[[], str],
     ) -> None:
         self.requester = requester
         #: the pacing of waits that pass no policy of their own (replaceable at any time)
         self.poll = poll
-        self._delete = delete
+        self._new_key = new_key
         self._poll_retry_cache: tuple[RetryPolicy, RetryPolicy] | None = None
 
     def deadline(self, seconds: float | None) -> float | None:
@@ -225,7 +226,17 @@ class WaitLoop:
             return
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.requester.request_timeout):
             try:
-                watched.last = await self._delete(watched.machine_id, watched.execution_id)
+                request = _wire.execution_request(
+                    "DELETE",
+                    watched.machine_id,
+                    watched.execution_id,
+                    idempotency_key=self._new_key(),
+                )
+                # not paced: a rate-limit pause of the Session must not keep the cancel
+                # from reaching the server (it is one request, and it ends work)
+                watched.last = await self.requester.send(
+                    request, _wire.decode_execution, paced=False
+                )
                 logger.debug("cancelled %s remotely", watched.execution_id)
             except DedalusError as exc:
                 logger.warning("could not cancel %s remotely: %s", watched.execution_id, exc)

@@ -409,6 +409,7 @@ class Storm:
         self.storm_until = 0.0
         self.storm_status = 503
         self.storm_paths: tuple[str, ...] = ("",)
+        self.storm_methods: tuple[str, ...] = ("GET", "POST", "DELETE")
         self.error_headers: dict[str, str] = {}
         self.rolling_expiry = False
         self.finish_after = 0.2  # seconds from create to succeeded
@@ -439,7 +440,11 @@ class Storm:
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests.append((time.monotonic(), request.method, request.path))
         storming = time.monotonic() < self.storm_until
-        if storming and any(request.path.endswith(p) for p in self.storm_paths):
+        if (
+            storming
+            and request.method in self.storm_methods
+            and any(request.path.endswith(p) for p in self.storm_paths)
+        ):
             return web.json_response(
                 {"error_code": "STORM", "message": "try later", "retryable": True},
                 status=self.storm_status,
@@ -458,6 +463,12 @@ class Storm:
             self._snapshot(request.match_info["eid"], request.match_info["machine"])
         )
 
+    async def delete(self, request: web.Request) -> web.Response:
+        eid = request.match_info["eid"]
+        body = self._snapshot(eid, request.match_info["machine"])
+        body["status"] = "cancelled"
+        return web.json_response(body)
+
     async def output(self, request: web.Request) -> web.Response:
         eid = request.match_info["eid"]
         return web.json_response({"execution_id": eid, "stdout": "ok\n", "stderr": ""})
@@ -474,6 +485,7 @@ async def storm() -> AsyncIterator[tuple[Storm, str]]:
     app.router.add_post(base, server.create)
     app.router.add_get(base + "/{eid}", server.get)
     app.router.add_get(base + "/{eid}/output", server.output)
+    app.router.add_delete(base + "/{eid}", server.delete)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -634,3 +646,28 @@ async def test_leaving_a_fan_out_under_cancellation_is_bounded(
                 await session.run_many(requests, cancel_remote=True)
         elapsed = time.monotonic() - start
     assert elapsed < 4.0  # the 1 s timeout + at most one request_timeout for the creates
+
+
+async def test_a_cancel_during_a_session_pause_still_reaches_the_server(
+    storm: tuple[Storm, str],
+) -> None:
+    """The server paused the Session (429, Retry-After: 30); the run is cancelled during
+    the pause: its DELETE goes out at once instead of waiting the pause out."""
+    server, base_url = storm
+    server.finish_after = 1000.0
+    server.storm_status = 429
+    server.error_headers = {"Retry-After": "30"}
+    server.storm_paths = ("/exe-1",)
+    server.storm_methods = ("GET",)
+    server.storm_until = time.monotonic() + 3600
+    async with Session(API_KEY, base_url=base_url) as session:
+        task = asyncio.create_task(session.run(MACHINE, ["sleep", "1000"], cancel_remote=True))
+        await asyncio.sleep(0.5)  # created, polled once, paused by the 429
+        assert session.throttle.paused_until > session.clock.monotonic() + 20
+        cancelled_at = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    deletes = [at for at, method, _ in server.requests if method == "DELETE"]
+    assert len(deletes) == 1
+    assert deletes[0] - cancelled_at < 1.0

@@ -61,7 +61,7 @@ async def parts(fake: FakeDedalus, clock: FakeClock) -> AsyncIterator[tuple[Wait
         request_timeout=5.0,
     )
     async with Session(API_KEY, base_url=fake.base_url, clock=clock) as session:
-        loop = WaitLoop(requester, poll=POLICY, delete=session.delete_execution)
+        loop = WaitLoop(requester, poll=POLICY, new_key=session.new_idempotency_key)
         await requester.open()
         try:
             yield loop, session
