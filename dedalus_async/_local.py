@@ -63,12 +63,15 @@ Output
     is true when that exceeds the cap.
 Output events
     What a command writes is gathered and logged as one event when someone reads the
-    execution (any request that shows it: a GET, a list, ``/output``, ``/events``), when
-    64 KiB have piled up, when the other stream writes, and when the execution ends. So
-    every read sees everything the command wrote up to that moment, an event once served
-    never changes (a cursor stays valid), and a command making a million one-byte writes
-    costs a handful of events, not a million. Events follow the order in which the two
-    streams wrote; each is stamped with the moment its first byte arrived.
+    execution (any request that shows it: a GET, a list, ``/output``, ``/events``) and
+    the gathering began 20 ms ago or more, when 64 KiB have piled up, when the other
+    stream writes, and when the execution ends. So every read sees everything the
+    command wrote up to 20 ms before it, an event once served never changes (a cursor
+    stays valid), and a command making a million one-byte writes costs a few events per
+    read, not a million, even under a follower that asks again as soon as it gets
+    something. Events follow the order in which the two streams wrote; each is stamped
+    with the moment its first byte arrived. (The 20 ms are real time, whatever the clock:
+    they batch the kernel's pipe reads, they are no rule of the API.)
     An execution logs at most ``max_events`` events (default 10 000, lifecycle events
     included). Once only room for the end is left, output is still kept but no longer
     logged as it arrives: what is left of each stream is logged as one event per stream
@@ -119,6 +122,7 @@ import re
 import secrets
 import signal
 import subprocess
+import time
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -181,6 +185,10 @@ _SLUG_BAD: Final = re.compile(r"[^a-z0-9]+")
 _NEVER: Final = datetime.max.replace(tzinfo=UTC)
 # Output gathered for one event is logged once it reaches this size, read or not.
 _FLUSH_SIZE: Final = 64 * 1024
+# A read logs gathered output only once it has gathered this long (real seconds): a reader
+# that asks again at once then finds nothing new and waits for its hint, rather than
+# making one event of every few bytes.
+_GATHER_WINDOW: Final = 0.02
 # Events that may still come once output stops being logged live: the rest of each stream
 # (one event each) and the terminal lifecycle event.
 _END_EVENTS: Final = 3
@@ -662,6 +670,7 @@ class _Capture:
         "kept",
         "pending",
         "pending_at",
+        "pending_since",
         "record",
         "stream",
         "total",
@@ -677,6 +686,7 @@ class _Capture:
         #: bytes kept and not yet logged, and the wire time the first of them arrived
         self.pending = bytearray()
         self.pending_at: datetime | None = None
+        self.pending_since = 0.0  # time.monotonic() then, for the gathering window
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def feed(self, data: bytes) -> None:
@@ -690,6 +700,7 @@ class _Capture:
             self.kept += len(part)
             if not self.pending:
                 self.pending_at = _wire_now(self.clock)
+                self.pending_since = time.monotonic()
             self.pending += part
         _set_bytes(record, self.stream, self.total)
 
@@ -715,9 +726,10 @@ class _Capture:
 class _CommandProtocol(asyncio.SubprocessProtocol):
     """Receives a command's output and tells when it exited and when its pipes closed.
 
-    Output is gathered per stream and logged as events by :meth:`log_output` (on every
-    read of the execution), past ``_FLUSH_SIZE``, when the other stream writes, and by
-    :meth:`flush` at the end; at most ``max_events`` events in all (module docstring).
+    Output is gathered per stream and logged as events by :meth:`log_output` (on a read
+    of the execution, once gathered for ``_GATHER_WINDOW``), past ``_FLUSH_SIZE``, when
+    the other stream writes, and by :meth:`flush` at the end; at most ``max_events``
+    events in all (module docstring).
     """
 
     def __init__(
@@ -765,11 +777,12 @@ class _CommandProtocol(asyncio.SubprocessProtocol):
             capture.flush()
 
     def log_output(self) -> None:
-        """Log what was gathered (called before every read of the execution)."""
-        if self._stdout.pending:
-            self._log(self._stdout)
-        if self._stderr.pending:
-            self._log(self._stderr)
+        """Log what was gathered for ``_GATHER_WINDOW`` at least (called before every read
+        of the execution)."""
+        since = time.monotonic() - _GATHER_WINDOW
+        for capture in (self._stdout, self._stderr):
+            if capture.pending and capture.pending_since <= since:
+                self._log(capture)
 
     def process_exited(self) -> None:
         if not self.exited.done():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,36 @@ async def test_one_byte_writes_make_few_events_and_the_output_is_exact(
     assert [e.at for e in events] == sorted(e.at for e in events)
 
 
+async def test_a_reader_asking_again_at_once_does_not_split_the_output(
+    local_backend: LocalBackend,
+) -> None:
+    """A follower reading in a tight loop while bytes trickle in: a read logs only output
+    gathered for 20 ms, so there are no more output events than 20 ms periods."""
+    writes = 1000
+    code = _ONE_BYTE_WRITES.replace("0.0005", "0.001")
+    base = f"{local_backend.base_url}{EXECS}"
+    started = time.monotonic()
+    async with local_backend.session() as session:
+        handle = await session.create_execution(MACHINE, [sys.executable, "-c", code, str(writes)])
+    events: list[dict[str, Any]] = []
+    reads = 0
+    cursor: str | None = ""
+    headers = {"x-api-key": local_backend.api_key}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        while cursor is not None:
+            url = f"{base}/{handle.execution_id}/events?cursor={cursor}"
+            async with http.get(url) as resp:
+                page = await resp.json()
+            reads += 1
+            events.extend(page["items"])
+            cursor = page["next_cursor"]
+    elapsed = time.monotonic() - started
+    chunks = [e["chunk"] for e in events if e["type"] == "stdout"]
+    assert "".join(chunks) == "x" * writes
+    assert len(chunks) <= elapsed / 0.02 + 2, (len(chunks), elapsed, reads)
+    assert reads > 2 * len(chunks)  # the reader did ask far more often than that
+
+
 async def test_events_keep_the_order_in_which_the_streams_wrote(local_session: Session) -> None:
     code = (
         "import os, time\n"
@@ -279,7 +310,7 @@ async def test_a_cancel_logs_what_was_gathered_past_the_cap(
     async with capped_events_backend.session() as session:
         handle = await session.create_execution(MACHINE, [sys.executable, "-c", code])
         seen = 0
-        while seen < 60:  # enough reads to reach the cap, and output gathered past it
+        while seen < 400:  # enough reads to reach the cap, and output gathered past it
             execution = await handle.refresh()
             seen = execution.stdout_bytes or 0
             await asyncio.sleep(0.01)
@@ -291,5 +322,5 @@ async def test_a_cancel_logs_what_was_gathered_past_the_cap(
     assert events[-1].status == "cancelled"
     stdout = "".join(e.chunk or "" for e in events if e.type == "stdout")
     assert stdout == output.stdout
-    assert len(stdout) >= 60
+    assert len(stdout) >= 400
     assert stdout == "".join(f"{i}\n" for i in range(stdout.count("\n")))
