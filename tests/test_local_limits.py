@@ -224,6 +224,21 @@ async def test_a_reader_asking_again_at_once_does_not_split_the_output(
     assert reads > 2 * len(chunks)  # the reader did ask far more often than that
 
 
+async def test_large_output_is_logged_in_pieces_and_kept_up_to_the_cap(
+    local_session: Session,
+) -> None:
+    """1.5 MiB in 64 KiB writes, nobody reading: events of 64 KiB or so (not one event of
+    1 MiB), the first 1 MiB kept, every byte counted."""
+    code = "import os\nfor _ in range(24):\n    os.write(1, b'x' * 65536)\n"
+    result = await local_session.run(MACHINE, [sys.executable, "-c", code], timeout=30)
+    handle = local_session.execution(MACHINE, result.execution.execution_id)
+    chunks = [e.chunk or "" async for e in handle.events() if e.type == "stdout"]
+    assert "".join(chunks) == result.stdout == "x" * 1_048_576
+    assert (result.execution.stdout_bytes, result.execution.stdout_truncated) == (24 * 65536, True)
+    assert len(chunks) >= 4
+    assert max(len(c) for c in chunks) <= 65536 + 256 * 1024  # one pipe read past 64 KiB
+
+
 async def test_events_keep_the_order_in_which_the_streams_wrote(local_session: Session) -> None:
     code = (
         "import os, time\n"
