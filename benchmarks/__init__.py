@@ -11,6 +11,10 @@ few seconds, ``--help`` lists the options. The pieces:
 * :mod:`benchmarks.runner`: alternates the drivers round by round and prints medians and
   ratios to the bare aiohttp loop of the same round, as Markdown.
 
+Apart from those, ``python -m benchmarks.local_memory`` (:mod:`benchmarks.local_memory`)
+measures what the local backend keeps in memory per byte of output, and what refused
+uploads cost it.
+
 The machine these run on is shared and noisy, so absolute times drift from run to run:
 read the ratios. ``PROFILE.md`` records what profiling the hot path found and changed.
 """

@@ -57,10 +57,26 @@ Stdin
     ``stdin`` the command reads from ``/dev/null``.
 Output
     stdout and stderr are read while the command runs, decoded as UTF-8 (invalid bytes
-    become U+FFFD) and appended to the execution as they arrive, so an event follower sees
-    them live. The first ``output_cap`` bytes of each stream are kept (in ``/output`` and
-    in the events); the rest is read and dropped. ``stdout_bytes``/``stderr_bytes`` count
-    every byte the command wrote; ``*_truncated`` is true when that exceeds the cap.
+    become U+FFFD) and kept once: ``/output`` is the events of a stream joined. The first
+    ``output_cap`` bytes of each stream are kept; the rest is read and dropped.
+    ``stdout_bytes``/``stderr_bytes`` count every byte the command wrote; ``*_truncated``
+    is true when that exceeds the cap.
+Output events
+    What a command writes is gathered and logged as one event when someone reads the
+    execution (any request that shows it: a GET, a list, ``/output``, ``/events``) and
+    the gathering began 20 ms ago or more, when 64 KiB have piled up, when the other
+    stream writes, and when the execution ends. So every read sees everything the
+    command wrote up to 20 ms before it, an event once served never changes (a cursor
+    stays valid), and a command making a million one-byte writes costs a few events per
+    read, not a million, even under a follower that asks again as soon as it gets
+    something. Events follow the order in which the two streams wrote; each is stamped
+    with the moment its first byte arrived. (The 20 ms are real time, whatever the clock:
+    they batch the kernel's pipe reads, they are no rule of the API.)
+    An execution logs at most ``max_events`` events (default 10 000, lifecycle events
+    included). Once only room for the end is left, output is still kept but no longer
+    logged as it arrives: what is left of each stream is logged as one event per stream
+    when the execution ends (or is cancelled), so the events joined still equal
+    ``/output``, which until then shows what was logged.
 Exit
     Exit status 0: ``succeeded`` with ``exit_code=0``. Non-zero: ``failed`` with that
     ``exit_code``. Killed by a signal: ``failed``, ``signal`` = its number, no
@@ -106,7 +122,8 @@ import re
 import secrets
 import signal
 import subprocess
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, Final
@@ -121,6 +138,8 @@ from ._server import ExecutionsServer
 from ._session import Session
 
 __all__ = [
+    "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_MAX_EVENTS",
     "DEFAULT_OUTPUT_CAP",
     "LOG_CAPTURE",
     "MACHINE_HOME",
@@ -136,6 +155,15 @@ logger = logging.getLogger("dedalus_async.local")
 
 #: Bytes of each stream an execution keeps by default (1 MiB, the server's default too).
 DEFAULT_OUTPUT_CAP: Final = 1_048_576
+#: The largest request body the local backend reads (8 MiB). The largest body the API takes
+#: is a create, and it carries ``stdin`` as a JSON string: 8 MiB lets through several MiB
+#: of plain-text stdin (more than 1 MiB even when JSON escapes every character as
+#: ``\uXXXX``), while requests read at once cost at most 8 MiB each. Unauthenticated
+#: requests cost nothing: the key is checked before the body is read.
+DEFAULT_MAX_BODY_SIZE: Final = 8 * 1024 * 1024
+#: Events an execution logs at most by default (see "Output events" in the module doc):
+#: with output gathered between reads, ~200 bytes each, so ~2 MB at worst per execution.
+DEFAULT_MAX_EVENTS: Final = 10_000
 #: The ``log_capture`` of every local execution: it keeps output for ``/output`` and
 #: ``/events`` but captures no log stream, so ``.../logs/token`` is 409.
 LOG_CAPTURE: Final = {"state": "unavailable", "code": "LOCAL_BACKEND_NO_LOG_STREAM"}
@@ -154,6 +182,23 @@ _RUNNING_HINT_MAX_MS: Final = 250
 # that a process outside the group (one that called setsid) may still hold open.
 _DRAIN_TIMEOUT: Final = 1.0
 _SLUG_BAD: Final = re.compile(r"[^a-z0-9]+")
+_NEVER: Final = datetime.max.replace(tzinfo=UTC)
+# Output gathered for one event is logged once it reaches this size, read or not.
+_FLUSH_SIZE: Final = 64 * 1024
+# A read logs gathered output only once it has gathered this long (real seconds): a reader
+# that asks again at once then finds nothing new and waits for its hint, rather than
+# making one event of every few bytes.
+_GATHER_WINDOW: Final = 0.02
+# Events that may still come once output stops being logged live: the rest of each stream
+# (one event each) and the terminal lifecycle event.
+_END_EVENTS: Final = 3
+# Events logged before a command can write (wake_in_progress, queued, running) plus one:
+# the smallest max_events that still logs some output live.
+_MIN_EVENTS: Final = 4 + _END_EVENTS
+# How long aiohttp keeps reading (and dropping) the rest of a body it refused before it
+# closes the connection: long enough for a client to finish a small request and read the
+# answer, short enough that a refused upload costs little.
+_LINGER: Final = 1.0
 
 
 def default_data_dir() -> Path:
@@ -306,6 +351,12 @@ class _Job:
             return False
         return _kill_group(self.pid)
 
+    def end_output(self) -> None:
+        """Log the output gathered so far, before the record ends some other way than by
+        the command's exit (what comes after that is dropped)."""
+        if self.protocol is not None:
+            self.protocol.flush(final=False)
+
 
 class SubprocessRunner:
     """A :class:`~dedalus_async._records.Runner` that runs each command as a local process.
@@ -324,6 +375,7 @@ class SubprocessRunner:
         idle_timeout: float = 300.0,
         wake_delay: float = 0.2,
         max_concurrency: int = 32,
+        max_events: int = DEFAULT_MAX_EVENTS,
         clock: Clock | None = None,
     ) -> None:
         self.machines_dir = Path(machines_dir)
@@ -332,6 +384,7 @@ class SubprocessRunner:
         self.idle_timeout = _check_delay("idle_timeout", idle_timeout, infinite_ok=True)
         self.wake_delay = _check_delay("wake_delay", wake_delay, infinite_ok=False)
         self.max_concurrency = check_count("max_concurrency", max_concurrency)
+        self.max_events = check_count("max_events", max_events, minimum=_MIN_EVENTS)
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._machines: dict[str, _Machine] = {}
         self._jobs: dict[str, _Job] = {}
@@ -389,9 +442,11 @@ class SubprocessRunner:
         job.task = loop.create_task(self._play(job), name=f"dedalus-local-{record.execution_id}")
 
     def refresh(self, record: ExecutionRecord) -> None:
-        """Update the polling hint of a running execution (its task does the rest, live)."""
+        """Log the output gathered since the last read and update the polling hint of a
+        running execution (its task does the rest, live)."""
         job = self._jobs.get(record.execution_id)
         if job is not None and job.protocol is not None and record.status == "running":
+            job.protocol.log_output()
             ran = self.clock.monotonic() - job.protocol.started
             record.retry_after_ms = _running_hint_ms(ran)
 
@@ -399,6 +454,8 @@ class SubprocessRunner:
         """Kill the execution's process group (if it runs) and mark it ``cancelled`` now."""
         job = self._jobs.get(record.execution_id)
         killed = job is not None and job.kill()
+        if job is not None:
+            job.end_output()
         record.finish(
             "cancelled",
             self._stamp(),
@@ -411,6 +468,7 @@ class SubprocessRunner:
         self._closed = True
         jobs = list(self._jobs.values())
         for job in jobs:
+            job.end_output()
             job.record.finish(
                 "cancelled",
                 self._stamp(),
@@ -440,6 +498,7 @@ class SubprocessRunner:
                 if not record.is_terminal:
                     await self._run(job)
         except asyncio.CancelledError:
+            job.end_output()
             record.finish(
                 "cancelled",
                 self._stamp(),
@@ -495,7 +554,9 @@ class SubprocessRunner:
             # the pipes to close, which a background child holding stdout can delay
             # forever; process_exited() says when the command itself ended.
             return await loop.subprocess_exec(
-                lambda: _CommandProtocol(record, self.output_cap, loop, self.clock),
+                lambda: _CommandProtocol(
+                    record, self.output_cap, loop, self.clock, self.max_events
+                ),
                 *record.command,
                 cwd=cwd,
                 env=env,
@@ -566,7 +627,7 @@ class SubprocessRunner:
             if job.kill():  # cancelled (the backend is closing): reap it before leaving
                 await asyncio.wait([protocol.exited], timeout=_DRAIN_TIMEOUT)
             transport.close()
-        protocol.flush()
+        protocol.flush(final=True)
         returncode = transport.get_returncode()
         at = self._stamp()
         if timed_out:
@@ -599,9 +660,21 @@ class SubprocessRunner:
 
 
 class _Capture:
-    """One output stream of a command, copied into its record as it arrives."""
+    """One output stream of a command: counted, and kept up to the cap in ``pending``
+    until :meth:`flush` logs it as one event."""
 
-    __slots__ = ("_decoder", "cap", "clock", "kept", "record", "stream", "total")
+    __slots__ = (
+        "_decoder",
+        "cap",
+        "clock",
+        "kept",
+        "pending",
+        "pending_at",
+        "pending_since",
+        "record",
+        "stream",
+        "total",
+    )
 
     def __init__(self, record: ExecutionRecord, stream: str, cap: int, clock: Clock) -> None:
         self.record = record
@@ -610,10 +683,14 @@ class _Capture:
         self.cap = cap
         self.total = 0
         self.kept = 0
+        #: bytes kept and not yet logged, and the wire time the first of them arrived
+        self.pending = bytearray()
+        self.pending_at: datetime | None = None
+        self.pending_since = 0.0  # time.monotonic() then, for the gathering window
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def feed(self, data: bytes) -> None:
-        """Count ``data``; keep (and log as an event) what fits under the cap."""
+        """Count ``data``; gather what fits under the cap."""
         self.total += len(data)
         record = self.record
         if record.is_terminal:
@@ -621,24 +698,47 @@ class _Capture:
         if self.kept < self.cap:
             part = data[: self.cap - self.kept]
             self.kept += len(part)
-            record.append_output(self.stream, self._decoder.decode(part), _wire_now(self.clock))
+            if not self.pending:
+                self.pending_at = _wire_now(self.clock)
+                self.pending_since = time.monotonic()
+            self.pending += part
         _set_bytes(record, self.stream, self.total)
 
-    def flush(self) -> None:
-        """At the end: a trailing incomplete character becomes U+FFFD, unless the cap cut
-        the stream (then the character cut in half is dropped)."""
-        if self.kept == self.total and not self.record.is_terminal:
-            tail = self._decoder.decode(b"", final=True)
-            if tail:
-                self.record.append_output(self.stream, tail, _wire_now(self.clock))
-                _set_bytes(self.record, self.stream, self.total)
+    def flush(self, *, final: bool = False) -> None:
+        """Log what was gathered as one event (nothing once the record is terminal).
+
+        ``final`` (the command ended): a trailing incomplete character becomes U+FFFD,
+        unless the cap cut the stream (then the character cut in half is dropped).
+        """
+        pending = self.pending
+        at = self.pending_at
+        if not pending and not final:
+            return
+        record = self.record
+        text = self._decoder.decode(pending, final=final and self.kept == self.total)
+        pending.clear()
+        self.pending_at = None
+        if text and not record.is_terminal:
+            record.append_output(self.stream, text, at or _wire_now(self.clock))
+            _set_bytes(record, self.stream, self.total)
 
 
 class _CommandProtocol(asyncio.SubprocessProtocol):
-    """Receives a command's output and tells when it exited and when its pipes closed."""
+    """Receives a command's output and tells when it exited and when its pipes closed.
+
+    Output is gathered per stream and logged as events by :meth:`log_output` (on a read
+    of the execution, once gathered for ``_GATHER_WINDOW``), past ``_FLUSH_SIZE``, when
+    the other stream writes, and by :meth:`flush` at the end; at most ``max_events``
+    events in all (module docstring).
+    """
 
     def __init__(
-        self, record: ExecutionRecord, cap: int, loop: asyncio.AbstractEventLoop, clock: Clock
+        self,
+        record: ExecutionRecord,
+        cap: int,
+        loop: asyncio.AbstractEventLoop,
+        clock: Clock,
+        max_events: int = DEFAULT_MAX_EVENTS,
     ) -> None:
         self.exited: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -646,10 +746,10 @@ class _CommandProtocol(asyncio.SubprocessProtocol):
         #: the clock's monotonic time the process started
         self.started = clock.monotonic()
         self._record = record
-        self._captures = {
-            1: _Capture(record, "stdout", cap, clock),
-            2: _Capture(record, "stderr", cap, clock),
-        }
+        # past this many events, output waits for the end (room is left for it)
+        self._live_events = max_events - _END_EVENTS
+        self._stdout = _Capture(record, "stdout", cap, clock)
+        self._stderr = _Capture(record, "stderr", cap, clock)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio calls this before delivering any output, so the event log always
@@ -660,9 +760,29 @@ class _CommandProtocol(asyncio.SubprocessProtocol):
         )
 
     def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
-        capture = self._captures.get(fd)
-        if capture is not None:
-            capture.feed(bytes(data))
+        if fd == 1:
+            capture, other = self._stdout, self._stderr
+        elif fd == 2:
+            capture, other = self._stderr, self._stdout
+        else:
+            return
+        if other.pending:
+            self._log(other)  # events keep the order in which the streams wrote
+        capture.feed(bytes(data))
+        if len(capture.pending) >= _FLUSH_SIZE:
+            self._log(capture)
+
+    def _log(self, capture: _Capture) -> None:
+        if len(self._record.events) < self._live_events:
+            capture.flush()
+
+    def log_output(self) -> None:
+        """Log what was gathered for ``_GATHER_WINDOW`` at least (called before every read
+        of the execution)."""
+        since = time.monotonic() - _GATHER_WINDOW
+        for capture in (self._stdout, self._stderr):
+            if capture.pending and capture.pending_since <= since:
+                self._log(capture)
 
     def process_exited(self) -> None:
         if not self.exited.done():
@@ -673,10 +793,16 @@ class _CommandProtocol(asyncio.SubprocessProtocol):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def flush(self) -> None:
-        """Flush the decoders (call once, before the record is finished)."""
-        for capture in self._captures.values():
-            capture.flush()
+    def flush(self, *, final: bool) -> None:
+        """Log everything gathered, event cap or not, in the order it arrived (call once
+        the record is about to end; ``final``: the command ended, flush the decoders)."""
+        for capture in sorted((self._stdout, self._stderr), key=_arrival):
+            capture.flush(final=final)
+
+
+def _arrival(capture: _Capture) -> datetime:
+    # when a stream's gathered output began (nothing gathered: last; ties keep stdout first)
+    return capture.pending_at or _NEVER
 
 
 def _set_bytes(record: ExecutionRecord, stream: str, total: int) -> None:
@@ -709,6 +835,11 @@ class LocalBackend:
         idle_timeout: seconds without executions after which a machine falls asleep.
         wake_delay: seconds a sleeping machine takes to wake.
         max_concurrency: commands running at once; the others wait ``queued``.
+        max_events: events an execution logs at most (see "Output events" in
+            :mod:`dedalus_async._local`).
+        max_body_size: the largest request body read, in bytes; a larger one is 413
+            ``PAYLOAD_TOO_LARGE`` (requests without the right key are refused before their
+            body is read, whatever its size).
         announce: log a WARNING on start saying where it listens and whom it runs as.
         clock: the time the server and the runner read (real time by default; see the
             module docstring for what a fake clock moves).
@@ -723,6 +854,8 @@ class LocalBackend:
         idle_timeout: float = 300.0,
         wake_delay: float = 0.2,
         max_concurrency: int = 32,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         announce: bool = True,
         clock: Clock | None = None,
     ) -> None:
@@ -735,6 +868,7 @@ class LocalBackend:
             idle_timeout=idle_timeout,
             wake_delay=wake_delay,
             max_concurrency=max_concurrency,
+            max_events=max_events,
             clock=self.clock,
         )
         self._api_key = secrets.token_urlsafe(32)
@@ -748,7 +882,13 @@ class LocalBackend:
             name="LocalBackend",
         )
         #: :attr:`server` on ``127.0.0.1:port``.
-        self.http = HTTPServer(self.server, host="127.0.0.1", port=port)
+        self.http = HTTPServer(
+            self.server,
+            host="127.0.0.1",
+            port=port,
+            max_body_size=max_body_size,
+            lingering_time=_LINGER,
+        )
 
     def __repr__(self) -> str:
         try:

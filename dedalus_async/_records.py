@@ -138,8 +138,9 @@ class ExecutionRecord:
     runner_state: Any = attrs.field(default=None, repr=False)
     stdout_bytes: int = attrs.field(default=0, init=False)
     stderr_bytes: int = attrs.field(default=0, init=False)
-    # Chunks are joined lazily: a subprocess runner appends many small chunks, and
-    # repeated ``str +=`` on an attribute would copy the whole output every time.
+    # The chunks of each stream, the very strings the events hold: output is stored once.
+    # Joined on every read and never cached (a cached join would be a second copy next to
+    # the events'); ``str +=`` instead would copy the whole output on every append.
     _stdout_parts: list[str] = attrs.field(factory=list, init=False, repr=False)
     _stderr_parts: list[str] = attrs.field(factory=list, init=False, repr=False)
 
@@ -150,13 +151,13 @@ class ExecutionRecord:
 
     @property
     def stdout(self) -> str:
-        """Everything written to stdout so far (uncapped)."""
-        return _joined(self._stdout_parts)
+        """Everything written to stdout so far (uncapped): its events' chunks joined."""
+        return "".join(self._stdout_parts)
 
     @property
     def stderr(self) -> str:
-        """Everything written to stderr so far (uncapped)."""
-        return _joined(self._stderr_parts)
+        """Everything written to stderr so far (uncapped): its events' chunks joined."""
+        return "".join(self._stderr_parts)
 
     def create_body(self) -> dict[str, Any]:
         """The create request this record was made from, as the JSON dict a client sent."""
@@ -314,12 +315,6 @@ class ExecutionRecord:
             "stdout_truncated": self.stdout_bytes > output_cap,
             "stderr_truncated": self.stderr_bytes > output_cap,
         }
-
-
-def _joined(parts: list[str]) -> str:
-    if len(parts) > 1:
-        parts[:] = ["".join(parts)]
-    return parts[0] if parts else ""
 
 
 @runtime_checkable

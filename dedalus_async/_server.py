@@ -14,7 +14,9 @@ stated here, and the client must not depend on more than the API promises.
 Auth
     ``x-api-key: KEY`` or ``Authorization: Bearer KEY``; either one presented and valid is
     enough. Nothing presented: 401 ``AUTH_REQUIRED``; something presented but nothing
-    valid: 401 ``AUTH_INVALID``. Auth is checked on every route, unknown ones included.
+    valid: 401 ``AUTH_INVALID``. Auth is checked on every route, unknown ones included,
+    and needs only the headers (:meth:`ExecutionsServer.authenticate`): the local
+    backend's HTTP layer refuses a request before reading its body.
 
 Errors
     400/401/404/405/409/429/5xx use ``{"error_code", "message", "retryable", "details"?}``;
@@ -350,10 +352,14 @@ class ExecutionsServer:
 
     # -- one request -----------------------------------------------------------------
 
-    def handle(self, request: APIRequest) -> APIResponse:
-        """Answer ``request``: auth, routing, then the endpoint; never raises."""
+    def handle(self, request: APIRequest, *, authenticated: bool = False) -> APIResponse:
+        """Answer ``request``: auth, routing, then the endpoint; never raises.
+
+        ``authenticated=True`` skips the key check: the caller already passed the request's
+        headers through :meth:`authenticate` (the HTTP layer does, before reading a body).
+        """
         try:
-            denied = self._check_auth(request)
+            denied = None if authenticated else self._check_auth(request.headers)
             response = denied if denied is not None else self._route(request)
         except Exception as exc:
             # A bug here (or in a runner) must be loud, but must not hang the client.
@@ -363,12 +369,29 @@ class ExecutionsServer:
         response.headers["x-request-id"] = request.request_id
         return response
 
-    def _check_auth(self, request: APIRequest) -> APIResponse | None:
+    def authenticate(self, headers: Mapping[str, str], request_id: str) -> APIResponse | None:
+        """The 401 for request headers without a valid key (``None``: the key is good).
+
+        Needs only the headers (looked up by lowercase name, as a case-insensitive mapping
+        or :attr:`APIRequest.headers` allows), so a body need not be read to refuse it.
+        """
+        denied = self._check_auth(headers)
+        if denied is not None:
+            denied.headers["x-request-id"] = request_id
+        return denied
+
+    def refuse(self, request_id: str, status: int, code: str, message: str) -> APIResponse:
+        """An API-shaped, non-retryable error the HTTP layer sends on its own (e.g. 413)."""
+        response = _error(status, code, message)
+        response.headers["x-request-id"] = request_id
+        return response
+
+    def _check_auth(self, headers: Mapping[str, str]) -> APIResponse | None:
         presented: list[str] = []
-        api_key = request.headers.get("x-api-key")
+        api_key = headers.get("x-api-key")
         if api_key:
             presented.append(api_key)
-        authorization = request.headers.get("authorization")
+        authorization = headers.get("authorization")
         if authorization:
             scheme, _, token = authorization.partition(" ")
             # A non-Bearer scheme still counts as an attempt (AUTH_INVALID, not REQUIRED).
