@@ -56,6 +56,8 @@ from dedalus_async import (
 from dedalus_async import _wire as wire
 from dedalus_async.testing import FakeClock, FakeDedalus, Script
 
+from .serving import serving
+
 KEY = "conformance-key-0123456789"
 MACHINE = "dm-0199a8f2-6c1e-7d3a-9b42-5e8f1a2b3c4d"
 UUID7_COMPACT = re.compile(r"[0-9a-f]{12}7[0-9a-f]{19}")
@@ -269,15 +271,8 @@ async def recorder() -> AsyncIterator[tuple[Recorder, str]]:
     rec = Recorder()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", rec.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield rec, f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base_url:
+        yield rec, base_url
 
 
 EID = str(EXECUTION["execution_id"])

@@ -38,6 +38,7 @@ from dedalus_async import (
 from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Phase, Script
 
 from .conftest import API_KEY
+from .serving import serving
 
 MACHINE = "dm-5d2e8c41-07b3-4f6a-9e1d-c84a2b7f0e59"  # the real form: "dm-" and a UUID
 FAST = RetryPolicy(initial_backoff=0.01, max_backoff=0.02, max_attempts=3)
@@ -158,15 +159,8 @@ async def flaky() -> AsyncIterator[tuple[Flaky, str]]:
     app.router.add_post(base, server.create)
     app.router.add_get(base + "/{eid}", server.get)
     app.router.add_delete(base + "/{eid}", server.delete)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield server, f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base_url:
+        yield server, base_url
 
 
 async def test_a_failed_create_names_its_idempotency_key(flaky: tuple[Flaky, str]) -> None:
@@ -381,16 +375,8 @@ async def test_an_event_repeated_within_a_page_is_delivered_once() -> None:
 
     app = web.Application()
     app.router.add_get("/v1/machines/{machine}/executions/{eid}/events", page)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        async with Session(API_KEY, base_url=f"http://{host}:{port}") as session:
-            got = [e.sequence async for e in session.iter_events(MACHINE, "exe-1")]
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base_url, Session(API_KEY, base_url=base_url) as session:
+        got = [e.sequence async for e in session.iter_events(MACHINE, "exe-1")]
     assert got == [1, 2, 3]
 
 
@@ -486,15 +472,8 @@ async def storm() -> AsyncIterator[tuple[Storm, str]]:
     app.router.add_get(base + "/{eid}", server.get)
     app.router.add_get(base + "/{eid}/output", server.output)
     app.router.add_delete(base + "/{eid}", server.delete)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield server, f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base_url:
+        yield server, base_url
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,8 @@ from dedalus_async import (
 from dedalus_async._local import LocalBackend
 from dedalus_async.testing import FakeClock, FakeDedalus, Fault, Outcome, Script
 
+from .serving import serving
+
 MACHINE = "dm-e209e296-6cc2-5f4e-bf75-a5b1e5768ac0"  # the real form: "dm-" and a UUID
 
 # Distinctive values: any occurrence of one of them in collected text is a leak.
@@ -496,16 +498,9 @@ async def thief() -> AsyncIterator[Thief]:
     recorder = Thief()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", recorder.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    recorder.url = f"http://{host}:{port}"
-    try:
+    async with serving(app) as base_url:
+        recorder.url = base_url
         yield recorder
-    finally:
-        await runner.cleanup()
 
 
 REDIRECT_BODIES = [
