@@ -600,12 +600,19 @@ class _HintWatch:
     the list) sets when the client may next look at it: the moment the response was sent
     plus its ``retry_after_ms``. A GET of the execution that arrives before then is early.
     Measured from the moment the server *sent* the hint (before the client received it),
-    so an early poll is never counted wrongly.
+    so an early poll is never counted wrongly. One race remains that no client can avoid:
+    a GET already on the wire when a page carrying a new hint was sent reaches the server
+    after it. A GET arriving within ``IN_FLIGHT`` of the hint it breaks was sent before the
+    client could know that hint, and is not counted (an early poll by the client's own
+    schedule arrives a whole hint early, tens of milliseconds).
     """
 
+    IN_FLIGHT = 0.005
+
     def __init__(self) -> None:
-        #: execution id -> the moment the latest hint sent for it elapses (until next GET)
-        self.due: dict[str, float] = {}
+        #: execution id -> (the moment the latest hint sent for it elapses, the moment it
+        #: was sent), until the next GET
+        self.due: dict[str, tuple[float, float]] = {}
         #: (execution id, seconds early) of each GET that came before its hint elapsed
         self.early: list[tuple[str, float]] = []
         #: executions some response has shown in a terminal status
@@ -619,9 +626,9 @@ class _HintWatch:
             parts = request.rel_url.raw_path.split("/")
             kind = {5: "list or create", 6: "execution"}.get(len(parts), "other")
             if kind == "execution" and request.method == "GET":
-                due = self.due.pop(parts[5], None)
-                if due is not None and arrived < due:
-                    self.early.append((parts[5], due - arrived))
+                hint = self.due.pop(parts[5], None)
+                if hint is not None and arrived < hint[0] and arrived - hint[1] > self.IN_FLIGHT:
+                    self.early.append((parts[5], hint[0] - arrived))
             response = await handler(request)
             sent = time.monotonic()
             if kind == "other" or response.status >= 400 or request.method == "DELETE":
@@ -642,7 +649,7 @@ class _HintWatch:
         if hint_ms is None:  # no hint (a terminal execution): nothing to check
             self.due.pop(execution_id, None)
         else:
-            self.due[execution_id] = sent + hint_ms / 1000.0
+            self.due[execution_id] = (sent + hint_ms / 1000.0, sent)
         if item["status"] in TERMINAL_STATUSES:
             self.shown_terminal.add(execution_id)
 
