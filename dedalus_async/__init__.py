@@ -64,6 +64,12 @@ if TYPE_CHECKING:
     from ._local import LocalBackend
 
 
+def __dir__() -> list[str]:
+    # the public API (LocalBackend included, though it loads lazily), not this module's
+    # imports and private submodules
+    return sorted(__all__)
+
+
 def __getattr__(name: str) -> Any:
     # LocalBackend pulls in aiohttp's server side; load it only for those who use it
     if name == "LocalBackend":

@@ -49,9 +49,10 @@ class ExecutionResult:
     """
 
     execution: Execution
-    stdout: str = ""
-    stderr: str = ""
-    output: ExecutionOutput | None = None
+    # the output is data, not a description: the repr gives its size, once
+    stdout: str = attrs.field(default="", repr=lambda text: f"<{len(text)} characters>")
+    stderr: str = attrs.field(default="", repr=lambda text: f"<{len(text)} characters>")
+    output: ExecutionOutput | None = attrs.field(default=None, repr=False)
     stats: WaitStats = attrs.field(factory=WaitStats)
 
     @property

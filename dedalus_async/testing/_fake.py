@@ -53,6 +53,7 @@ from typing import Any
 import attrs
 from aiohttp import web
 
+from dedalus_async import Session
 from dedalus_async._clock import Clock, SystemClock
 from dedalus_async._http_server import HTTPServer, to_web_response
 from dedalus_async._records import Runner
@@ -249,6 +250,8 @@ class FakeDedalus(ExecutionsServer):
             strict_idempotency_keys=strict_idempotency_keys,
             name="FakeDedalus",
         )
+        #: The key clients must send (``x-api-key`` or Bearer): a test key, not a secret.
+        self.api_key = api_key
         self.host = host
         self.port = port
         #: Probability of a random fault per request (see the module docstring).
@@ -269,6 +272,12 @@ class FakeDedalus(ExecutionsServer):
         #: the HTTP side: every request goes through the test controls first
         self.http = HTTPServer(self, host=host, port=port, handler=self._handle)
         self.app: web.Application = self.http.app
+
+    def session(self, **kwargs: Any) -> Session:
+        """A new (not yet opened) :class:`~dedalus_async.Session` pointed at this fake, on
+        the fake's own clock; keyword arguments go to :class:`~dedalus_async.Session`."""
+        options: dict[str, Any] = {"clock": self.clock, **kwargs}
+        return Session(api_key=self.api_key, base_url=self.base_url, **options)
 
     # -- lifecycle -------------------------------------------------------------------
 
