@@ -408,7 +408,7 @@ def _serving(home: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes],
     with _start(home, "serve-local", "--data-dir", str(home), *extra) as proc:
         try:
             settings: dict[str, str] = {}
-            for _ in range(2):
+            for _ in range(3):
                 line = _read_line(proc).decode().strip()
                 assert line.startswith("export "), line
                 name, _, value = line.removeprefix("export ").partition("=")
@@ -448,6 +448,11 @@ def test_serve_local_prints_settings_serves_and_stops(home: Path) -> None:
         )
         assert (client.returncode, client.stdout) == (0, b"served\n")
         assert LOCAL_NOTE not in client.stderr.decode()  # it went to the server
+        # with all the printed settings, the quick start's command runs as it is
+        assert settings["DEDALUS_MACHINE_ID"] == "dm-local"
+        quick = _cli(home, "run", "--", "echo", "quick", env=settings)
+        assert (quick.returncode, quick.stdout) == (0, b"quick\n")
+        assert LOCAL_NOTE not in quick.stderr.decode()
         assert (
             home / "machines" / machine_dirname("dm-cec7a105-ef8c-5f91-a6bd-3e7a22c82f47")
         ).is_dir()

@@ -24,7 +24,13 @@ from dedalus_async._session import ExecutionHandle, Session
 from ._inputs import load_requests, read_stdin_file
 from ._outcomes import EXIT_SOME_FAILED, EXIT_WAIT_TIMEOUT, UsageError, describe_end, exit_code_for
 from ._output import Context, ProgressLine, completed_document, json_line, result_document
-from ._sessions import cancel_quietly, default_machine, remote_session, session_for_runs
+from ._sessions import (
+    DEFAULT_LOCAL_MACHINE,
+    cancel_quietly,
+    default_machine,
+    remote_session,
+    session_for_runs,
+)
 
 __all__ = ["COMMANDS", "Command"]
 
@@ -277,7 +283,9 @@ async def serve_local(args: argparse.Namespace, ctx: Context) -> int:
         # serve-local exists to hand this key out: it is the one place it is printed
         ctx.stdout.write(
             f"export DEDALUS_BASE_URL={backend.base_url}\n"
-            f"export DEDALUS_X_API_KEY={backend.api_key}\n".encode()
+            f"export DEDALUS_X_API_KEY={backend.api_key}\n"
+            # so that `dedalus-async run -- CMD` works as it is, like on the local backend
+            f"export DEDALUS_MACHINE_ID={DEFAULT_LOCAL_MACHINE}\n".encode()
         )
         ctx.stdout.flush()
         ctx.secrets.add(backend.api_key)

@@ -75,6 +75,7 @@ the current user, WITHOUT a sandbox. It prints the settings that point clients a
 
   export DEDALUS_BASE_URL=http://127.0.0.1:PORT
   export DEDALUS_X_API_KEY=KEY      (a fresh random key on every start)
+  export DEDALUS_MACHINE_ID=dm-local  (the machine `run` uses without --machine-id)
 
 Each machine id gets a persistent directory under --data-dir. Idle machines fall asleep
 and take a moment to wake, as real ones do. Stop it with Ctrl-C or SIGTERM (exit 0):
