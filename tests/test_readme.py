@@ -317,6 +317,7 @@ def test_readme_python_blocks_type_check(tmp_path: Path) -> None:
             files.append(str(path))
     stdout, stderr, status = mypy.api.run(
         [
+            "--strict",
             "--config-file",
             str(ROOT / "pyproject.toml"),
             "--cache-dir",
