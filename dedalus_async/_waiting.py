@@ -99,95 +99,74 @@ class WaitLoop:
         reads one list page for many waiters), or None to have this loop GET the execution.
         """
         requester = self.requester
+        # closing the Session ends the wait at once (see Requester.guard)
         with requester.guard():
-            return await self._wait(
-                watched,
-                timeout=timeout,
-                deadline=deadline,
-                done_when=done_when,
-                cancel_remote=cancel_remote,
-                policy=policy,
-                pause=pause,
-            )
-
-    async def _wait(
-        self,
-        watched: Watched,
-        *,
-        timeout: float | None,
-        deadline: float | None,
-        done_when: Callable[[Execution], bool],
-        cancel_remote: bool,
-        policy: PollPolicy,
-        pause: Callable[[Sleep], Awaitable[Execution | None]] | None,
-    ) -> Execution:
-        requester = self.requester
-        clock = requester.clock
-        start = clock.monotonic()
-        tally = Tally()
-        poll_retry = self.poll_retry()
-        state = PollState()
-        request = _wire.execution_request("GET", watched.machine_id, watched.execution_id)
-        snapshot = watched.last
-        finished = False
-        try:
-            while True:
-                if snapshot is None:
-                    tally.polls += 1
-                    try:
-                        snapshot = await requester.send(
-                            request,
-                            _wire.decode_execution,
-                            deadline=deadline,
-                            retry=poll_retry,
-                            tally=tally,
-                        )
-                    except DeadlineReached as reached:
-                        assert timeout is not None
-                        assert deadline is not None
-                        # Retries stopped short of the deadline: use the time left for one
-                        # last look at the deadline itself (a wait never gives up early).
-                        snapshot = await self._last_look(request, deadline, tally)
-                        if snapshot is None:
-                            watched.stats = self._stats(tally, start, None)
-                            raise _timeout_error(watched, timeout) from reached.error
-                    watched.last = snapshot
-                done = done_when(snapshot)
-                expires_in = None
-                if snapshot.expires_at is not None:
-                    expires_in = (snapshot.expires_at - clock.now()).total_seconds()
-                decision, state = next_poll(
-                    policy,
-                    state,
-                    done=done,
-                    retry_after_ms=snapshot.retry_after_ms,
-                    expires_in=expires_in,
-                    remaining=None if deadline is None else deadline - clock.monotonic(),
-                    rand=requester.random(),
-                )
-                if isinstance(decision, Done):
-                    finished = True
-                    watched.stats = self._stats(tally, start, snapshot)
-                    _log_end(watched, snapshot, watched.stats)
-                    return snapshot
-                if isinstance(decision, GiveUp):
-                    assert timeout is not None
-                    watched.stats = self._stats(tally, start, None)
-                    raise _timeout_error(watched, timeout)
-                if pause is None:
-                    tally.slept += decision.seconds
-                    await clock.sleep(decision.seconds)
-                    snapshot = None
-                else:
-                    before = clock.monotonic()
-                    snapshot = await pause(decision)
-                    tally.slept += clock.monotonic() - before
-                    if snapshot is not None:
-                        tally.polls += 1  # a look, even if it cost no request of its own
+            clock = requester.clock
+            start = clock.monotonic()
+            tally = Tally()
+            poll_retry = self.poll_retry()
+            state = PollState()
+            request = _wire.execution_request("GET", watched.machine_id, watched.execution_id)
+            snapshot = watched.last
+            finished = False
+            try:
+                while True:
+                    if snapshot is None:
+                        tally.polls += 1
+                        try:
+                            snapshot = await requester.send(
+                                request,
+                                _wire.decode_execution,
+                                deadline=deadline,
+                                retry=poll_retry,
+                                tally=tally,
+                            )
+                        except DeadlineReached as reached:
+                            assert timeout is not None
+                            assert deadline is not None
+                            # Retries stopped short of the deadline: use the time left for one
+                            # last look at the deadline itself (a wait never gives up early).
+                            snapshot = await self._last_look(request, deadline, tally)
+                            if snapshot is None:
+                                watched.stats = self._stats(tally, start, None)
+                                raise _timeout_error(watched, timeout) from reached.error
                         watched.last = snapshot
-        finally:
-            if not finished and cancel_remote:
-                await self.cancel_remote(watched)
+                    done = done_when(snapshot)
+                    expires_in = None
+                    if snapshot.expires_at is not None:
+                        expires_in = (snapshot.expires_at - clock.now()).total_seconds()
+                    decision, state = next_poll(
+                        policy,
+                        state,
+                        done=done,
+                        retry_after_ms=snapshot.retry_after_ms,
+                        expires_in=expires_in,
+                        remaining=None if deadline is None else deadline - clock.monotonic(),
+                        rand=requester.random(),
+                    )
+                    if isinstance(decision, Done):
+                        finished = True
+                        watched.stats = self._stats(tally, start, snapshot)
+                        _log_end(watched, snapshot, watched.stats)
+                        return snapshot
+                    if isinstance(decision, GiveUp):
+                        assert timeout is not None
+                        watched.stats = self._stats(tally, start, None)
+                        raise _timeout_error(watched, timeout)
+                    if pause is None:
+                        tally.slept += decision.seconds
+                        await clock.sleep(decision.seconds)
+                        snapshot = None
+                    else:
+                        before = clock.monotonic()
+                        snapshot = await pause(decision)
+                        tally.slept += clock.monotonic() - before
+                        if snapshot is not None:
+                            tally.polls += 1  # a look, even if it cost no request of its own
+                            watched.last = snapshot
+            finally:
+                if not finished and cancel_remote:
+                    await self.cancel_remote(watched)
 
     async def _last_look(
         self, request: _wire.Request, deadline: float, tally: Tally
