@@ -807,6 +807,9 @@ def test_exit_code_for(fields: dict[str, Any], code: int) -> None:
         (["run", "--timeout-ms", "0", "--", "true"], "must be a positive integer"),
         (["run", "--env", "NOT_SET_ANYWHERE_XYZ", "--", "true"], "is not set here"),
         (["run-many", "--concurrency", "0", "f"], "must be a positive integer"),
+        (["serve-local", "--port", "99999"], "a port is 0 to 65535"),
+        (["serve-local", "--port", "-1"], "a port is 0 to 65535"),
+        (["serve-local", "--port", "http"], "not a port number"),
     ],
 )
 def test_bad_option_values_are_one_line_usage_errors(
@@ -820,6 +823,16 @@ def test_bad_option_values_are_one_line_usage_errors(
     assert err.count("\n") == 1
     assert expected in err
     assert "--help" in err
+
+
+def test_an_empty_machine_id_is_a_usage_error(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """``--machine-id ''`` (an unset shell variable) is refused, not read as the default."""
+    code, out, err = _main(capsysbinary, "run", "--machine-id", "", "--", "true")
+    assert code == 2
+    assert "--machine-id is empty" in err
+    assert out == b""
 
 
 def test_main_reports_how_an_execution_ended(

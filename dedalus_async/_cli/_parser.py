@@ -102,6 +102,16 @@ def _positive_float(text: str) -> float:
     return seconds
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: any free one), not {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -250,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=_SERVE_LOCAL_HELP,
         formatter_class=formatter,
     )
-    serve.add_argument("--port", type=int, default=0, help="default: any free port")
+    serve.add_argument("--port", type=_port, default=0, help="default: any free port")
     serve.add_argument(
         "--data-dir",
         metavar="DIR",

@@ -46,6 +46,9 @@ def _runs_locally(args: argparse.Namespace) -> bool:
 
 def default_machine(args: argparse.Namespace) -> str | None:
     """--machine-id, else $DEDALUS_MACHINE_ID, else dm-local when local, else None."""
+    if args.machine_id == "":
+        # an empty value is a mistake (an unset shell variable), not a request for the default
+        raise UsageError("--machine-id is empty: give a machine ID, or leave the option out")
     machine = args.machine_id or os.environ.get("DEDALUS_MACHINE_ID") or None
     if machine is None and _runs_locally(args):
         return DEFAULT_LOCAL_MACHINE
