@@ -186,6 +186,8 @@ class Requester:
             retry_after: float | None = None
             try:
                 response = await self.transport.send(request, timeout=timeout)
+                if logger.isEnabledFor(logging.DEBUG):  # one line per request (--debug)
+                    logger.debug("%s %s -> %d", request.method, request.path, response.status)
                 if response.status < 300:
                     throttle.succeeded()
                     return decode(response)

@@ -825,6 +825,20 @@ def test_bad_option_values_are_one_line_usage_errors(
     assert "--help" in err
 
 
+def test_debug_logs_every_request(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """``--debug`` promises a line per request: the create, each poll, the output read."""
+    code, out, err = _main(capsysbinary, "run", "--debug", "--", "sh", "-c", "echo hi")
+    assert (code, out) == (0, b"hi\n")
+    lines = err.splitlines()
+    creates = [line for line in lines if "POST /v1/machines/dm-local/executions -> 20" in line]
+    polls = [line for line in lines if "GET /v1/machines/dm-local/executions/" in line]
+    assert len(creates) == 1
+    assert polls  # the events stream and the wait's reads, each with its status
+    assert all(" -> 200" in line for line in polls)
+
+
 def test_an_empty_machine_id_is_a_usage_error(
     in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:
