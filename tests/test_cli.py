@@ -540,6 +540,36 @@ def test_ctrl_c_with_cancel_remote_deletes_the_execution(
     assert _wait_dead(pid)
 
 
+def test_ctrl_c_says_which_execution_keeps_running(home: Path, server: dict[str, str]) -> None:
+    """Without --cancel-remote, Ctrl-C leaves the execution running and says how to find it."""
+    env = _remote(server)
+    machine = "dm-24b8eba8-557c-5e05-bd3e-8864933ac4c0"
+    argv = ["run", "--machine-id", machine, "--", "sh", "-c", "echo $$; sleep 5"]
+    with _start(home, *argv, env=env) as proc:
+        _read_line(proc)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    listed = [json.loads(line) for line in _cli(home, "list", machine, env=env).stdout.splitlines()]
+    running = [e for e in listed if e["status"] == "running"]
+    assert len(running) == 1, (listed, stderr)
+    where = f"{machine} {running[0]['execution_id']}"
+    assert f"keeps running (dedalus-async get {where}; dedalus-async cancel {where}" in (
+        stderr.decode()
+    )
+    _cli(home, "cancel", machine, running[0]["execution_id"], env=env)
+
+
+def test_ctrl_c_on_the_local_backend_says_it_stops_the_execution(home: Path) -> None:
+    with _start(home, "run", "--", "sh", "-c", "echo $$; sleep 5") as proc:
+        pid = int(_read_line(proc))
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert "the local backend stops it on exit" in stderr.decode()
+    assert _wait_dead(pid)
+
+
 def test_truncated_output_is_said_so(home: Path, server: dict[str, str]) -> None:
     """Past the server's cap the CLI prints what was kept and one line about the rest."""
     code = "import sys; sys.stdout.write('a' * 5000)"

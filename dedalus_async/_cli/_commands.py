@@ -82,8 +82,8 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
                 raise
             return await _wait_timed_out(args, ctx, handle, backend is not None)
         except asyncio.CancelledError:
-            if args.cancel_remote and handle is not None:
-                await cancel_quietly(handle, ctx)
+            if handle is not None:
+                await _interrupted(args, ctx, handle, backend is not None)
             raise
         if args.json:
             ctx.write_json(await _finished_document(handle, execution))
@@ -134,6 +134,22 @@ def _report_end(ctx: Context, execution: Execution, shown: dict[str, int]) -> No
     ending = describe_end(execution)
     if ending is not None:
         ctx.note(ending)
+
+
+async def _interrupted(
+    args: argparse.Namespace, ctx: Context, handle: ExecutionHandle, local: bool
+) -> None:
+    """Ctrl-C or SIGTERM during a run: cancel it remotely, or say how to find it again."""
+    if args.cancel_remote:
+        await cancel_quietly(handle, ctx)
+    elif local:
+        ctx.note(f"execution {handle.execution_id}: the local backend stops it on exit")
+    else:
+        where = f"{handle.machine_id} {handle.execution_id}"
+        ctx.note(
+            f"execution {handle.execution_id} keeps running (dedalus-async get {where}; "
+            f"dedalus-async cancel {where} stops it)"
+        )
 
 
 async def _wait_timed_out(
