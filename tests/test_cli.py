@@ -560,6 +560,27 @@ def test_ctrl_c_says_which_execution_keeps_running(home: Path, server: dict[str,
     _cli(home, "cancel", machine, running[0]["execution_id"], env=env)
 
 
+def test_an_api_error_with_json_is_one_object_on_stdout(home: Path, server: dict[str, str]) -> None:
+    wrong = {"DEDALUS_BASE_URL": server["DEDALUS_BASE_URL"], "DEDALUS_X_API_KEY": "wrong-key-7"}
+    argv = [
+        "run",
+        "--json",
+        "--machine-id",
+        "dm-24b8eba8-557c-5e05-bd3e-8864933ac4c0",
+        "--",
+        "true",
+    ]
+    proc = _cli(home, *argv, env=wrong)
+    assert proc.returncode == 125
+    (line,) = proc.stdout.splitlines()
+    document = json.loads(line)
+    assert document["ok"] is False
+    assert document["execution"] is None
+    assert document["error"]["type"] == "AuthenticationError"
+    assert "401" in _notes(proc.stderr)[0]
+    assert b"wrong-key-7" not in proc.stdout + proc.stderr
+
+
 def test_ctrl_c_on_the_local_backend_says_it_stops_the_execution(home: Path) -> None:
     with _start(home, "run", "--", "sh", "-c", "echo $$; sleep 5") as proc:
         pid = int(_read_line(proc))

@@ -41,7 +41,7 @@ from ._outcomes import (
     UsageError,
     exit_code_for,
 )
-from ._output import PROG, Context, RedactingFormatter
+from ._output import PROG, Context, RedactingFormatter, result_document
 from ._parser import build_parser
 from ._sessions import DEFAULT_LOCAL_MACHINE, KEY_VARIABLES
 
@@ -144,6 +144,9 @@ def _dispatch(args: argparse.Namespace, ctx: Context) -> int:
         return EXIT_USAGE
     except DedalusError as exc:
         _debug_traceback(ctx, exc)
+        if getattr(args, "json", False):
+            # --json promises one object on stdout, an error included
+            ctx.write_json(result_document(None, error=exc))
         ctx.error(str(exc))
         return EXIT_API_ERROR
     except (TypeError, ValueError) as exc:
