@@ -890,6 +890,17 @@ def test_debug_logs_every_request(
     assert all(" -> 200" in line for line in polls)
 
 
+@pytest.mark.parametrize("subcommand", ["get", "output", "events", "cancel", "delete"])
+def test_a_lookup_without_a_key_says_what_to_set(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes], subcommand: str
+) -> None:
+    code, out, err = _main(capsysbinary, subcommand, "dm-local", "exe-1")
+    assert (code, out) == (2, b"")
+    assert "no API key: set DEDALUS_API_KEY" in err
+    assert "serve-local" in err
+    assert "Session(" not in err
+
+
 def test_an_empty_machine_id_is_a_usage_error(
     in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:
@@ -988,6 +999,11 @@ def test_main_run_many_reports_a_wait_timeout_on_its_line(
     slow, fast = (json.loads(line) for line in out.splitlines())
     assert (slow["index"], slow["ok"], slow["error"]["type"]) == (0, False, "WaitTimeout")
     assert slow["execution"]["status"] in ("queued", "running")
+    message = slow["error"]["message"]
+    execution = slow["execution"]
+    assert message.startswith(f"execution {execution['execution_id']} did not finish within 0.2 s")
+    assert f"dedalus-async get {execution['machine_id']} {execution['execution_id']}" in message
+    assert "session." not in message  # the command line's words, not Python
     assert (fast["index"], fast["ok"], fast["error"]) == (1, True, None)
 
 

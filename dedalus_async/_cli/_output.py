@@ -111,9 +111,16 @@ def completed_document(item: Completed) -> dict[str, Any]:
     if error is None:
         result = item.result
         document = result_document(result.execution, stdout=result.stdout, stderr=result.stderr)
+    elif isinstance(error, WaitTimeout):
+        document = result_document(error.last, error=error)
+        # the command line's own words, not the library's Python advice
+        ref = error.ref
+        document["error"]["message"] = (
+            f"execution {ref.execution_id} did not finish within {error.timeout:g} s; it keeps "
+            f"running (dedalus-async get {ref.machine_id} {ref.execution_id})"
+        )
     else:
-        last = error.last if isinstance(error, WaitTimeout) else None
-        document = result_document(last, error=error)
+        document = result_document(None, error=error)
     return {"index": item.index, **document}
 
 

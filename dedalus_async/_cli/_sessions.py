@@ -83,7 +83,14 @@ async def session_for_runs(
 
 
 def remote_session(args: argparse.Namespace) -> Session:
-    """A session with the configured server (get, output, events, cancel, list)."""
+    """A session with the configured server (get, output, events, cancel, delete, list)."""
+    if not any(os.environ.get(name) for name in KEY_VARIABLES):
+        # said in the command line's terms, not the library's (Session(api_key=...))
+        raise UsageError(
+            "no API key: set DEDALUS_API_KEY (sent as a Bearer token) or DEDALUS_X_API_KEY; "
+            "to look at executions of a local backend, start `dedalus-async serve-local`, "
+            "export the lines it prints, and run there"
+        )
     return Session(base_url=args.base_url)
 
 
