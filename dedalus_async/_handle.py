@@ -219,9 +219,9 @@ async def create_seen_through(
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(loop.requester.request_timeout):
-                with contextlib.suppress(DedalusError):
-                    await asyncio.shield(task)
+            budget = loop.requester.request_timeout
+            with anyio.move_on_after(budget), contextlib.suppress(DedalusError):
+                await asyncio.shield(task)
             if task.done() and not task.cancelled() and task.exception() is None:
                 await loop.cancel_remote(task.result())
             else:

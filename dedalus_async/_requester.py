@@ -165,18 +165,18 @@ class Requester:
         slept = 0.0
         while True:
             attempt += 1
-            # the Session-wide pace: None (go now) unless a rate or a 429 pause applies
-            if not paced:
-                pass
-            elif deadline is not None and throttle.paused_until > deadline:
-                # a pause the server asked of the whole Session outlasts this call: end it
-                # at once, not after the pause (T2 caps the pause; the deadline caps us)
-                raise DeadlineReached(
-                    _paused_error(request, throttle.paused_until - clock.monotonic())
-                )
-            elif (waiting := throttle.acquire()) is not None:
-                with Guard(self):
-                    await waiting
+            if paced:
+                # the Session-wide pace: go now unless a rate or a 429 pause applies
+                if deadline is not None and throttle.paused_until > deadline:
+                    # a pause the server asked of the whole Session outlasts this call:
+                    # end it now, not after the pause (T2 caps the pause; the deadline us)
+                    raise DeadlineReached(
+                        _paused_error(request, throttle.paused_until - clock.monotonic())
+                    )
+                waiting = throttle.acquire()
+                if waiting is not None:
+                    with Guard(self):
+                        await waiting
             epoch = throttle.epoch
             timeout: float | None = None
             if deadline is not None:

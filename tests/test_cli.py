@@ -467,6 +467,21 @@ def test_serve_local_prints_settings_serves_and_stops(home: Path) -> None:
         pass
 
 
+def _lookups(home: Path, machine: str, execution_id: str, env: dict[str, str]) -> list[list[Any]]:
+    """What get, output, events and list print (JSON lines), run side by side."""
+    return [
+        [json.loads(line) for line in proc.stdout.splitlines()]
+        for proc in _cli_parallel(
+            home,
+            ["get", machine, execution_id],
+            ["output", machine, execution_id],
+            ["events", machine, execution_id],
+            ["list", machine],
+            env=env,
+        )
+    ]
+
+
 def test_lookup_commands_print_json(home: Path, server: dict[str, str]) -> None:
     """get/output/events/list/cancel print the API's objects as JSON."""
     env = _remote(server)
@@ -483,17 +498,7 @@ def test_lookup_commands_print_json(home: Path, server: dict[str, str]) -> None:
     )
     execution = json.loads(proc.stdout)["execution"]
     machine, execution_id = execution["machine_id"], execution["execution_id"]
-    got, output, events, listed = (
-        [json.loads(line) for line in proc.stdout.splitlines()]
-        for proc in _cli_parallel(
-            home,
-            ["get", machine, execution_id],
-            ["output", machine, execution_id],
-            ["events", machine, execution_id],
-            ["list", machine],
-            env=env,
-        )
-    )
+    got, output, events, listed = _lookups(home, machine, execution_id, env)
     assert [(e["execution_id"], e["status"]) for e in got] == [(execution_id, "succeeded")]
     assert output[0]["stdout"] == "x\n"
     assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
@@ -959,17 +964,7 @@ async def test_printed_models_decode_to_what_the_server_sent(
     machine = "dm-5d0c1e64-1f7a-5b7e-9d43-2c8f6a1b0e95"
     run = _cli(home, "run", "--json", "--machine-id", machine, "--", "echo", "ü", env=env)
     execution_id = json.loads(run.stdout)["execution"]["execution_id"]
-    got, output, events, listed = (
-        [json.loads(line) for line in proc.stdout.splitlines()]
-        for proc in _cli_parallel(
-            home,
-            ["get", machine, execution_id],
-            ["output", machine, execution_id],
-            ["events", machine, execution_id],
-            ["list", machine],
-            env=env,
-        )
-    )
+    got, output, events, listed = _lookups(home, machine, execution_id, env)
     key, url = server["DEDALUS_X_API_KEY"], server["DEDALUS_BASE_URL"]
     async with dedalus_async.Session(key, base_url=url, auth_scheme="x-api-key") as session:
         execution = await session.get_execution(machine, execution_id)
