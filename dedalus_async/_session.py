@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, overload
 
-from . import _config, _fanout
+from . import _config, _fanout, _telemetry
 from ._api import ExecutionsAPI
 from ._checks import check_instance
 from ._clock import Clock, SystemClock
@@ -42,6 +42,8 @@ from ._waiting import WaitLoop
 
 if TYPE_CHECKING:
     import aiohttp
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["DEFAULT_BASE_URL", "EventStream", "ExecutionHandle", "Session"]
 
@@ -72,6 +74,9 @@ class Session(ExecutionsAPI):
             ``open()``, ``aclose()`` and ``send(request, *, timeout)`` (see
             :class:`~dedalus_async._requester.Transport`); the seam for custom transports
             and tests. It adds the headers itself (:attr:`headers` has them).
+        tracer_provider, meter_provider: OpenTelemetry providers to record spans and metrics
+            with (the ``otel`` extra); by default the global ones, if the application set
+            them before the Session opens. See the README's "Observability" section.
     """
 
     def __init__(
@@ -91,6 +96,8 @@ class Session(ExecutionsAPI):
         max_connections: int = 100,
         max_requests_per_second: float | None = None,
         transport: Transport | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         settings = _config.resolve(
             api_key,
@@ -139,6 +146,7 @@ class Session(ExecutionsAPI):
             poll=poll if poll is not None else PollPolicy(),
             new_key=self.new_idempotency_key,
         )
+        self._providers = (tracer_provider, meter_provider)
 
     def __repr__(self) -> str:
         return f"<Session {self.base_url} auth={self.auth_scheme} {self._requester.state}>"
@@ -185,6 +193,8 @@ class Session(ExecutionsAPI):
     async def open(self) -> None:
         """Open the connection pool (``async with`` does this); call once."""
         await self._requester.open()
+        # OpenTelemetry, if the application configured it by now (see _telemetry)
+        self._requester.telemetry = _telemetry.resolve(*self._providers, self.base_url)
 
     async def aclose(self) -> None:
         """Close the connection pool (a borrowed aiohttp session stays open). Idempotent."""
@@ -240,9 +250,18 @@ class Session(ExecutionsAPI):
         )
         # with cancel_remote, a cancel that arrives during the create still reaches the
         # server: the create is seen through (time-boxed) and what it made is deleted
-        handle = await (create_seen_through(create, self._waits) if cancel_remote else create)
-        execution = await handle.wait(timeout=timeout, cancel_remote=cancel_remote, poll=poll)
-        return await read_result(handle, execution, check=check)
+        telemetry = self._requester.telemetry
+        if telemetry is None:
+            handle = await (create_seen_through(create, self._waits) if cancel_remote else create)
+            execution = await handle.wait(timeout=timeout, cancel_remote=cancel_remote, poll=poll)
+            return await read_result(handle, execution, check=check)
+        with telemetry.execution_span(machine_id) as note:
+            handle = await (create_seen_through(create, self._waits) if cancel_remote else create)
+            if handle.last is not None:
+                note(handle.last)
+            execution = await handle.wait(timeout=timeout, cancel_remote=cancel_remote, poll=poll)
+            note(execution)
+            return await read_result(handle, execution, check=check)
 
     # --- fan-out (dedalus_async._fanout does the work) ------------------------------------
 
