@@ -194,7 +194,11 @@ class Session(ExecutionsAPI):
         """Open the connection pool (``async with`` does this); call once."""
         await self._requester.open()
         # OpenTelemetry, if the application configured it by now (see _telemetry)
-        self._requester.telemetry = _telemetry.resolve(*self._providers, self.base_url)
+        self._requester.telemetry = _telemetry.resolve(
+            *self._providers,
+            self.base_url,
+            over_aiohttp=isinstance(self._transport, AiohttpTransport),
+        )
 
     async def aclose(self) -> None:
         """Close the connection pool (a borrowed aiohttp session stays open). Idempotent."""

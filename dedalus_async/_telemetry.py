@@ -95,19 +95,27 @@ def _aiohttp_instrumented() -> bool:
     return bool(module.AioHttpClientInstrumentor().is_instrumented_by_opentelemetry)
 
 
-def resolve(tracer_provider: Any, meter_provider: Any, base_url: str) -> Telemetry | None:
-    """A :class:`Telemetry` if a provider is given or configured globally, else ``None``."""
+def resolve(
+    tracer_provider: Any, meter_provider: Any, base_url: str, *, over_aiohttp: bool = True
+) -> Telemetry | None:
+    """A :class:`Telemetry` if a provider is given or configured globally, else ``None``.
+
+    ``over_aiohttp``: the requests go through aiohttp (so its instrumentation, if on, traces
+    them); a custom transport's requests are always traced here.
+    """
     tracer_provider = _real_tracer_provider(tracer_provider)
     meter_provider = _real_meter_provider(meter_provider)
     if tracer_provider is None and meter_provider is None:
         return None
-    return Telemetry(tracer_provider, meter_provider, base_url)
+    return Telemetry(tracer_provider, meter_provider, base_url, over_aiohttp=over_aiohttp)
 
 
 class Telemetry:
     """The spans and instruments of one Session (see the module docstring)."""
 
-    def __init__(self, tracer_provider: Any, meter_provider: Any, base_url: str) -> None:
+    def __init__(
+        self, tracer_provider: Any, meter_provider: Any, base_url: str, *, over_aiohttp: bool
+    ) -> None:
         from opentelemetry import trace
 
         self._trace = trace
@@ -115,7 +123,7 @@ class Telemetry:
             None if tracer_provider is None else tracer_provider.get_tracer(_SCOPE, __version__)
         )
         # our own HTTP spans, unless aiohttp's instrumentation makes them already
-        self.http_spans = self.tracer is not None and not _aiohttp_instrumented()
+        self.http_spans = self.tracer is not None and not (over_aiohttp and _aiohttp_instrumented())
         url = urlsplit(base_url)
         self._base = base_url.rstrip("/")
         self._server: dict[str, Any] = {"server.address": url.hostname or ""}

@@ -23,6 +23,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from dedalus_async import ExecutionFailed, ExecutionRequest, Session, WaitTimeout
 from dedalus_async._telemetry import url_template
+from dedalus_async._transport import AiohttpTransport
+from dedalus_async._wire import Request, Response
 from dedalus_async.testing import FakeDedalus, Fault, Outcome, Script
 
 from .conftest import API_KEY
@@ -398,3 +400,46 @@ async def test_aiohttp_instrumentation_replaces_our_request_spans_instead_of_dou
     # theirs sit under ours: the POST and the output under the execution, polls under the wait
     parents = {_parent_id(span) for span in clients}
     assert parents == {_span_id(execution), _span_id(wait)}
+
+
+class _Forwarding:
+    """A custom transport (not aiohttp's class) that happens to forward to one."""
+
+    def __init__(self, inner: AiohttpTransport) -> None:
+        self.inner = inner
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def send(self, request: Request, *, timeout: float | None = None) -> Response:
+        return await self.inner.send(request, timeout=timeout)
+
+
+async def test_a_custom_transport_is_traced_by_us_even_when_aiohttp_is_instrumented(
+    fake: FakeDedalus, otel_spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+
+    inner = AiohttpTransport(
+        fake.base_url, {"Authorization": f"Bearer {API_KEY}"}, request_timeout=30
+    )
+    instrumentor = AioHttpClientInstrumentor()
+    instrumentor.instrument(tracer_provider=otel_spans[0])
+    try:
+        async with fake.session(
+            transport=_Forwarding(inner), tracer_provider=otel_spans[0]
+        ) as session:
+            await session.run(MACHINE, ["echo", "hi"])
+    finally:
+        instrumentor.uninstrument()
+    ours = [
+        span
+        for span in _finished(otel_spans[1])
+        if span.kind is SpanKind.CLIENT
+        and span.instrumentation_scope is not None
+        and span.instrumentation_scope.name == "dedalus_async"
+    ]
+    assert [span.name for span in ours][:1] == ["POST /v1/machines/{machine_id}/executions"]
