@@ -26,7 +26,7 @@ from ._checks import check_instance
 from ._clock import Clock, SystemClock
 from ._config import DEFAULT_BASE_URL, AuthScheme
 from ._fanout import Completed, ExecutionRequest, Progress
-from ._handle import EventStream, ExecutionHandle, create_seen_through, read_result
+from ._handle import EventStream, ExecutionHandle, run_to_end
 from ._policy import (
     USE_POLICY_DEFAULT,
     PollPolicy,
@@ -252,20 +252,15 @@ class Session(ExecutionsAPI):
             timeout_ms=timeout_ms,
             idempotency_key=idempotency_key,
         )
-        # with cancel_remote, a cancel that arrives during the create still reaches the
-        # server: the create is seen through (time-boxed) and what it made is deleted
-        telemetry = self._requester.telemetry
-        if telemetry is None:
-            handle = await (create_seen_through(create, self._waits) if cancel_remote else create)
-            execution = await handle.wait(timeout=timeout, cancel_remote=cancel_remote, poll=poll)
-            return await read_result(handle, execution, check=check)
-        with telemetry.execution_span(machine_id) as note:
-            handle = await (create_seen_through(create, self._waits) if cancel_remote else create)
-            if handle.last is not None:
-                note(handle.last)
-            execution = await handle.wait(timeout=timeout, cancel_remote=cancel_remote, poll=poll)
-            note(execution)
-            return await read_result(handle, execution, check=check)
+        return await run_to_end(
+            machine_id,
+            create,
+            self._waits,
+            timeout=timeout,
+            cancel_remote=cancel_remote,
+            poll=poll,
+            check=check,
+        )
 
     # --- fan-out (dedalus_async._fanout does the work) ------------------------------------
 
