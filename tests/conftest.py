@@ -8,6 +8,10 @@ checks that no module defines one again):
                      raise. Tests that need other executions call ``live_fake.set_script``.
 ``local_session``    a Session on the plugin's ``local_backend``.
 ``no_leaked_tasks``  the tasks running before the test's work.
+``postgres_server``  the DSN of a PostgreSQL server (found or started: tests/postgres.py),
+                     for the whole run; skipped with one line saying how to get one,
+                     failed instead under ``CI``.
+``postgres_dsn``     a fresh empty database on it, dropped after the test.
 
 Our own pytest plugin is loaded too: ``fake_dedalus`` and ``dedalus_session`` (a fake and a
 Session on the real clock, configured by overriding ``dedalus_fake_options`` and
@@ -18,13 +22,16 @@ Session on the real clock, configured by overriding ``dedalus_fake_options`` and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from dedalus_async import Session
 from dedalus_async._local import LocalBackend
 from dedalus_async.testing import FakeClock, FakeDedalus
+
+from . import postgres
 
 pytest_plugins = ["dedalus_async.testing.pytest_plugin"]
 
@@ -69,3 +76,20 @@ async def local_session(local_backend: LocalBackend) -> AsyncIterator[Session]:
 def no_leaked_tasks() -> object:
     """Snapshot of the running tasks; a test compares after its work is done."""
     return set(asyncio.all_tasks())
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    try:
+        with postgres.server_dsn() as dsn:
+            yield dsn
+    except postgres.PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL: {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+async def postgres_dsn(postgres_server: str) -> AsyncIterator[str]:
+    async with postgres.fresh_database(postgres_server) as dsn:
+        yield dsn
