@@ -10,9 +10,10 @@ checks that no module defines one again):
 ``no_leaked_tasks``  the tasks running before the test's work.
 
 Our own pytest plugin is loaded too: ``fake_dedalus`` and ``dedalus_session`` (a fake and a
-Session on the real clock, configured by overriding ``dedalus_fake_options`` and
-``dedalus_session_options`` in a module) and ``local_backend`` (configured by
-``local_backend_options``).
+Session on the plugin's ``dedalus_clock``, a FakeClock), ``live_fake_dedalus`` and
+``live_dedalus_session`` (the same on the real clock), all configured by overriding
+``dedalus_fake_options`` and ``dedalus_session_options`` in a module, and ``local_backend``
+(configured by ``local_backend_options``).
 """
 
 from __future__ import annotations

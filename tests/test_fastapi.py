@@ -23,8 +23,7 @@ from fastapi import FastAPI
 from starlette.types import Message, Scope
 
 from dedalus_async import PollPolicy, Session
-from dedalus_async.testing import FakeDedalus, Outcome, Phase, Script
-from dedalus_async.testing.pytest_plugin import FAKE_API_KEY
+from dedalus_async.testing import FAKE_API_KEY, FakeDedalus, Outcome, Phase, Script
 
 from .fastapi_app import create_app
 
@@ -36,7 +35,7 @@ QUICK = Script((Phase("running", 0.03, 10),), Outcome(stdout="hi\n"))
 
 @pytest.fixture
 def dedalus_fake_options() -> dict[str, Any]:
-    """The plugin's fake_dedalus (real clock) plays QUICK."""
+    """The plugin's live_fake_dedalus (real clock) plays QUICK."""
     return {"script": QUICK}
 
 
@@ -98,9 +97,9 @@ async def _until(condition: Any, seconds: float = 5.0) -> None:
             await anyio.sleep(0.01)
 
 
-async def test_run_returns_the_result(fake_dedalus: FakeDedalus) -> None:
+async def test_run_returns_the_result(live_fake_dedalus: FakeDedalus) -> None:
     """POST /run runs the command to its end and answers with its result."""
-    async with running(_app_for(fake_dedalus)) as client:
+    async with running(_app_for(live_fake_dedalus)) as client:
         response = await client.post(
             "/run",
             json={"machine_id": MACHINE, "command": ["echo"]},
@@ -111,14 +110,14 @@ async def test_run_returns_the_result(fake_dedalus: FakeDedalus) -> None:
     assert body["exit_code"] == 0
     assert body["ok"] is True
     assert body["stdout"] == "hi\n"
-    assert fake_dedalus.create_count == 1
+    assert live_fake_dedalus.create_count == 1
 
 
 async def test_start_answers_at_once_and_events_stream_until_the_end(
-    fake_dedalus: FakeDedalus,
+    live_fake_dedalus: FakeDedalus,
 ) -> None:
     """POST /start returns the reference; GET .../events streams SSE until terminal."""
-    fake_dedalus.set_script(
+    live_fake_dedalus.set_script(
         Script(
             (
                 Phase("queued", 0.03, 10),
@@ -128,7 +127,7 @@ async def test_start_answers_at_once_and_events_stream_until_the_end(
             Outcome(stdout="three\n"),
         )
     )
-    async with running(_app_for(fake_dedalus)) as client:
+    async with running(_app_for(live_fake_dedalus)) as client:
         started = await client.post(
             "/start",
             json={"machine_id": MACHINE, "command": ["x"]},
@@ -149,14 +148,14 @@ async def test_start_answers_at_once_and_events_stream_until_the_end(
     assert events[-1] == {**events[-1], "type": "lifecycle", "status": "succeeded"}
 
 
-async def test_errors_map_to_http_statuses(fake_dedalus: FakeDedalus) -> None:
+async def test_errors_map_to_http_statuses(live_fake_dedalus: FakeDedalus) -> None:
     """The server's 409 stays a 409; a wait past its deadline is a 504 with the ref."""
-    fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
-    async with running(_app_for(fake_dedalus)) as client:
+    live_fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
+    async with running(_app_for(live_fake_dedalus)) as client:
         gone = await client.post(
             "/run", json={"machine_id": "dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87", "command": ["x"]}
         )
-        fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
+        live_fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
         slow = await client.post(
             "/run",
             json={
@@ -173,7 +172,7 @@ async def test_errors_map_to_http_statuses(fake_dedalus: FakeDedalus) -> None:
 
 
 async def test_concurrent_requests_share_one_session_and_its_pool(
-    fake_dedalus: FakeDedalus,
+    live_fake_dedalus: FakeDedalus,
 ) -> None:
     """20 concurrent runs: one Session made, at most 4 connections opened (its pool)."""
     made: list[Session] = []
@@ -192,7 +191,7 @@ async def test_concurrent_requests_share_one_session_and_its_pool(
             clients.append(client)
             session = Session(
                 api_key=FAKE_API_KEY,
-                base_url=fake_dedalus.base_url,
+                base_url=live_fake_dedalus.base_url,
                 poll=FAST_POLL,
                 client_session=client,
             )
@@ -215,7 +214,7 @@ async def test_concurrent_requests_share_one_session_and_its_pool(
             )
         )
     assert [r.status_code for r in responses] == [200] * 20
-    assert fake_dedalus.create_count == 20
+    assert live_fake_dedalus.create_count == 20
     assert len(made) == 1
     assert 1 <= connections <= 4
     assert clients[0].closed  # closed by the lifespan's exit
@@ -223,12 +222,12 @@ async def test_concurrent_requests_share_one_session_and_its_pool(
 
 @pytest.mark.parametrize("cancel_remote", [True, False])
 async def test_a_client_that_disconnects_cancels_the_wait(
-    fake_dedalus: FakeDedalus, cancel_remote: bool
+    live_fake_dedalus: FakeDedalus, cancel_remote: bool
 ) -> None:
     """The client leaves mid-wait: the wait stops at once; with cancel_remote the fake
     sees the DELETE, without it the execution keeps running."""
-    fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
-    app = _app_for(fake_dedalus)
+    live_fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
+    app = _app_for(live_fake_dedalus)
     disconnect = anyio.Event()
     body = {
         "machine_id": MACHINE,
@@ -244,28 +243,30 @@ async def test_a_client_that_disconnects_cancels_the_wait(
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
             # wait until the run is well into its wait (created and polled)
-            await _until(lambda: len(fake_dedalus.requests_for("GET")) >= 2)
+            await _until(lambda: len(live_fake_dedalus.requests_for("GET")) >= 2)
             disconnect.set()
             with anyio.fail_after(2):
                 await _until(lambda: bool(sent))
-        gets_after = len(fake_dedalus.requests_for("GET"))
+        gets_after = len(live_fake_dedalus.requests_for("GET"))
         await anyio.sleep(0.1)
-        assert len(fake_dedalus.requests_for("GET")) == gets_after  # nobody polls any more
+        assert len(live_fake_dedalus.requests_for("GET")) == gets_after  # nobody polls any more
     assert sent[0][0]["status"] == 499
-    (execution_id,) = fake_dedalus.executions
+    (execution_id,) = live_fake_dedalus.executions
     if cancel_remote:
-        assert len(fake_dedalus.requests_for("DELETE")) == 1
-        assert fake_dedalus.get_record(execution_id).status == "cancelled"
+        assert len(live_fake_dedalus.requests_for("DELETE")) == 1
+        assert live_fake_dedalus.get_record(execution_id).status == "cancelled"
     else:
-        assert fake_dedalus.requests_for("DELETE") == []
-        assert fake_dedalus.get_record(execution_id).status == "running"
+        assert live_fake_dedalus.requests_for("DELETE") == []
+        assert live_fake_dedalus.get_record(execution_id).status == "running"
 
 
-async def test_a_cancelled_client_request_cancels_the_handler(fake_dedalus: FakeDedalus) -> None:
+async def test_a_cancelled_client_request_cancels_the_handler(
+    live_fake_dedalus: FakeDedalus,
+) -> None:
     """In-process, the client's cancellation reaches the handler (same task): with
     cancel_remote the execution is deleted before the cancellation completes."""
-    fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
-    async with running(_app_for(fake_dedalus)) as client:
+    live_fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
+    async with running(_app_for(live_fake_dedalus)) as client:
         body = {
             "machine_id": MACHINE,
             "command": ["x"],
@@ -273,13 +274,13 @@ async def test_a_cancelled_client_request_cancels_the_handler(fake_dedalus: Fake
         }
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(client.post("/run", json=body), 0.2)
-        assert len(fake_dedalus.requests_for("DELETE")) == 1
+        assert len(live_fake_dedalus.requests_for("DELETE")) == 1
 
 
-async def test_shutdown_closes_everything(fake_dedalus: FakeDedalus) -> None:
+async def test_shutdown_closes_everything(live_fake_dedalus: FakeDedalus) -> None:
     """After the lifespan: the Session is closed, the app refuses work (503), and
     collecting the Session warns about nothing."""
-    app = _app_for(fake_dedalus)
+    app = _app_for(live_fake_dedalus)
     async with running(app) as client:
         assert (
             await client.post(
