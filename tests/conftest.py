@@ -27,7 +27,7 @@ from dedalus_async import Session
 from dedalus_async._local import LocalBackend
 from dedalus_async.testing import FakeClock, FakeDedalus
 
-pytest_plugins = ["dedalus_async.testing.pytest_plugin"]
+pytest_plugins = ["dedalus_async.testing.pytest_plugin", "pytester"]
 
 API_KEY = "test-key-0123456789abcdef-SECRET"
 

@@ -131,11 +131,11 @@ def _serve(options: dict[str, Any], clock: FakeClock | SystemClock) -> FakeDedal
 def _check_handlers(fake: FakeDedalus, name: str) -> None:
     """Fail the test at teardown if the fake's handlers raised (see the module docstring)."""
     if fake.errors:
-        raised = "; ".join(repr(error) for error in fake.errors)
+        times = "once" if len(fake.errors) == 1 else f"{len(fake.errors)} times"
         pytest.fail(
-            f"{name}: the fake's request handlers raised {len(fake.errors)} time(s), each "
-            f"answered with a 500: {raised}. If the test means it, clear {name}.errors "
-            "before it ends.",
+            f"{name}: the fake's request handlers raised {times} (each answered with a 500, "
+            f"the tracebacks are in the captured log), first {fake.errors[0]!r}. If the "
+            f"test means it, clear {name}.errors before it ends.",
             pytrace=False,
         )
 
