@@ -22,8 +22,8 @@ import pytest
 from fastapi import FastAPI
 from starlette.types import Message, Scope
 
-from dedalus_async import PollPolicy, Session
-from dedalus_async.testing import FAKE_API_KEY, FakeDedalus, Outcome, Phase, Script
+from dedalus_async import PollPolicy, RetryPolicy, Session
+from dedalus_async.testing import FAKE_API_KEY, FakeDedalus, Fault, Outcome, Phase, Script
 
 from .fastapi_app import create_app
 
@@ -302,3 +302,106 @@ async def test_shutdown_closes_everything(live_fake_dedalus: FakeDedalus) -> Non
         del session
         gc.collect()
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+# --- what a client gets when something goes wrong ---------------------------------------
+
+LONG_ID = "dm-" + "a" * 300
+
+
+@pytest.mark.parametrize("path", ["/run", "/start"])
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"machine_id": "a/b"}, "machine_id", "machine_id must not contain '/'"),
+        ({"machine_id": ".."}, "machine_id", "machine_id '..' is not an ID"),
+        ({"machine_id": LONG_ID}, "machine_id", "machine_id is 303 characters long"),
+        ({"command": [""]}, "command", "command[0] must name the program to run"),
+        ({"env": {"A=B": "1"}}, "env", "env key 'A=B' is not a valid variable name"),
+        ({"timeout_ms": 2**53}, "timeout_ms", "timeout_ms must be at most 9007199254740991"),
+    ],
+)
+async def test_input_the_library_refuses_is_a_422_naming_the_field(
+    live_fake_dedalus: FakeDedalus, path: str, fields: dict[str, Any], field: str, message: str
+) -> None:
+    """Checked by the library's own rules before anything is sent (it used to be a 500);
+    the answer has FastAPI's shape for invalid input, located at the field."""
+    async with running(_app_for(live_fake_dedalus)) as client:
+        response = await client.post(path, json={"machine_id": MACHINE, "command": ["x"], **fields})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", field]
+    assert error["msg"].startswith(message)
+    assert live_fake_dedalus.requests == []
+
+
+async def test_events_of_an_unknown_execution_are_a_404_before_any_stream(
+    live_fake_dedalus: FakeDedalus,
+) -> None:
+    """Not a 200 with an empty body (and an error in the server) as it used to be."""
+    async with running(_app_for(live_fake_dedalus)) as client:
+        response = await client.get(f"/executions/{MACHINE}/exe-0123456789abcdef/events")
+        bad_id = await client.get(f"/executions/{MACHINE}/exe%0A1/events")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == "NOT_FOUND"
+    assert bad_id.status_code == 422
+    (error,) = bad_id.json()["detail"]
+    assert error["loc"] == ["path", "execution_id"]
+    assert "control characters" in error["msg"]
+
+
+async def test_an_error_once_the_stream_has_started_ends_it_with_an_error_event(
+    live_fake_dedalus: FakeDedalus,
+) -> None:
+    """The status is sent with the stream's start; a later failure is an ``error`` event."""
+    live_fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
+    async with running(_app_for(live_fake_dedalus)) as client:
+        started = await client.post("/start", json={"machine_id": MACHINE, "command": ["x"]})
+        ref = started.json()
+        live_fake_dedalus.add_fault(Fault(method="GET", path=r"/events$", status=404))
+        path = f"/executions/{MACHINE}/{ref['execution_id']}/events"
+        async with client.stream("GET", path) as response:
+            assert response.status_code == 200
+            text = (await response.aread()).decode()
+    assert text.startswith("event: error\ndata: ")
+    error = json.loads(text.split("data: ", 1)[1])
+    assert (error["status"], error["error"]) == (404, "NOT_FOUND")
+
+
+async def test_the_api_refusing_the_apps_own_key_is_a_502_without_the_key(
+    live_fake_dedalus: FakeDedalus,
+) -> None:
+    """A 401 is the app's trouble with the API, not the client's: 502."""
+    key = "wrong-key-0123456789-SECRET"
+    app = create_app(lambda: Session(api_key=key, base_url=live_fake_dedalus.base_url))
+    async with running(app) as client:
+        response = await client.post("/run", json={"machine_id": MACHINE, "command": ["x"]})
+    assert response.status_code == 502
+    assert response.json()["error"] == "upstream"
+    assert key not in response.text
+
+
+async def test_an_api_that_keeps_failing_or_is_gone_is_a_502(
+    live_fake_dedalus: FakeDedalus,
+) -> None:
+    live_fake_dedalus.add_fault(Fault(method="POST", status=503, times=None))
+    retry = RetryPolicy(initial_backoff=0.01, max_backoff=0.02)
+    app = create_app(lambda: live_fake_dedalus.session(retry=retry))
+    async with running(app) as client:
+        failing = await client.post("/run", json={"machine_id": MACHINE, "command": ["x"]})
+    await live_fake_dedalus.close()
+    async with running(app) as client:
+        gone = await client.post("/start", json={"machine_id": MACHINE, "command": ["x"]})
+    assert (failing.status_code, failing.json()["error"]) == (502, "upstream")
+    assert (gone.status_code, gone.json()["error"]) == (502, "upstream")
+
+
+async def test_a_rate_limit_passes_on_with_its_retry_after(live_fake_dedalus: FakeDedalus) -> None:
+    """A pause longer than the Session waits out is the client's to wait: 429 and when."""
+    live_fake_dedalus.add_fault(Fault(method="POST", status=429, headers={"Retry-After": "3600"}))
+    async with running(_app_for(live_fake_dedalus)) as client:
+        response = await client.post("/run", json={"machine_id": MACHINE, "command": ["x"]})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3600"
+    assert response.json()["error"] == "RATE_LIMITED"
