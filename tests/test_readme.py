@@ -258,17 +258,27 @@ def readme_env(readme_fake: FakeDedalus, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 async def _post_run_to_the_app(namespace: dict[str, Any], fake: FakeDedalus) -> None:
-    """What a reader does with the FastAPI snippet: start the app, POST /run."""
+    """What a reader does with the FastAPI snippet: start the app, POST /run; and what the
+    README says of its errors: input the library refuses is a 422 naming the field, before
+    anything is sent; the API's own answer about the request (a 409) passes on."""
     app = namespace["app"]
     assert isinstance(app, FastAPI)
+    destroyed = "dm-5d1e9a77-0b3c-4e2f-8a6d-9c4b2e7f1a05"
+    fake.destroy_machine(destroyed)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             body = {"machine_id": MACHINE_ID, "command": ["echo", "hi"]}
             response = await client.post("/run", json=body)
+            refused = await client.post("/run", json={**body, "machine_id": "a/b"})
+            conflict = await client.post("/run", json={**body, "machine_id": destroyed})
     assert response.status_code == 200, response.text
     assert response.json() == {"exit_code": 0, "stdout": "hello\nworld\n"}
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"].startswith("machine_id must not contain '/'")
+    assert (conflict.status_code, conflict.json()["error"]) == (409, "ConflictError")
     assert fake.create_count == 1
+    assert len(fake.requests_for("POST")) == 2  # the refused one was never sent
 
 
 #: After a program block runs, keyed by its README section: what a reader does next.
