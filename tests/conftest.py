@@ -14,9 +14,10 @@ checks that no module defines one again):
 ``postgres_dsn``     a fresh empty database on it, dropped after the test.
 
 Our own pytest plugin is loaded too: ``fake_dedalus`` and ``dedalus_session`` (a fake and a
-Session on the real clock, configured by overriding ``dedalus_fake_options`` and
-``dedalus_session_options`` in a module) and ``local_backend`` (configured by
-``local_backend_options``).
+Session on the plugin's ``dedalus_clock``, a FakeClock), ``live_fake_dedalus`` and
+``live_dedalus_session`` (the same on the real clock), all configured by overriding
+``dedalus_fake_options`` and ``dedalus_session_options`` in a module, and ``local_backend``
+(configured by ``local_backend_options``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dedalus_async.testing import FakeClock, FakeDedalus
 
 from . import postgres
 
-pytest_plugins = ["dedalus_async.testing.pytest_plugin"]
+pytest_plugins = ["dedalus_async.testing.pytest_plugin", "pytester"]
 
 API_KEY = "test-key-0123456789abcdef-SECRET"
 

@@ -48,7 +48,7 @@ import re
 from collections.abc import Mapping
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import attrs
 from aiohttp import web
@@ -61,7 +61,10 @@ from dedalus_async._server import APIRequest, ExecutionsServer
 
 from ._fake_script import Script, ScriptedRunner, ScriptFactory
 
-__all__ = ["FakeDedalus", "Fault", "RecordedRequest"]
+__all__ = ["FAKE_API_KEY", "FakeDedalus", "Fault", "RecordedRequest"]
+
+#: The API key a :class:`FakeDedalus` accepts unless given another: a test key, not a secret.
+FAKE_API_KEY: Final = "test-key"
 
 _SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
 
@@ -218,7 +221,7 @@ class FakeDedalus(ExecutionsServer):
     def __init__(
         self,
         *,
-        api_key: str = "test-key",
+        api_key: str = FAKE_API_KEY,
         clock: Clock | None = None,
         runner: Runner | None = None,
         script: Script | ScriptFactory | None = None,
