@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal, overload
 
 from . import _config, _fanout, _telemetry
-from ._api import ExecutionsAPI
+from ._api import ExecutionsAPI, MachinesAPI
 from ._checks import check_instance
 from ._clock import Clock, SystemClock
 from ._config import DEFAULT_BASE_URL, AuthScheme
@@ -50,7 +50,7 @@ __all__ = ["DEFAULT_BASE_URL", "EventStream", "ExecutionHandle", "Session"]
 logger = logging.getLogger("dedalus_async")
 
 
-class Session(ExecutionsAPI):
+class Session(ExecutionsAPI, MachinesAPI):
     """An open line to the Dedalus executions API. Use it as ``async with Session() as s:``.
 
     Arguments:
