@@ -12,9 +12,12 @@ What executions do is a :class:`Runner`'s business; the default :class:`Scripted
 plays :class:`Script` s (:class:`Phase` s, then an :class:`Outcome`) lazily against the
 clock. :class:`Fault` injects drops, truncated or malformed bodies, error statuses and
 delays; :class:`RecordedRequest` is what the fake saw; :class:`ExecutionRecord` is its
-server-side state of one execution.
+server-side state of one execution. Machines move through their phases on the same
+clock: :class:`MachineTimings` says how long each phase lasts (``fake.machine_timings``),
+:class:`MachineRecord` is the fake's state of one machine.
 """
 
+from dedalus_async._machine_records import MachineRecord, MachineTimings
 from dedalus_async._records import ExecutionRecord, Runner
 
 from ._clock import FakeClock
@@ -26,6 +29,8 @@ __all__ = [
     "FakeClock",
     "FakeDedalus",
     "Fault",
+    "MachineRecord",
+    "MachineTimings",
     "Outcome",
     "Phase",
     "RecordedRequest",
