@@ -279,6 +279,7 @@ class Session(ExecutionsAPI, MachinesAPI):
         check: bool = ...,
         poll: PollPolicy | None = ...,
         batch_refresh: bool = ...,
+        wake_machines: bool = ...,
     ) -> list[ExecutionResult]: ...
 
     @overload
@@ -295,6 +296,7 @@ class Session(ExecutionsAPI, MachinesAPI):
         check: bool = ...,
         poll: PollPolicy | None = ...,
         batch_refresh: bool = ...,
+        wake_machines: bool = ...,
     ) -> list[ExecutionResult | BaseException]: ...
 
     async def run_many(
@@ -310,6 +312,7 @@ class Session(ExecutionsAPI, MachinesAPI):
         check: bool = False,
         poll: PollPolicy | None = None,
         batch_refresh: bool = True,
+        wake_machines: bool = False,
     ) -> list[ExecutionResult] | list[ExecutionResult | BaseException]:
         """Run many executions, at most ``concurrency`` at once; results in input order.
 
@@ -324,7 +327,8 @@ class Session(ExecutionsAPI, MachinesAPI):
         ``on_progress`` is called with a :class:`Progress` on every change. When several
         executions of one machine are waited on at once, they are read a page of
         ``list_executions`` at a time (``batch_refresh=False``: one GET each). Nothing is
-        left running when this returns or raises.
+        left running when this returns or raises. ``wake_machines=True`` first makes each
+        machine running (:meth:`ensure_running`, once per machine) before any create.
         """
         return await _fanout.run_many(
             self,
@@ -339,6 +343,7 @@ class Session(ExecutionsAPI, MachinesAPI):
             check=check,
             poll=poll,
             batch_refresh=batch_refresh,
+            wake=self.ensure_running if wake_machines else None,
         )
 
     def as_completed(

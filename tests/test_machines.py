@@ -13,6 +13,7 @@ import pytest
 
 from dedalus_async import (
     ConflictError,
+    ExecutionRequest,
     IdempotencyKeyReusedError,
     MachineFailed,
     MachineHandle,
@@ -342,3 +343,51 @@ async def test_the_status_stream_follows_the_machine_until_it_settles(
         assert [e[1]["phase"] for e in current] == ["running"]
         async with http.get(f"{fake.base_url}/v1/machines/nope/status/stream") as missing:
             assert missing.status == 404
+
+
+# --- fan-out ------------------------------------------------------------------------------
+
+
+async def test_run_many_wakes_each_machine_once_before_its_executions(
+    session: Session, fake: FakeDedalus
+) -> None:
+    fake.set_script(Script.immediate())
+    asleep = [fake.add_machine(running=True) for _ in range(2)]
+    for machine in asleep:
+        machine.want("sleeping", fake.clock.monotonic())
+    fake.reset_stats()
+    requests = [
+        ExecutionRequest(machine_id=machine.machine_id, command=["echo", str(i)])
+        for i in range(3)
+        for machine in asleep
+    ]
+    results = await session.run_many(requests, wake_machines=True)
+    assert all(result.ok for result in results)
+    wakes = fake.requests_for("POST", "/wake")
+    assert sorted(r.path for r in wakes) == sorted(
+        f"/v1/machines/{m.machine_id}/wake" for m in asleep
+    )
+    first_create = fake.requests.index(fake.requests_for("POST", "/executions")[0])
+    assert all(fake.requests.index(wake) < first_create for wake in wakes)
+    # created on running machines: none of them had to wait for a wake
+    for result in results:
+        statuses = [
+            e.status
+            async for e in session.iter_events(
+                result.execution.machine_id, result.execution.execution_id
+            )
+        ]
+        assert "wake_in_progress" not in statuses
+
+
+async def test_run_many_creates_nothing_when_a_machine_cannot_wake(
+    session: Session, fake: FakeDedalus
+) -> None:
+    broken = fake.add_machine(running=True)
+    fake.fail_machine(broken.machine_id, "disk gone")
+    with pytest.raises(ExceptionGroup) as caught:
+        await session.run_many(
+            [ExecutionRequest(machine_id=broken.machine_id, command=["true"])], wake_machines=True
+        )
+    assert caught.group_contains(MachineFailed, match="disk gone")
+    assert fake.requests_for("POST", "/executions") == []
