@@ -815,7 +815,10 @@ class ExecutionsServer:
         executions that were waiting for it to wake."""
         busy = False
         idle_since: float | None = None
-        for execution_id in self._by_machine.get(machine.machine_id, ()):
+        # only autosleep (S3) needs the machine's activity: a machine that never sleeps
+        # (every one first met through an execution) costs no scan of its executions
+        sleepy = machine.autosleep_seconds > 0 and machine.phase == "running"
+        for execution_id in self._by_machine.get(machine.machine_id, ()) if sleepy else ():
             record = self.executions.get(execution_id)
             if record is None or execution_id in self._deferred:
                 continue
