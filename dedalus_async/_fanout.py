@@ -24,7 +24,7 @@ import functools
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -789,8 +789,9 @@ async def run_many(
     check: bool,
     poll: PollPolicy | None,
     batch_refresh: bool,
+    wake: Callable[[str], Awaitable[object]] | None = None,
 ) -> list[ExecutionResult] | list[ExecutionResult | BaseException]:
-    """See :meth:`Session.run_many`."""
+    """See :meth:`Session.run_many`; ``wake`` makes one machine ready (``wake_machines``)."""
     if fail_fast and return_exceptions:
         raise ValueError(
             "fail_fast=True raises at the first failure, return_exceptions=True returns "
@@ -811,6 +812,8 @@ async def run_many(
     total = len(plan.requests)
     if not total:
         return []
+    if wake is not None:
+        await wake_machines(wake, plan.requests, limit=create_concurrency)  # checked by _plan
     outcomes: list[ExecutionResult | BaseException | None] = [None] * total
 
     def deliver(index: int, outcome: ExecutionResult | Exception) -> None:
@@ -836,6 +839,25 @@ async def run_many(
     if errors and not return_exceptions:
         raise ExceptionGroup(f"{len(errors)} of {total} executions failed", errors)
     return results
+
+
+async def wake_machines(
+    wake: Callable[[str], Awaitable[object]], requests: Sequence[ExecutionRequest], *, limit: int
+) -> None:
+    """The step before a fan-out with ``wake_machines=True``: each distinct machine once,
+    ``limit`` at a time, until all are running. A machine that cannot be made to run
+    raises (in an :class:`ExceptionGroup`) before any execution is created."""
+    machine_ids = list(dict.fromkeys(request.machine_id for request in requests))
+    limiter = anyio.CapacityLimiter(limit)
+
+    async def one(machine_id: str) -> None:
+        async with limiter:
+            await wake(machine_id)
+
+    async with anyio.create_task_group() as group:
+        for machine_id in machine_ids:
+            group.start_soon(one, machine_id)
+    logger.debug("woke %d machines before the fan-out", len(machine_ids))
 
 
 class _Completions:

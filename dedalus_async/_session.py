@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal, overload
 
 from . import _config, _fanout, _telemetry
-from ._api import ExecutionsAPI
+from ._api import ExecutionsAPI, MachinesAPI
 from ._checks import check_instance
 from ._clock import Clock, SystemClock
 from ._config import DEFAULT_BASE_URL, AuthScheme
@@ -50,7 +50,7 @@ __all__ = ["DEFAULT_BASE_URL", "EventStream", "ExecutionHandle", "Session"]
 logger = logging.getLogger("dedalus_async")
 
 
-class Session(ExecutionsAPI):
+class Session(ExecutionsAPI, MachinesAPI):
     """An open line to the Dedalus executions API. Use it as ``async with Session() as s:``.
 
     Arguments:
@@ -278,6 +278,7 @@ class Session(ExecutionsAPI):
         check: bool = ...,
         poll: PollPolicy | None = ...,
         batch_refresh: bool = ...,
+        wake_machines: bool = ...,
     ) -> list[ExecutionResult]: ...
 
     @overload
@@ -294,6 +295,7 @@ class Session(ExecutionsAPI):
         check: bool = ...,
         poll: PollPolicy | None = ...,
         batch_refresh: bool = ...,
+        wake_machines: bool = ...,
     ) -> list[ExecutionResult | BaseException]: ...
 
     async def run_many(
@@ -309,6 +311,7 @@ class Session(ExecutionsAPI):
         check: bool = False,
         poll: PollPolicy | None = None,
         batch_refresh: bool = True,
+        wake_machines: bool = False,
     ) -> list[ExecutionResult] | list[ExecutionResult | BaseException]:
         """Run many executions, at most ``concurrency`` at once; results in input order.
 
@@ -323,7 +326,8 @@ class Session(ExecutionsAPI):
         ``on_progress`` is called with a :class:`Progress` on every change. When several
         executions of one machine are waited on at once, they are read a page of
         ``list_executions`` at a time (``batch_refresh=False``: one GET each). Nothing is
-        left running when this returns or raises.
+        left running when this returns or raises. ``wake_machines=True`` first makes each
+        machine running (:meth:`ensure_running`, once per machine) before any create.
         """
         return await _fanout.run_many(
             self,
@@ -338,6 +342,7 @@ class Session(ExecutionsAPI):
             check=check,
             poll=poll,
             batch_refresh=batch_refresh,
+            wake=self.ensure_running if wake_machines else None,
         )
 
     def as_completed(

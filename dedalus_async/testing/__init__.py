@@ -13,10 +13,14 @@ What executions do is a :class:`Runner`'s business; the default :class:`Scripted
 plays :class:`Script` s (:class:`Phase` s, then an :class:`Outcome`) lazily against the
 clock. :class:`Fault` injects drops, truncated or malformed bodies, error statuses and
 delays; :class:`RecordedRequest` is what the fake saw; :class:`ExecutionRecord` is its
-server-side state of one execution. :data:`FAKE_API_KEY` is the key a fake accepts unless
-given another. The pytest fixtures are in :mod:`dedalus_async.testing.pytest_plugin`.
+server-side state of one execution. Machines move through their phases on the same
+clock: :class:`MachineTimings` says how long each phase lasts (``fake.machine_timings``),
+:class:`MachineRecord` is the fake's state of one machine. :data:`FAKE_API_KEY` is the key a
+fake accepts unless given another. The pytest fixtures are in
+:mod:`dedalus_async.testing.pytest_plugin`.
 """
 
+from dedalus_async._machine_records import MachineRecord, MachineTimings
 from dedalus_async._records import ExecutionRecord, Runner
 
 from ._clock import FakeClock
@@ -29,6 +33,8 @@ __all__ = [
     "FakeClock",
     "FakeDedalus",
     "Fault",
+    "MachineRecord",
+    "MachineTimings",
     "Outcome",
     "Phase",
     "RecordedRequest",

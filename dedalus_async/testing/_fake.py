@@ -36,6 +36,14 @@ Latency
     ``latency`` (seconds) adds a real sleep to every request, before faults and the
     server's answer, for concurrency-limit tests.
 
+Machines
+    The server's machines (``fake.machines``; rules in
+    :mod:`dedalus_async._machine_records`) move on the fake's clock;
+    ``fake.machine_timings`` sets how long each phase lasts for machines created from then
+    on, :meth:`~dedalus_async._server.ExecutionsServer.add_machine` makes one without a
+    request, and :meth:`FakeDedalus.fail_machine` makes one fail (now, or at its next
+    start or wake).
+
 The controls wrap the server's handler; the server's rules never see them.
 """
 
@@ -56,6 +64,7 @@ from aiohttp import web
 from dedalus_async import Session
 from dedalus_async._clock import Clock, SystemClock
 from dedalus_async._http_server import HTTPServer, to_web_response
+from dedalus_async._machine_records import FailWhen
 from dedalus_async._records import Runner
 from dedalus_async._server import APIRequest, ExecutionsServer
 
@@ -329,6 +338,17 @@ class FakeDedalus(ExecutionsServer):
         if not isinstance(self.runner, ScriptedRunner):
             raise TypeError(f"set_script needs a ScriptedRunner, this fake runs {self.runner!r}")
         self.runner.set_script(script)
+
+    def fail_machine(
+        self, machine_id: str, error: str = "injected failure", *, when: FailWhen | None = None
+    ) -> None:
+        """Make a machine fail: at once (``when=None``), or at the end of its next
+        ``"wake"``, ``"start"`` or either (``"any"``) instead of running (rule S5)."""
+        machine = self.get_machine_record(machine_id)
+        if when is None:
+            machine.fail_now(error, self.clock.monotonic())
+        else:
+            machine.fail_next(error, when)
 
     def add_fault(self, fault: Fault) -> Fault:
         """Queue ``fault`` behind the ones already added; returns it (to read ``hits``)."""
