@@ -19,7 +19,10 @@
     │   └── IdempotencyKeyReusedError      error_code IDEMPOTENCY_KEY_REUSED, any status
     ├── ResponseDecodeError                the response made no sense
     ├── WaitTimeout (TimeoutError)         the wait's deadline passed first
-    └── ExecutionFailed                    run(check=True) and the command ended badly
+    ├── ExecutionFailed                    run(check=True) and the command ended badly
+    └── JournalError                       a batch journal cannot be used as asked
+        ├── BatchChangedError (ValueError) the requests differ from the journaled batch
+        └── StaleReservationError          a create sent too long ago to re-send safely
 
 Invalid arguments are plain :class:`TypeError` / :class:`ValueError`, raised before any
 request is sent. No message here ever contains the API key.
@@ -38,11 +41,13 @@ __all__ = [
     "APIStatusError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchChangedError",
     "ConfigurationError",
     "ConflictError",
     "DedalusError",
     "ExecutionFailed",
     "IdempotencyKeyReusedError",
+    "JournalError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitedError",
@@ -50,6 +55,7 @@ __all__ = [
     "ResponseDecodeError",
     "ServerError",
     "SessionClosedError",
+    "StaleReservationError",
     "TransportError",
     "UnprocessableEntityError",
     "WaitTimeout",
@@ -222,6 +228,47 @@ class ExecutionFailed(DedalusError):
             how += f": {ex.error_message}"
         super().__init__(f"execution {ex.execution_id} on {ex.machine_id} {ex.status} ({how})")
         self.result = result
+
+
+class JournalError(DedalusError):
+    """A batch journal cannot be used: unreadable, not a journal, written by a newer
+    version, or failing to write. ``path`` names the store when it has one."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class BatchChangedError(JournalError, ValueError):
+    """The requests given differ from the batch the journal holds under that name (a job
+    added, removed or changed): resuming would mix two batches. Run the same requests
+    again, or use another batch name or journal for the new ones."""
+
+
+class StaleReservationError(JournalError):
+    """A job's create was sent longer ago than the journal's ``reservation_max_age`` and
+    its answer never came back. The server may have forgotten its Idempotency-Key by now,
+    so sending it again could run the command twice: it is reported instead.
+
+    ``job``, ``idempotency_key``, ``machine_id`` and ``sent_at`` (Unix seconds) say which
+    create to look for among the machine's executions.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job: str,
+        idempotency_key: str,
+        machine_id: str,
+        sent_at: float,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(message, path=path)
+        self.job = job
+        self.idempotency_key = idempotency_key
+        self.machine_id = machine_id
+        self.sent_at = sent_at
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {

@@ -25,6 +25,7 @@ from ._api import ExecutionsAPI
 from ._checks import check_instance
 from ._clock import Clock, SystemClock
 from ._config import DEFAULT_BASE_URL, AuthScheme
+from ._durable import RetryExecution
 from ._fanout import Completed, ExecutionRequest, Progress
 from ._handle import EventStream, ExecutionHandle, create_seen_through, read_result
 from ._policy import (
@@ -41,7 +42,14 @@ from ._transport import AiohttpTransport
 from ._waiting import WaitLoop
 
 if TYPE_CHECKING:
+    import os
+
     import aiohttp
+
+    from ._journal import Journal
+
+    #: What ``journal=`` takes: a path to an SQLite journal, or any Journal.
+    JournalArg = str | os.PathLike[str] | Journal | None
 
 __all__ = ["DEFAULT_BASE_URL", "EventStream", "ExecutionHandle", "Session"]
 
@@ -260,6 +268,8 @@ class Session(ExecutionsAPI):
         check: bool = ...,
         poll: PollPolicy | None = ...,
         batch_refresh: bool = ...,
+        journal: JournalArg = ...,
+        retry_execution: RetryExecution | None = ...,
     ) -> list[ExecutionResult]: ...
 
     @overload
@@ -276,6 +286,8 @@ class Session(ExecutionsAPI):
         check: bool = ...,
         poll: PollPolicy | None = ...,
         batch_refresh: bool = ...,
+        journal: JournalArg = ...,
+        retry_execution: RetryExecution | None = ...,
     ) -> list[ExecutionResult | BaseException]: ...
 
     async def run_many(
@@ -291,6 +303,8 @@ class Session(ExecutionsAPI):
         check: bool = False,
         poll: PollPolicy | None = None,
         batch_refresh: bool = True,
+        journal: JournalArg = None,
+        retry_execution: RetryExecution | None = None,
     ) -> list[ExecutionResult] | list[ExecutionResult | BaseException]:
         """Run many executions, at most ``concurrency`` at once; results in input order.
 
@@ -306,6 +320,10 @@ class Session(ExecutionsAPI):
         executions of one machine are waited on at once, they are read a page of
         ``list_executions`` at a time (``batch_refresh=False``: one GET each). Nothing is
         left running when this returns or raises.
+
+        ``journal`` (an SQLite file's path, or a :class:`Journal`) makes the batch durable:
+        run again after a crash, it resumes where it stopped and creates nothing twice.
+        ``retry_execution`` (:class:`RetryExecution`) re-creates expired executions.
         """
         return await _fanout.run_many(
             self,
@@ -320,6 +338,8 @@ class Session(ExecutionsAPI):
             check=check,
             poll=poll,
             batch_refresh=batch_refresh,
+            journal=journal,
+            retry_execution=retry_execution,
         )
 
     def as_completed(
@@ -334,6 +354,8 @@ class Session(ExecutionsAPI):
         check: bool = False,
         poll: PollPolicy | None = None,
         batch_refresh: bool = True,
+        journal: JournalArg = None,
+        retry_execution: RetryExecution | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[Completed]]:
         """Run many executions like :meth:`run_many`, yielding each as it finishes::
 
@@ -346,6 +368,7 @@ class Session(ExecutionsAPI):
         it as a :class:`Completed` whose :attr:`~Completed.error` is set. Leaving the block
         early cancels what is still running (and, with ``cancel_remote=True``, deletes it
         remotely) before the block exits. Arguments are validated when this is called.
+        ``journal`` and ``retry_execution``: as in :meth:`run_many`.
         """
         return _fanout.as_completed(
             self,
@@ -359,4 +382,6 @@ class Session(ExecutionsAPI):
             check=check,
             poll=poll,
             batch_refresh=batch_refresh,
+            journal=journal,
+            retry_execution=retry_execution,
         )
