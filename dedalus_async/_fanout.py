@@ -364,33 +364,43 @@ class _FanOut:
         self._refreshers: dict[str, _Refresher] = {}
         self.ledger: Ledger | None = None
 
+    async def open_journal(self) -> None:
+        """Load the plan's journal and match the batch with it (D6); idempotent. On
+        failure a journal the fan-out owns is closed before the error is raised."""
+        plan = self.plan
+        if plan.journal is None or self.ledger is not None:
+            return
+        ledger = Ledger(plan.journal, self.client.new_idempotency_key)
+        pairs = enumerate(zip(plan.requests, plan.keys, strict=True))
+        try:
+            await ledger.open([request._spec(i, key) for i, (request, key) in pairs])
+        except BaseException:
+            await self._close_journal()
+            raise
+        self.ledger = ledger
+
+    async def _close_journal(self) -> None:
+        # J5: whatever the outcome, what was journaled is durable before we return
+        journal = self.plan.journal
+        if journal is not None:
+            with anyio.CancelScope(shield=True):
+                if self.plan.owns_journal:
+                    await journal.aclose()
+                elif self.ledger is not None:
+                    await journal.flush()
+
     async def run(self) -> None:
         plan = self.plan
+        await self.open_journal()
         # created here, inside the running loop: nothing of a fan-out outlives its call
         self._create_slots = anyio.Semaphore(plan.create_concurrency)
-        journal = plan.journal
         try:
-            if journal is not None:
-                ledger = Ledger(journal, self.client.new_idempotency_key)
-                await ledger.open(
-                    [
-                        r._spec(i, k)
-                        for i, (r, k) in enumerate(zip(plan.requests, plan.keys, strict=True))
-                    ]
-                )
-                self.ledger = ledger
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 for _ in range(min(plan.concurrency, len(plan.requests))):
                     tg.start_soon(self._worker)
         finally:
-            if journal is not None:
-                # J5: whatever the outcome, what was journaled is durable before we return
-                with anyio.CancelScope(shield=True):
-                    if plan.owns_journal:
-                        await journal.aclose()
-                    elif self.ledger is not None:
-                        await journal.flush()
+            await self._close_journal()
 
     def _report(self) -> None:
         callback = self.plan.on_progress
@@ -1020,14 +1030,18 @@ async def _as_completed(
     def deliver(index: int, outcome: ExecutionResult | Exception) -> None:
         send.send_nowait(Completed(index=index, request=plan.requests[index], outcome=outcome))
 
+    engine = _FanOut(client, waits, plan, deliver, fail_fast=False)
+
     async def produce() -> None:
         try:
-            await _FanOut(client, waits, plan, deliver, fail_fast=False).run()
+            await engine.run()
         finally:
             send.close()  # the reader's loop ends after the last item
 
     raised: Exception | None = None
     with send, receive:
+        # a journal that cannot be used fails the `async with`, not the first item
+        await engine.open_journal()
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
             try:

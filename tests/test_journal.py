@@ -453,3 +453,13 @@ async def test_retry_execution_never_reruns_a_non_zero_exit_or_other_error_codes
     )  # fmt: skip
     (result,) = await session.run_many(_batch(1), retry_execution=retry)
     assert len(_creates(fake)) == 1 + 5
+
+
+async def test_as_completed_refuses_a_bad_journal_when_entered(
+    fake: FakeDedalus, session: Session, tmp_path: Path
+) -> None:
+    path = tmp_path / "batch.db"
+    await session.run_many(_batch(2), journal=path)
+    with pytest.raises(BatchChangedError):
+        async with session.as_completed(_batch(3), journal=path):
+            pytest.fail("the block must not run")
