@@ -73,17 +73,17 @@ def _outputs(seen: list[RecordedRequest]) -> int:
     return sum(1 for r in seen if r.path.endswith("/output"))
 
 
-# When to kill: a condition on the requests the server received since the run started
-# (and on the journal's file).
-KillPoint = Callable[[list[RecordedRequest], Path], bool]
+# When to kill: a condition on the requests the server received since the run started,
+# the journal's file, and how many jobs had no output read before the run started.
+KillPoint = Callable[[list[RecordedRequest], Path, int], bool]
 
 KILL_POINTS: dict[str, KillPoint] = {
-    "before any create": lambda seen, journal: journal.exists(),
-    "mid-create (first POST received)": lambda seen, journal: _posts(seen) >= 1,
-    "mid-create (5 POSTs received)": lambda seen, journal: _posts(seen) >= 5,
-    "mid-wait (first output read)": lambda seen, journal: _outputs(seen) >= 1,
-    "mid-wait (half the outputs read)": lambda seen, journal: _outputs(seen) >= 6,
-    "during the final writes (last output read)": lambda seen, journal: _outputs(seen) >= 12,
+    "before any create": lambda seen, journal, left: journal.exists(),
+    "mid-create (first POST received)": lambda seen, journal, left: _posts(seen) >= 1,
+    "mid-create (5 POSTs received)": lambda seen, journal, left: _posts(seen) >= 5,
+    "mid-wait (first output read)": lambda seen, journal, left: _outputs(seen) >= 1,
+    "mid-wait (half the outputs read)": lambda s, j, left: _outputs(s) >= max(1, left // 2),
+    "during the final writes (last output read)": lambda s, j, left: _outputs(s) >= left,
 }
 
 
@@ -156,9 +156,11 @@ async def _kill_and_resume(
         condition = KILL_POINTS[name]
         # each point counts from where the server's log stands when its run starts
         base = len(fake.requests)
+        outputs_read = {r.path for r in fake.requests if r.path.endswith("/output")}
+        left = n - len(outputs_read)
 
-        def when(condition: KillPoint = condition, base: int = base) -> bool:
-            return condition(fake.requests[base:], journal)
+        def when(condition: KillPoint = condition, base: int = base, left: int = left) -> bool:
+            return condition(fake.requests[base:], journal, left)
 
         if await _run_until(command, env, when, extra):
             landed.append(name)
@@ -232,3 +234,103 @@ async def test_random_kill_points_sweep(live_fake: FakeDedalus, tmp_path: Path) 
         await _kill_and_resume(
             live_fake, journal, _api_command(journal, n), _api_results, n, points
         )
+
+
+# --- the command line's journal errors -------------------------------------------------
+
+
+async def _cli(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    code, out, err = await _finish([sys.executable, "-m", "dedalus_async", *args], env)
+    return code, out.decode(), err.decode()
+
+
+async def test_cli_journal_errors_name_the_path_and_exit_2(
+    live_fake: FakeDedalus, tmp_path: Path
+) -> None:
+    env = _env(live_fake)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"command": ["echo", "a"]}\n{"command": ["echo", "b"]}\n')
+    foreign = tmp_path / "notes.db"
+    foreign.write_text("not a database at all, just notes\n" * 100)
+    missing = tmp_path / "missing.db"
+    journal = tmp_path / "batch.db"
+    (code, _, err), (code2, _, err2), (code3, _, err3) = await asyncio.gather(
+        _cli(["run-many", str(jobs), "--machine-id", MACHINE, "--journal", str(foreign)], env),
+        _cli(["batch", "status", "--journal", str(missing)], env),
+        _cli(["batch", "results", "--journal", str(foreign)], env),
+    )
+    assert (code, code2, code3) == (2, 2, 2)
+    assert f"{foreign} is not a dedalus_async journal" in err
+    assert f"no journal at {missing} (run-many FILE --journal {missing} writes one)" in err2
+    assert not missing.exists()  # a reader creates nothing
+    assert f"{foreign} is not a dedalus_async journal" in err3
+    assert live_fake.requests == []
+    # a batch run, then another batch under the same name: refused, nothing sent
+    code, _out, err = await _cli(
+        ["run-many", str(jobs), "--machine-id", MACHINE, "--journal", str(journal)], env
+    )
+    assert code == 0, err
+    sent = len(live_fake.requests)
+    jobs.write_text('{"command": ["echo", "a"]}\n{"command": ["echo", "changed"]}\n')
+    (code, _, err), (code2, _, err2) = await asyncio.gather(
+        _cli(["run-many", str(jobs), "--machine-id", MACHINE, "--journal", str(journal)], env),
+        _cli(["batch", "status", "--journal", str(journal), "--batch", "other"], env),
+    )
+    assert code == 2
+    assert "requests[1] (job '#1') differs from the one journaled" in err
+    assert code2 == 2
+    assert f"journal {journal} holds no batch 'other' (see --batch)" in err2
+    assert len(live_fake.requests) == sent
+
+
+async def test_cli_reports_a_stale_reservation_in_its_own_terms(
+    live_fake: FakeDedalus, tmp_path: Path
+) -> None:
+    import time
+
+    import attrs
+
+    from dedalus_async import JobState, SQLiteJournal
+
+    env = _env(live_fake)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"command": ["echo", "a"]}\n{"command": ["false"]}\n')
+    journal = tmp_path / "batch.db"
+    run = ["run-many", str(jobs), "--machine-id", MACHINE, "--journal", str(journal)]
+    code, _, err = await _cli(run, env)
+    assert code == 1, err  # `false` exits 1
+    async with SQLiteJournal(journal) as store:
+        batch = await store.load()
+        assert batch is not None
+        stale = attrs.evolve(
+            batch.jobs[0], state=JobState.SENT, execution_id=None, execution=None,
+            output=None, sent_at=time.time() - 7200,
+        )  # fmt: skip
+        await store.save(stale, durable=True)
+    sent = len(live_fake.requests)
+    code, out, err = await _cli(run, env)
+    assert code == 1
+    first = json.loads(out.splitlines()[0])
+    assert "run again with a larger --reservation-max-age" in first["error"]["message"]
+    assert "reservation_max_age" not in first["error"]["message"]
+    assert len(live_fake.requests) == sent
+    code, out, err = await _cli(["batch", "status", "--journal", str(journal)], env)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[1] == "finished 1 (0 ok, 1 not ok), pending 0, sent 1, created 0"
+    assert lines[2].startswith("  #0 (sent): StaleReservationError: job '#0'")
+    assert lines[3].startswith("  #1: ")
+    assert "exit code 1" in lines[3]
+    code, out, err = await _cli(["batch", "results", "--journal", str(journal)], env)
+    assert code == 1
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert [(d["job"], d["state"], d["ok"]) for d in docs] == [
+        ("#0", "sent", False),
+        ("#1", "finished", False),
+    ]
+    assert docs[0]["error"]["message"].startswith("StaleReservationError")
+    # a larger limit sends it again, under its key
+    code, out, err = await _cli([*run, "--reservation-max-age", "86400"], env)
+    assert code == 1
+    assert json.loads(out.splitlines()[0])["stdout"] == "a\n"
+    assert len(live_fake.executions) == 2
