@@ -12,10 +12,13 @@ import attrs
 import pytest
 
 from dedalus_async import (
+    Batch,
     BatchChangedError,
     ExecutionFailed,
     ExecutionRequest,
+    JobRecord,
     JobState,
+    Journal,
     JournalError,
     Progress,
     RetryExecution,
@@ -102,8 +105,6 @@ async def test_a_lazy_save_is_durable_after_flush_and_batches_are_separate(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "j.db"
-    from dedalus_async import Batch, JobRecord
-
     record = JobRecord(
         job="a", position=0, fingerprint="f", machine_id=MACHINE, command=("x",),
         idempotency_key="k1",
@@ -463,3 +464,99 @@ async def test_as_completed_refuses_a_bad_journal_when_entered(
     with pytest.raises(BatchChangedError):
         async with session.as_completed(_batch(3), journal=path):
             pytest.fail("the block must not run")
+
+
+async def test_a_failed_write_is_reported_to_its_waiter_or_to_the_next_caller(
+    tmp_path: Path,
+) -> None:
+    good = JobRecord(
+        job="a", position=0, fingerprint="f", machine_id=MACHINE, command=("x",),
+        idempotency_key="k1",
+    )  # fmt: skip
+    unbindable = attrs.evolve(good, position=2**70)  # SQLite integers stop at 2**63
+    async with SQLiteJournal(tmp_path / "j.db") as journal:
+        await journal.start(Batch(name="default", salt="s", jobs=(good,)))
+        with pytest.raises(JournalError, match="cannot be used") as caught:
+            await journal.save(unbindable, durable=True)
+        assert isinstance(caught.value.__cause__, OverflowError)
+        await journal.save(attrs.evolve(good, attempt=2), durable=True)  # still usable
+        await journal.save(unbindable, durable=False)  # nobody waits for this one...
+        with pytest.raises(JournalError, match="too large"):
+            await journal.flush()  # ...so the next caller hears of it
+        with pytest.raises(JournalError, match="failed to write"):
+            await journal.aclose()
+    async with SQLiteJournal(tmp_path / "j.db") as again:
+        batch = await again.load()
+    assert batch is not None
+    assert batch.jobs[0].attempt == 2  # the failed transaction wrote nothing
+
+
+class MemoryJournal:
+    """A Journal of our own (a dict): the protocol is all the fan-out needs."""
+
+    def __init__(self) -> None:
+        self.batch = "default"
+        self.reservation_max_age: float | None = None
+        self.held: Batch | None = None
+        self.saves: list[tuple[JobState, bool]] = []
+        self.flushes = 0
+
+    async def load(self) -> Batch | None:
+        return self.held
+
+    async def start(self, batch: Batch) -> None:
+        self.held = batch
+
+    async def save(self, record: JobRecord, *, durable: bool) -> None:
+        assert self.held is not None
+        jobs = [record if job.job == record.job else job for job in self.held.jobs]
+        self.held = attrs.evolve(self.held, jobs=tuple(jobs))
+        self.saves.append((record.state, durable))
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+    async def aclose(self) -> None:
+        raise AssertionError("a journal passed in is the caller's to close")
+
+
+async def test_any_journal_store_works_and_only_sent_marks_wait_for_durability(
+    fake: FakeDedalus, session: Session
+) -> None:
+    journal = MemoryJournal()
+    assert isinstance(journal, Journal)
+    first = await session.run_many(_batch(3), journal=journal)
+    assert sorted(journal.saves) == sorted(
+        [(JobState.SENT, True), (JobState.CREATED, False), (JobState.FINISHED, False)] * 3
+    )
+    assert journal.flushes == 1
+    sent = len(fake.requests)
+    again = await session.run_many(_batch(3), journal=journal)
+    assert len(fake.requests) == sent
+    assert [r.execution for r in again] == [r.execution for r in first]
+
+
+async def test_a_record_this_version_cannot_read_is_refused(
+    session: Session, fake: FakeDedalus, tmp_path: Path
+) -> None:
+    path = tmp_path / "batch.db"
+    await session.run_many(_batch(1), journal=path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE jobs SET state = 'teleported'")
+    sent = len(fake.requests)
+    with pytest.raises(JournalError, match="holds a record this version cannot read"):
+        await session.run_many(_batch(1), journal=path)
+    assert len(fake.requests) == sent
+    unused = SQLiteJournal(tmp_path / "unused.db")
+    await unused.flush()
+    await unused.aclose()
+    assert not (tmp_path / "unused.db").exists()  # never opened, never created
+
+
+async def test_a_batch_missing_many_jobs_names_a_few(session: Session, tmp_path: Path) -> None:
+    path = tmp_path / "batch.db"
+    await session.run_many(_batch(6), journal=path)
+    with pytest.raises(
+        BatchChangedError, match=r"5 job\(s\) of it missing \('#1', '#2', '#3', \.\.\.\)"
+    ):
+        await session.run_many(_batch(1), journal=path)
