@@ -173,9 +173,11 @@ _COLUMNS: Final = (
 )
 _DUMPS: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
-#: Seconds a write nobody waits for may wait for others to share its commit: a crash
-#: loses at most this much of J3/J4, which resuming redoes without running anything twice.
+#: Seconds a write nobody waits for (J3, J4) may wait for others to share its commit: a
+#: crash loses at most this much of them, which resuming redoes without running anything
+#: twice. At most _MAX_ROWS of them wait.
 LAZY_WINDOW: Final = 0.05
+_MAX_ROWS: Final = 1000
 
 #: The default of ``reservation_max_age``: the server's key lifetime is not published.
 DEFAULT_RESERVATION_MAX_AGE: Final = 3600.0
@@ -260,6 +262,8 @@ class SQLiteJournal:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._closed = False
+        self._rows: list[tuple[Any, ...]] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<SQLiteJournal {self.path!r} batch={self.batch!r}>"
@@ -294,18 +298,22 @@ class SQLiteJournal:
     async def save(self, record: JobRecord, *, durable: bool) -> None:
         """See :meth:`Journal.save`."""
         row = _row(self.batch, record)
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(_UPSERT, row)
-
         if durable:
-            await self._call(write)
-        else:
-            self._post(write, None, None)
+            await self._call(lambda conn: conn.execute(_UPSERT, row))
+            return
+        if self._closed:
+            raise JournalError(f"journal {self.path} is closed", path=self.path)
+        # Kept here until the next write somebody waits for, or LAZY_WINDOW: one handover
+        # (and one commit) for many jobs' rows, not a wake-up of the writer for each.
+        self._rows.append(row)
+        if len(self._rows) >= _MAX_ROWS:
+            self._hand_over()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(LAZY_WINDOW, self._hand_over)
 
     async def flush(self) -> None:
         """See :meth:`Journal.flush`."""
-        if self._thread is not None:
+        if self._thread is not None or self._rows:
             await self._call(lambda conn: None)
 
     async def aclose(self) -> None:
@@ -313,6 +321,8 @@ class SQLiteJournal:
         if self._closed:
             return
         self._closed = True
+        if self._rows:
+            self._hand_over()
         thread = self._thread
         if thread is None:
             return
@@ -329,8 +339,18 @@ class SQLiteJournal:
             raise JournalError(f"journal {self.path} is closed", path=self.path)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        self._hand_over()  # the rows saved before this go first, in the same transaction
         self._post(work, loop, future)
         return await future
+
+    def _hand_over(self) -> None:
+        """Queue the rows saved without waiting (J3, J4) for the writer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        rows, self._rows = self._rows, []
+        if rows and self._failure is None:  # after a failure, the next awaited call says so
+            self._post(lambda conn: conn.executemany(_UPSERT, rows), None, None)
 
     def _post(
         self,
@@ -379,30 +399,13 @@ class SQLiteJournal:
 
     def _gather(self) -> list[_Work]:
         """The next transaction's work. Group commit: everything queued while the last
-        transaction ran goes into the next one, so N jobs' writes cost one commit, not N;
-        and writes nobody waits for (J3, J4) wait up to :data:`LAZY_WINDOW` for company,
-        unless a write somebody waits for (J2, a flush) comes first."""
-        get = self._queue.get
-        items = [get()]
-        waited_for = items[0][2] is not None or items[0][0] is None
-        deadline: float | None = None
+        transaction ran goes into the next one, so N jobs' writes cost one commit, not N."""
+        items = [self._queue.get()]
         while True:
             try:
-                item = self._queue.get_nowait()
+                items.append(self._queue.get_nowait())
             except queue.Empty:
-                if waited_for:
-                    return items
-                if deadline is None:
-                    deadline = time.monotonic() + LAZY_WINDOW
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return items
-                try:
-                    item = get(timeout=left)
-                except queue.Empty:
-                    return items
-            items.append(item)
-            waited_for = waited_for or item[2] is not None or item[0] is None
+                return items
 
     def _transaction(self, conn: sqlite3.Connection, works: list[_Work]) -> list[Any]:
         conn.execute("BEGIN IMMEDIATE")
