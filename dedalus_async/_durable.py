@@ -33,11 +33,13 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Collection, Sequence
+from typing import Final
 
+import anyio
 import attrs
 
 from ._checks import check_count
-from ._errors import APIStatusError, BatchChangedError, StaleReservationError
+from ._errors import APIStatusError, BatchChangedError, JournalError, StaleReservationError
 from ._journal import Batch, JobRecord, JobState, Journal, SQLiteJournal
 from ._models import Execution, ExecutionStatus
 from ._results import ExecutionResult
@@ -139,6 +141,29 @@ class JobSpec:
     idempotency_key: str
 
 
+#: Jobs marked ``sent`` ahead of time by each J2 commit, besides the one being sent.
+RESERVE_AHEAD: Final = 15
+
+
+class _Commit:
+    """A J2 commit that other jobs' creates wait for."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+
+    async def wait(self) -> None:
+        await self.done.wait()
+        if self.error is not None:
+            # the mark this create needed was never made durable: it must not be sent
+            raise JournalError(
+                f"the journal could not record this job as sent: {self.error}"
+            ) from self.error
+
+
 class Ledger:
     """The journal's side of a running batch: loaded (and checked) once, then one call
     around each step of each job."""
@@ -147,6 +172,9 @@ class Ledger:
         self.journal = journal
         self._new_key = new_key
         self.records: list[JobRecord] = []
+        # J2 commits in flight, by the jobs they mark; and how far _ahead has looked
+        self._commits: dict[int, _Commit] = {}
+        self._scanned = 0
 
     async def open(self, specs: Sequence[JobSpec]) -> list[JobRecord]:
         """Load the batch (or write it, J1) and match it with ``specs`` (D6)."""
@@ -227,8 +255,9 @@ class Ledger:
         age = now - record.sent_at
         if age > limit:
             raise StaleReservationError(
-                f"job {record.job!r}: its create was sent {age:.0f} s ago under "
-                f"Idempotency-Key {record.idempotency_key} and no answer was journaled; "
+                f"job {record.job!r}: its create was reserved {age:.0f} s ago (and may have "
+                f"been sent) under Idempotency-Key {record.idempotency_key}, and no answer "
+                "was journaled; "
                 f"that is more than reservation_max_age ({limit:g} s), and the server may "
                 "have forgotten the key, so it is not sent again. Look for it among the "
                 f"executions of {record.machine_id}; to send it anyway, resume with a larger "
@@ -240,14 +269,54 @@ class Ledger:
             )
 
     async def sending(self, index: int) -> str:
-        """J2: the job's key, committed as ``sent`` before its POST."""
+        """J2: the job's key, once its record says ``sent``, committed, before its POST.
+
+        The commit is shared: it also marks ``sent`` the next jobs due to be sent
+        (:data:`RESERVE_AHEAD` of them), so most creates find theirs done already. Their
+        ``sent_at`` is then a moment early, which errs on the safe side of
+        ``reservation_max_age``.
+        """
         record = self.records[index]
-        if record.state is not JobState.SENT:
-            record = self.records[index] = attrs.evolve(
-                record, state=JobState.SENT, sent_at=time.time()
-            )
-            await self.journal.save(record, durable=True)
-        return record.idempotency_key
+        if record.state is JobState.SENT:
+            commit = self._commits.get(index)
+            if commit is not None:
+                await commit.wait()
+            return record.idempotency_key
+        indexes = [index, *self._ahead(index)]
+        now = time.time()
+        commit = _Commit()
+        before = [self.records[i] for i in indexes]
+        marked = []
+        for i in indexes:
+            self.records[i] = attrs.evolve(self.records[i], state=JobState.SENT, sent_at=now)
+            marked.append(self.records[i])
+            self._commits[i] = commit
+        try:
+            await self.journal.save(*marked, durable=True)
+        except BaseException as exc:
+            commit.fail(exc)
+            # not durable, so not sent: each of these tries its own commit when its turn
+            # comes (and is not sent unless that one holds)
+            for i, record in zip(indexes, before, strict=True):
+                self.records[i] = record
+            raise
+        finally:
+            commit.done.set()
+            for i in indexes:
+                self._commits.pop(i, None)
+        return self.records[index].idempotency_key
+
+    def _ahead(self, index: int) -> list[int]:
+        """The next ``pending`` jobs after ``index``, in the order workers take them."""
+        records = self.records
+        found: list[int] = []
+        position = max(index + 1, self._scanned)
+        while position < len(records) and len(found) < RESERVE_AHEAD:
+            if records[position].state is JobState.PENDING:
+                found.append(position)
+            position += 1
+        self._scanned = position
+        return found
 
     async def created(self, index: int, execution_id: str) -> None:
         """J3."""

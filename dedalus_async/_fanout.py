@@ -463,9 +463,7 @@ class _FanOut:
                     ledger.check_resendable(index, time.time())  # D3
             while True:
                 if handle is None:
-                    if ledger is not None:
-                        key = await ledger.sending(index)  # J2: committed before the POST
-                    handle = await self._create(request, key)
+                    handle = await self._create(index, key)
                     if ledger is not None:
                         await ledger.created(index, handle.execution_id)
                 result = await self._wait_and_read(handle, request)
@@ -498,9 +496,14 @@ class _FanOut:
             raise ExecutionFailed(result)
         return result
 
-    async def _create(self, request: ExecutionRequest, key: str) -> ExecutionHandle:
+    async def _create(self, index: int, key: str) -> ExecutionHandle:
         plan = self.plan
+        request = plan.requests[index]
         async with self._create_slots:
+            if self.ledger is not None:
+                # J2: committed before the POST, once it has its slot (so "sent" is close
+                # to when it was sent, and at most create_concurrency commits are waited on)
+                key = await self.ledger.sending(index)
             create = self.client.create_execution(
                 request.machine_id,
                 request.command,

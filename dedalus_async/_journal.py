@@ -120,9 +120,9 @@ class Journal(Protocol):
         """Write the whole batch (its jobs replacing any held before); durable on return."""
         ...
 
-    async def save(self, record: JobRecord, *, durable: bool) -> None:
-        """Write one job's record; with ``durable``, it is durable when this returns,
-        otherwise it may wait for the next durable write or :meth:`flush`."""
+    async def save(self, *records: JobRecord, durable: bool) -> None:
+        """Write these jobs' records; with ``durable``, they are durable when this
+        returns, otherwise they may wait for the next durable write or :meth:`flush`."""
         ...
 
     async def flush(self) -> None:
@@ -295,17 +295,17 @@ class SQLiteJournal:
 
         await self._call(write)
 
-    async def save(self, record: JobRecord, *, durable: bool) -> None:
+    async def save(self, *records: JobRecord, durable: bool) -> None:
         """See :meth:`Journal.save`."""
-        row = _row(self.batch, record)
+        rows = [_row(self.batch, record) for record in records]
         if durable:
-            await self._call(lambda conn: conn.execute(_UPSERT, row))
+            await self._call(lambda conn: conn.executemany(_UPSERT, rows))
             return
         if self._closed:
             raise JournalError(f"journal {self.path} is closed", path=self.path)
         # Kept here until the next write somebody waits for, or LAZY_WINDOW: one handover
         # (and one commit) for many jobs' rows, not a wake-up of the writer for each.
-        self._rows.append(row)
+        self._rows.extend(rows)
         if len(self._rows) >= _MAX_ROWS:
             self._hand_over()
         elif self._timer is None:
@@ -386,11 +386,14 @@ class SQLiteJournal:
                         error = self._journal_error(exc)
                         if any(future is None for _, _, future in works):
                             self._failure = error
-                        for _, loop, future in works:
-                            _resolve(loop, future, error=error)
+                        _resolve([(loop, future, None, error) for _, loop, future in works])
                     else:
-                        for (_, loop, future), result in zip(works, results, strict=True):
-                            _resolve(loop, future, result=result)
+                        _resolve(
+                            [
+                                (loop, future, result, None)
+                                for (_, loop, future), result in zip(works, results, strict=True)
+                            ]
+                        )
                 if stop:
                     return
         finally:
@@ -502,23 +505,24 @@ class SQLiteJournal:
 
 
 def _resolve(
-    loop: asyncio.AbstractEventLoop | None,
-    future: asyncio.Future[Any] | None,
-    *,
-    result: Any = None,
-    error: BaseException | None = None,
+    outcomes: list[tuple[asyncio.AbstractEventLoop | None, Any, Any, BaseException | None]],
 ) -> None:
-    if loop is None or future is None:
-        return
+    """Settle the futures of one transaction: one wake-up of each waiting loop for all."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, BaseException | None]]] = {}
+    for loop, future, result, error in outcomes:
+        if loop is not None and future is not None:
+            by_loop.setdefault(loop, []).append((future, result, error))
 
-    def settle() -> None:
-        if future.done():  # the waiter was cancelled: the work was done all the same
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    def settle(items: list[tuple[Any, Any, BaseException | None]]) -> None:
+        for future, result, error in items:
+            if future.done():  # the waiter was cancelled: the work was done all the same
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
-    # a closed loop has nobody waiting any more
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(settle)
+    for loop, items in by_loop.items():
+        # a closed loop has nobody waiting any more
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, items)

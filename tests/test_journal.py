@@ -499,7 +499,9 @@ class MemoryJournal:
         self.reservation_max_age: float | None = None
         self.held: Batch | None = None
         self.saves: list[tuple[JobState, bool]] = []
+        self.durable_calls = 0
         self.flushes = 0
+        self.failing: Exception | None = None
 
     async def load(self) -> Batch | None:
         return self.held
@@ -507,11 +509,15 @@ class MemoryJournal:
     async def start(self, batch: Batch) -> None:
         self.held = batch
 
-    async def save(self, record: JobRecord, *, durable: bool) -> None:
+    async def save(self, *records: JobRecord, durable: bool) -> None:
         assert self.held is not None
-        jobs = [record if job.job == record.job else job for job in self.held.jobs]
-        self.held = attrs.evolve(self.held, jobs=tuple(jobs))
-        self.saves.append((record.state, durable))
+        self.durable_calls += durable
+        if self.failing is not None:
+            raise self.failing
+        for record in records:
+            jobs = [record if job.job == record.job else job for job in self.held.jobs]
+            self.held = attrs.evolve(self.held, jobs=tuple(jobs))
+            self.saves.append((record.state, durable))
 
     async def flush(self) -> None:
         self.flushes += 1
@@ -560,3 +566,20 @@ async def test_a_batch_missing_many_jobs_names_a_few(session: Session, tmp_path:
         BatchChangedError, match=r"5 job\(s\) of it missing \('#1', '#2', '#3', \.\.\.\)"
     ):
         await session.run_many(_batch(1), journal=path)
+
+
+async def test_one_commit_marks_several_creates_sent_and_none_is_sent_unmarked(
+    fake: FakeDedalus, session: Session
+) -> None:
+    journal = MemoryJournal()
+    await session.run_many(_batch(40), journal=journal, create_concurrency=4)
+    assert sum(durable for _, durable in journal.saves) == 40  # every job marked sent
+    assert journal.durable_calls <= 40 // 8  # ...by a few commits, not one each
+    failing = MemoryJournal()
+    failing.failing = OSError("disk full")
+    results = await session.run_many(
+        _batch(40, keyed=True), journal=failing, return_exceptions=True
+    )
+    assert all(isinstance(r, BaseException) for r in results)
+    assert _creates(fake).count(None) == 0
+    assert len(fake.executions) == 40  # the first batch's only: nothing was sent unmarked

@@ -122,8 +122,9 @@ def completed_document(item: Completed) -> dict[str, Any]:
     elif isinstance(error, StaleReservationError):
         document = result_document(None, error=error)
         document["error"]["message"] = (
-            f"job {error.job!r}: its create was sent at {error.sent_at:.0f} (Unix time) under "
-            f"Idempotency-Key {error.idempotency_key} and its answer never came back; the "
+            f"job {error.job!r}: its create was reserved at {error.sent_at:.0f} (Unix time, "
+            f"and may have been sent) under Idempotency-Key {error.idempotency_key}, and no "
+            "answer came back; the "
             "server may have forgotten the key, so it is not sent again. Look for it with "
             f"`dedalus-async list {error.machine_id}`, or run again with a larger "
             "--reservation-max-age to send it anyway"
