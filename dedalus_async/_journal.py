@@ -10,7 +10,9 @@ record *before* the step it guards:
 
 J1  ``pending``: the job's Idempotency-Key is minted and written with the whole batch,
     before anything is sent.
-J2  ``sent``: written, and committed, before each create is POSTed, with the time.
+J2  ``sent``: written, and committed, before each create is POSTed, with the time (the
+    fan-out marks a few of the next creates in the same commit: see
+    :meth:`~dedalus_async._durable.Ledger.sending`).
 J3  ``created``: the execution ID, once the create answered. May be group-committed: if
     it is lost, the create is sent again under the same key and the server answers with
     the same execution.
@@ -159,17 +161,32 @@ CREATE TABLE jobs (
     attempt INTEGER NOT NULL,
     sent_at REAL,
     execution_id TEXT,
-    execution TEXT,
-    output TEXT,
     error TEXT,
     PRIMARY KEY (batch, job)
 ) WITHOUT ROWID;
+CREATE TABLE results (
+    id INTEGER PRIMARY KEY,
+    batch TEXT NOT NULL REFERENCES batches (name),
+    job TEXT NOT NULL,
+    execution TEXT NOT NULL,
+    output TEXT,
+    UNIQUE (batch, job)
+);
 """
+# Why two tables: a job's small row is rewritten at each step, a result (the bulk of the
+# bytes) is written once, appended in finishing order. Kept in one row, every step of every
+# job rewrote a page full of results: measured at 10,000 executions, that was most of the
+# journal's cost (pages written to the WAL, then again at each checkpoint).
 
-_UPSERT: Final = "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_COLUMNS: Final = (
-    "job, position, fingerprint, machine_id, command, idempotency_key, state, attempt, "
-    "sent_at, execution_id, execution, output, error"
+_UPSERT_JOB: Final = "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT_RESULT: Final = (
+    "INSERT OR REPLACE INTO results (batch, job, execution, output) VALUES (?, ?, ?, ?)"
+)
+_SELECT: Final = (
+    "SELECT j.job, j.position, j.fingerprint, j.machine_id, j.command, j.idempotency_key, "
+    "j.state, j.attempt, j.sent_at, j.execution_id, r.execution, r.output, j.error "
+    "FROM jobs AS j LEFT JOIN results AS r ON r.batch = j.batch AND r.job = j.job "
+    "WHERE j.batch = ? ORDER BY j.position"
 )
 _DUMPS: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -183,8 +200,12 @@ _MAX_ROWS: Final = 1000
 DEFAULT_RESERVATION_MAX_AGE: Final = 3600.0
 
 
-def _row(batch: str, r: JobRecord) -> tuple[Any, ...]:
-    return (
+# a job's row, and its result's row once it has one
+_Rows = tuple[tuple[Any, ...], tuple[Any, ...] | None]
+
+
+def _rows(batch: str, r: JobRecord) -> _Rows:
+    job = (
         batch,
         r.job,
         r.position,
@@ -196,10 +217,19 @@ def _row(batch: str, r: JobRecord) -> tuple[Any, ...]:
         r.attempt,
         r.sent_at,
         r.execution_id,
-        None if r.execution is None else _DUMPS(unstructure(r.execution)),
-        None if r.output is None else _DUMPS(unstructure(r.output)),
         r.error,
     )
+    if r.state is not JobState.FINISHED or r.execution is None:
+        return job, None
+    output = None if r.output is None else _DUMPS(unstructure(r.output))
+    return job, (batch, r.job, _DUMPS(unstructure(r.execution)), output)
+
+
+def _write(conn: sqlite3.Connection, rows: Sequence[_Rows]) -> None:
+    conn.executemany(_UPSERT_JOB, [job for job, _ in rows])
+    results = [result for _, result in rows if result is not None]
+    if results:
+        conn.executemany(_UPSERT_RESULT, results)
 
 
 def _record(row: Sequence[Any]) -> JobRecord:
@@ -262,7 +292,7 @@ class SQLiteJournal:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._closed = False
-        self._rows: list[tuple[Any, ...]] = []
+        self._rows: list[_Rows] = []
         self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
@@ -291,15 +321,16 @@ class SQLiteJournal:
                 (batch.name, batch.salt, time.time()),
             )
             conn.execute("DELETE FROM jobs WHERE batch = ?", (batch.name,))
-            conn.executemany(_UPSERT, [_row(batch.name, job) for job in batch.jobs])
+            conn.execute("DELETE FROM results WHERE batch = ?", (batch.name,))
+            _write(conn, [_rows(batch.name, job) for job in batch.jobs])
 
         await self._call(write)
 
     async def save(self, *records: JobRecord, durable: bool) -> None:
         """See :meth:`Journal.save`."""
-        rows = [_row(self.batch, record) for record in records]
+        rows = [_rows(self.batch, record) for record in records]
         if durable:
-            await self._call(lambda conn: conn.executemany(_UPSERT, rows))
+            await self._call(lambda conn: _write(conn, rows))
             return
         if self._closed:
             raise JournalError(f"journal {self.path} is closed", path=self.path)
@@ -350,7 +381,7 @@ class SQLiteJournal:
             self._timer = None
         rows, self._rows = self._rows, []
         if rows and self._failure is None:  # after a failure, the next awaited call says so
-            self._post(lambda conn: conn.executemany(_UPSERT, rows), None, None)
+            self._post(lambda conn: _write(conn, rows), None, None)
 
     def _post(
         self,
@@ -490,9 +521,7 @@ class SQLiteJournal:
         found = conn.execute("SELECT salt FROM batches WHERE name = ?", (self.batch,)).fetchone()
         if found is None:
             return None
-        rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE batch = ? ORDER BY position", (self.batch,)
-        ).fetchall()
+        rows = conn.execute(_SELECT, (self.batch,)).fetchall()
         try:
             jobs = tuple(_record(row) for row in rows)
         except (ValueError, TypeError, KeyError, ResponseDecodeError) as exc:
