@@ -178,10 +178,17 @@ CREATE TABLE results (
 # job rewrote a page full of results: measured at 10,000 executions, that was most of the
 # journal's cost (pages written to the WAL, then again at each checkpoint).
 
-_UPSERT_JOB: Final = "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_UPSERT_RESULT: Final = (
-    "INSERT OR REPLACE INTO results (batch, job, execution, output) VALUES (?, ?, ?, ?)"
-)
+
+def _from_json(table: str, columns: str, count: int) -> str:
+    # One statement for all the rows of a transaction, passed as one JSON array: sqlite3
+    # lets go of the GIL at each step of a statement, so executemany over N rows makes the
+    # event loop's thread and this one trade the GIL N times; this makes it once.
+    values = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(count))
+    return f"INSERT OR REPLACE INTO {table} {columns} SELECT {values} FROM json_each(?)"
+
+
+_UPSERT_JOBS: Final = _from_json("jobs", "", 12)
+_UPSERT_RESULTS: Final = _from_json("results", "(batch, job, execution, output)", 4)
 _SELECT: Final = (
     "SELECT j.job, j.position, j.fingerprint, j.machine_id, j.command, j.idempotency_key, "
     "j.state, j.attempt, j.sent_at, j.execution_id, r.execution, r.output, j.error "
@@ -226,10 +233,10 @@ def _rows(batch: str, r: JobRecord) -> _Rows:
 
 
 def _write(conn: sqlite3.Connection, rows: Sequence[_Rows]) -> None:
-    conn.executemany(_UPSERT_JOB, [job for job, _ in rows])
+    conn.execute(_UPSERT_JOBS, (_DUMPS([job for job, _ in rows]),))
     results = [result for _, result in rows if result is not None]
     if results:
-        conn.executemany(_UPSERT_RESULT, results)
+        conn.execute(_UPSERT_RESULTS, (_DUMPS(results),))
 
 
 def _record(row: Sequence[Any]) -> JobRecord:
