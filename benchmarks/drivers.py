@@ -12,6 +12,7 @@ detection lag it saw, or the error it ended with.
 * ``dedalus_async``: ``Session.run`` per execution.
 * ``dedalus_async-run_many``: ``Session.run_many`` over all of them (only when the
   installed ``Session`` has it).
+* ``dedalus_async-run_many-journal``: the same with ``journal=`` a fresh SQLite file.
 * ``sdk`` / ``sdk-aiohttp``: the official ``dedalus_sdk.AsyncDedalus`` (on httpx, or on
   its aiohttp transport) with the polling loop its users write by hand.
 * experiments, not run by default: ``aiohttp-jitter`` (the bare loop plus the library's
@@ -228,7 +229,9 @@ class DedalusAsyncRunMany(DedalusAsyncRun):
             from dedalus_async._fanout import ExecutionRequest as request_cls
         requests = [request_cls(machine_id=MACHINE_ID, command=COMMAND) for _ in range(n)]
         run_many: Any = getattr(self._session, "run_many")  # noqa: B009 - absent in old versions
-        outcomes = await run_many(requests, concurrency=concurrency or n, return_exceptions=True)
+        outcomes = await run_many(
+            requests, concurrency=concurrency or n, return_exceptions=True, **self._options()
+        )
         samples = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -238,6 +241,40 @@ class DedalusAsyncRunMany(DedalusAsyncRun):
             else:
                 samples.append(Sample(outcome, outcome.stats.detection_lag, None))
         return samples
+
+    def _options(self) -> dict[str, Any]:
+        return {}
+
+
+class DedalusAsyncRunManyJournal(DedalusAsyncRunMany):
+    """``Session.run_many`` with a journal: a fresh SQLite file per run (what it costs to
+    make the batch durable)."""
+
+    name = "dedalus_async-run_many-journal"
+    description = "dedalus_async, Session.run_many(journal=...)"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        import dedalus_async
+
+        if not hasattr(dedalus_async, "SQLiteJournal"):
+            return "this dedalus_async has no journal yet"
+        return super().unavailable()
+
+    async def setup(self, base_url: str) -> None:
+        import tempfile
+
+        await super().setup(base_url)
+        self._folder = tempfile.TemporaryDirectory(prefix="bench-journal-")
+        self._runs = 0
+
+    async def teardown(self) -> None:
+        await super().teardown()
+        self._folder.cleanup()
+
+    def _options(self) -> dict[str, Any]:
+        self._runs += 1  # a new batch each run: a journal that resumed would send nothing
+        return {"journal": f"{self._folder.name}/batch-{self._runs}.db"}
 
 
 class OfficialSdk(Driver):
@@ -317,6 +354,7 @@ DRIVERS: dict[str, type[Driver]] = {
         AiohttpLoopJitter,
         DedalusAsyncRun,
         DedalusAsyncRunMany,
+        DedalusAsyncRunManyJournal,
         DedalusAsyncNoJitter,
         OfficialSdk,
         OfficialSdkAiohttp,

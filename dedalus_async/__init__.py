@@ -19,15 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 from ._clock import Clock, SystemClock
 from ._config import DEFAULT_BASE_URL
+from ._durable import RetryExecution
 from ._errors import (
     APIStatusError,
     AuthenticationError,
     BadRequestError,
+    BatchChangedError,
     ConfigurationError,
     ConflictError,
     DedalusError,
     ExecutionFailed,
     IdempotencyKeyReusedError,
+    JournalError,
     MachineFailed,
     MachineStateError,
     MachineWaitTimeout,
@@ -38,12 +41,14 @@ from ._errors import (
     ResponseDecodeError,
     ServerError,
     SessionClosedError,
+    StaleReservationError,
     TransportError,
     UnprocessableEntityError,
     WaitTimeout,
 )
 from ._fanout import Completed, ExecutionRequest, Progress
 from ._handle import EventStream, ExecutionHandle
+from ._journal import Batch, JobRecord, JobState, Journal, SQLiteJournal
 from ._machines import MachineHandle
 from ._models import (
     MACHINE_TARGETS,
@@ -96,6 +101,8 @@ __all__ = [
     "ArtifactRef",
     "AuthenticationError",
     "BadRequestError",
+    "Batch",
+    "BatchChangedError",
     "Clock",
     "Completed",
     "ConfigurationError",
@@ -112,6 +119,10 @@ __all__ = [
     "ExecutionResult",
     "ExecutionStatus",
     "IdempotencyKeyReusedError",
+    "JobRecord",
+    "JobState",
+    "Journal",
+    "JournalError",
     "LifecycleStatus",
     "LocalBackend",
     "LogCapture",
@@ -131,10 +142,13 @@ __all__ = [
     "RateLimitedError",
     "RequestTimeout",
     "ResponseDecodeError",
+    "RetryExecution",
     "RetryPolicy",
+    "SQLiteJournal",
     "ServerError",
     "Session",
     "SessionClosedError",
+    "StaleReservationError",
     "SystemClock",
     "Throttle",
     "TransportError",

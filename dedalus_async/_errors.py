@@ -21,8 +21,11 @@
     ├── WaitTimeout (TimeoutError)         the wait's deadline passed first
     ├── ExecutionFailed                    run(check=True) and the command ended badly
     ├── MachineWaitTimeout (TimeoutError)  a machine's wait: the deadline passed first
-    └── MachineStateError                  the machine can no longer reach the phase waited for
-        └── MachineFailed                  ... because it is in the ``failed`` phase
+    ├── MachineStateError                  the machine can no longer reach the phase waited for
+    │   └── MachineFailed                  ... because it is in the ``failed`` phase
+    └── JournalError                       a batch journal cannot be used as asked
+        ├── BatchChangedError (ValueError) the requests differ from the journaled batch
+        └── StaleReservationError          a create sent too long ago to re-send safely
 
 Invalid arguments are plain :class:`TypeError` / :class:`ValueError`, raised before any
 request is sent. No message here ever contains the API key.
@@ -41,11 +44,13 @@ __all__ = [
     "APIStatusError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchChangedError",
     "ConfigurationError",
     "ConflictError",
     "DedalusError",
     "ExecutionFailed",
     "IdempotencyKeyReusedError",
+    "JournalError",
     "MachineFailed",
     "MachineStateError",
     "MachineWaitTimeout",
@@ -56,6 +61,7 @@ __all__ = [
     "ResponseDecodeError",
     "ServerError",
     "SessionClosedError",
+    "StaleReservationError",
     "TransportError",
     "UnprocessableEntityError",
     "WaitTimeout",
@@ -263,6 +269,47 @@ class MachineStateError(DedalusError):
 class MachineFailed(MachineStateError):
     """The machine is in the ``failed`` phase (``machine.status.last_error`` says why, when
     the server said); a wait on it ends at once with this."""
+
+
+class JournalError(DedalusError):
+    """A batch journal cannot be used: unreadable, not a journal, written by a newer
+    version, or failing to write. ``path`` names the store when it has one."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class BatchChangedError(JournalError, ValueError):
+    """The requests given differ from the batch the journal holds under that name (a job
+    added, removed or changed): resuming would mix two batches. Run the same requests
+    again, or use another batch name or journal for the new ones."""
+
+
+class StaleReservationError(JournalError):
+    """A job's create was sent longer ago than the journal's ``reservation_max_age`` and
+    its answer never came back. The server may have forgotten its Idempotency-Key by now,
+    so sending it again could run the command twice: it is reported instead.
+
+    ``job``, ``idempotency_key``, ``machine_id`` and ``sent_at`` (Unix seconds) say which
+    create to look for among the machine's executions.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job: str,
+        idempotency_key: str,
+        machine_id: str,
+        sent_at: float,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(message, path=path)
+        self.job = job
+        self.idempotency_key = idempotency_key
+        self.machine_id = machine_id
+        self.sent_at = sent_at
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -32,9 +33,11 @@ import anyio
 import attrs
 
 from . import _wire
-from ._checks import check_count, check_seconds
-from ._errors import APIStatusError, DedalusError
+from ._checks import check_count, check_instance, check_seconds
+from ._durable import JobSpec, Ledger, RetryExecution, fingerprint, job_id, open_journal
+from ._errors import APIStatusError, DedalusError, ExecutionFailed
 from ._handle import ExecutionHandle, create_seen_through, read_result
+from ._journal import JobState, Journal
 from ._models import Execution
 from ._policy import USE_POLICY_DEFAULT, PollPolicy, Sleep, UsePolicyDefault, resolve_timeout
 from ._requester import DeadlineReached
@@ -93,6 +96,19 @@ def _idempotency_key(_: Any, attribute: attrs.Attribute[str | None], value: str 
     _wire.check_idempotency_key(value)
 
 
+def _job_key(_: Any, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"key must be a str or None, not {type(value).__name__}")
+    if not value or len(value) > 255 or not value.isprintable() or value.startswith("#"):
+        raise ValueError(
+            "key must be 1-255 printable characters, not starting with '#' (which names "
+            "jobs by position); omit it to match the job by its position"
+        )
+    _wire.check_optional_str("key", value)
+
+
 def _wait_timeout(
     _: Any,
     attribute: attrs.Attribute[float | UsePolicyDefault | None],
@@ -125,6 +141,8 @@ class ExecutionRequest:
     fails before any request is sent. ``timeout_ms`` is the remote command's own limit;
     ``timeout`` the deadline of the wait in seconds (default: the Session's poll policy's,
     ``None``: no deadline). Without an ``idempotency_key`` the fan-out generates one.
+    ``key`` names the job in a journaled batch (``journal=``), so that resuming matches it
+    by name rather than by position; keys are unique within a batch.
     """
 
     machine_id: str = attrs.field(validator=_check_machine_id)
@@ -139,6 +157,30 @@ class ExecutionRequest:
     timeout: float | UsePolicyDefault | None = attrs.field(
         default=_POLICY_TIMEOUT, validator=_wait_timeout
     )
+    key: str | None = attrs.field(default=None, validator=_job_key)
+
+    def _spec(self, position: int, idempotency_key: str) -> JobSpec:
+        env = None if self.env is None else dict(self.env)
+
+        def fingerprint_with(salt: str) -> str:
+            return fingerprint(
+                salt,
+                self.machine_id,
+                self.command,
+                self.cwd,
+                env,
+                self.stdin,
+                self.timeout_ms,
+                self.idempotency_key,
+            )
+
+        return JobSpec(
+            job_id(position, self.key),
+            self.machine_id,
+            self.command,
+            fingerprint_with,
+            idempotency_key,
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -204,12 +246,18 @@ class _Plan:
     batch_refresh: bool
     on_progress: Callable[[Progress], object] | None
     poll: PollPolicy | None
+    journal: Journal | None = None
+    owns_journal: bool = False
+    retry_execution: RetryExecution | None = None
 
 
 class Client(Protocol):
-    """What fan-out uses of its Session: creates and keys (its waits use the WaitLoop)."""
+    """What fan-out uses of its Session: creates, keys and handles (its waits use the
+    WaitLoop)."""
 
     def new_idempotency_key(self) -> str: ...
+
+    def execution(self, machine_id: str, execution_id: str) -> ExecutionHandle: ...
 
     async def create_execution(
         self,
@@ -236,6 +284,8 @@ def _plan(
     batch_refresh: bool,
     on_progress: Callable[[Progress], object] | None,
     poll: PollPolicy | None,
+    journal: object = None,
+    retry_execution: RetryExecution | None = None,
 ) -> _Plan:
     if isinstance(requests, ExecutionRequest):
         raise TypeError("requests must be an iterable of ExecutionRequest, not a single one")
@@ -249,6 +299,15 @@ def _plan(
         raise TypeError(f"poll must be a PollPolicy, not {type(poll).__name__}")
     if on_progress is not None and not callable(on_progress):
         raise TypeError("on_progress must be a callable taking a Progress")
+    check_instance("retry_execution", retry_execution, RetryExecution, "a RetryExecution")
+    named: dict[str, int] = {}
+    for index, item in enumerate(items):
+        if item.key is not None:
+            first = named.setdefault(item.key, index)
+            if first != index:
+                raise ValueError(
+                    f"requests[{first}] and requests[{index}] share the key {item.key!r}"
+                )
     given: dict[str, int] = {}
     for index, item in enumerate(items):
         if item.idempotency_key is not None:
@@ -262,6 +321,7 @@ def _plan(
     # the server creates each execution once, however the network behaves.
     keys = tuple(item.idempotency_key or client.new_idempotency_key() for item in items)
     waits.requester.check_open()
+    store, owned = (None, False) if journal is None else open_journal(journal)
     return _Plan(
         items,
         keys,
@@ -272,6 +332,9 @@ def _plan(
         bool(batch_refresh),
         on_progress,
         poll,
+        store,
+        owned,
+        retry_execution,
     )
 
 
@@ -304,6 +367,32 @@ class _FanOut:
         self._name = name
         self._telemetry = waits.requester.telemetry
         self._span: Any = None  # the fan-out's span, with telemetry
+        self.ledger: Ledger | None = None
+
+    async def open_journal(self) -> None:
+        """Load the plan's journal and match the batch with it (D6); idempotent. On
+        failure a journal the fan-out owns is closed before the error is raised."""
+        plan = self.plan
+        if plan.journal is None or self.ledger is not None:
+            return
+        ledger = Ledger(plan.journal, self.client.new_idempotency_key)
+        pairs = enumerate(zip(plan.requests, plan.keys, strict=True))
+        try:
+            await ledger.open([request._spec(i, key) for i, (request, key) in pairs])
+        except BaseException:
+            await self._close_journal()
+            raise
+        self.ledger = ledger
+
+    async def _close_journal(self) -> None:
+        # J5: whatever the outcome, what was journaled is durable before we return
+        journal = self.plan.journal
+        if journal is not None:
+            with anyio.CancelScope(shield=True):
+                if self.plan.owns_journal:
+                    await journal.aclose()
+                elif self.ledger is not None:
+                    await journal.flush()
 
     async def run(self) -> None:
         telemetry = self._telemetry
@@ -323,12 +412,16 @@ class _FanOut:
 
     async def _run(self) -> None:
         plan = self.plan
+        await self.open_journal()
         # created here, inside the running loop: nothing of a fan-out outlives its call
         self._create_slots = anyio.Semaphore(plan.create_concurrency)
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            for _ in range(min(plan.concurrency, len(plan.requests))):
-                tg.start_soon(self._worker)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for _ in range(min(plan.concurrency, len(plan.requests))):
+                    tg.start_soon(self._worker)
+        finally:
+            await self._close_journal()
 
     def _report(self) -> None:
         callback = self.plan.on_progress
@@ -378,7 +471,65 @@ class _FanOut:
     async def _one(self, index: int) -> ExecutionResult:
         plan = self.plan
         request = plan.requests[index]
+        ledger = self.ledger
+        key = plan.keys[index]
+        attempt = 1
+        handle: ExecutionHandle | None = None
+        try:
+            if ledger is not None:
+                resumed = ledger.result_of(index)
+                if resumed is not None:
+                    return self._checked(resumed)  # D1: no request at all
+                record = ledger.records[index]
+                attempt = record.attempt
+                if record.state is JobState.CREATED and record.execution_id is not None:
+                    handle = self.client.execution(request.machine_id, record.execution_id)
+                    handle.idempotency_key = record.idempotency_key  # D2
+                else:
+                    ledger.check_resendable(index, time.time())  # D3
+            while True:
+                if handle is None:
+                    handle = await self._create(index, key)
+                    if ledger is not None:
+                        await ledger.created(index, handle.execution_id)
+                result = await self._wait_and_read(handle, request)
+                retry = plan.retry_execution
+                if retry is None or not retry.wants_another(result.execution, attempt):
+                    break
+                logger.info(
+                    "fan-out request #%d: execution %s ended %s, creating it again (attempt %d)",
+                    index,
+                    result.execution.execution_id,
+                    result.execution.error_code or result.execution.status,
+                    attempt + 1,
+                )
+                attempt += 1
+                handle = None
+                if ledger is not None:
+                    await ledger.again(index, result.execution)
+                else:
+                    key = self.client.new_idempotency_key()
+        except Exception as exc:
+            if ledger is not None:
+                await ledger.failed(index, exc)  # D5
+            raise
+        if ledger is not None:
+            await ledger.finished(index, result)  # J4
+        return self._checked(result)
+
+    def _checked(self, result: ExecutionResult) -> ExecutionResult:
+        if self.plan.check and not result.ok:
+            raise ExecutionFailed(result)
+        return result
+
+    async def _create(self, index: int, key: str) -> ExecutionHandle:
+        plan = self.plan
+        request = plan.requests[index]
         async with self._create_slots:
+            if self.ledger is not None:
+                # J2: committed before the POST, once it has its slot (so "sent" is close
+                # to when it was sent, and at most create_concurrency commits are waited on)
+                key = await self.ledger.sending(index)
             create = self.client.create_execution(
                 request.machine_id,
                 request.command,
@@ -386,20 +537,23 @@ class _FanOut:
                 env=request.env,
                 stdin=request.stdin,
                 timeout_ms=request.timeout_ms,
-                idempotency_key=plan.keys[index],
+                idempotency_key=key,
             )
             # With cancel_remote, a create cancelled in flight is seen through (for at most
             # request_timeout, not all its retries) and what it made deleted.
-            handle = await (
-                create_seen_through(create, self.waits) if plan.cancel_remote else create
-            )
+            return await (create_seen_through(create, self.waits) if plan.cancel_remote else create)
+
+    async def _wait_and_read(
+        self, handle: ExecutionHandle, request: ExecutionRequest
+    ) -> ExecutionResult:
+        plan = self.plan
         if plan.batch_refresh:
             execution = await self._wait_batched(handle, request)
         else:
             execution = await handle.wait(
                 timeout=request.timeout, cancel_remote=plan.cancel_remote, poll=plan.poll
             )
-        return await read_result(handle, execution, check=plan.check)
+        return await read_result(handle, execution, check=False)
 
     async def _wait_batched(self, handle: ExecutionHandle, request: ExecutionRequest) -> Execution:
         """:meth:`ExecutionHandle.wait` (terminal statuses), with looks shared per machine.
@@ -790,6 +944,8 @@ async def run_many(
     poll: PollPolicy | None,
     batch_refresh: bool,
     wake: Callable[[str], Awaitable[object]] | None = None,
+    journal: object = None,
+    retry_execution: RetryExecution | None = None,
 ) -> list[ExecutionResult] | list[ExecutionResult | BaseException]:
     """See :meth:`Session.run_many`; ``wake`` makes one machine ready (``wake_machines``)."""
     if fail_fast and return_exceptions:
@@ -808,6 +964,8 @@ async def run_many(
         batch_refresh=batch_refresh,
         on_progress=on_progress,
         poll=poll,
+        journal=journal,
+        retry_execution=retry_execution,
     )
     total = len(plan.requests)
     if not total:
@@ -895,6 +1053,8 @@ def as_completed(
     check: bool,
     poll: PollPolicy | None,
     batch_refresh: bool,
+    journal: object = None,
+    retry_execution: RetryExecution | None = None,
 ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Completed]]:
     """See :meth:`Session.as_completed`; validates everything before returning."""
     plan = _plan(
@@ -908,6 +1068,8 @@ def as_completed(
         batch_refresh=batch_refresh,
         on_progress=on_progress,
         poll=poll,
+        journal=journal,
+        retry_execution=retry_execution,
     )
     return _as_completed(client, waits, plan, return_exceptions)
 
@@ -925,16 +1087,18 @@ async def _as_completed(
     def deliver(index: int, outcome: ExecutionResult | Exception) -> None:
         send.send_nowait(Completed(index=index, request=plan.requests[index], outcome=outcome))
 
+    engine = _FanOut(client, waits, plan, deliver, fail_fast=False, name="dedalus.as_completed")
+
     async def produce() -> None:
         try:
-            await _FanOut(
-                client, waits, plan, deliver, fail_fast=False, name="dedalus.as_completed"
-            ).run()
+            await engine.run()
         finally:
             send.close()  # the reader's loop ends after the last item
 
     raised: Exception | None = None
     with send, receive:
+        # a journal that cannot be used fails the `async with`, not the first item
+        await engine.open_journal()
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
             try:

@@ -25,6 +25,7 @@ from ._api import ExecutionsAPI, MachinesAPI
 from ._checks import check_instance
 from ._clock import Clock, SystemClock
 from ._config import DEFAULT_BASE_URL, AuthScheme
+from ._durable import RetryExecution
 from ._fanout import Completed, ExecutionRequest, Progress
 from ._handle import EventStream, ExecutionHandle, run_to_end
 from ._policy import (
@@ -41,9 +42,16 @@ from ._transport import AiohttpTransport
 from ._waiting import WaitLoop
 
 if TYPE_CHECKING:
+    import os
+
     import aiohttp
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
+
+    from ._journal import Journal
+
+    #: What ``journal=`` takes: a path to an SQLite journal, or any Journal.
+    JournalArg = str | os.PathLike[str] | Journal | None
 
 __all__ = ["DEFAULT_BASE_URL", "EventStream", "ExecutionHandle", "Session"]
 
@@ -279,6 +287,8 @@ class Session(ExecutionsAPI, MachinesAPI):
         poll: PollPolicy | None = ...,
         batch_refresh: bool = ...,
         wake_machines: bool = ...,
+        journal: JournalArg = ...,
+        retry_execution: RetryExecution | None = ...,
     ) -> list[ExecutionResult]: ...
 
     @overload
@@ -296,6 +306,8 @@ class Session(ExecutionsAPI, MachinesAPI):
         poll: PollPolicy | None = ...,
         batch_refresh: bool = ...,
         wake_machines: bool = ...,
+        journal: JournalArg = ...,
+        retry_execution: RetryExecution | None = ...,
     ) -> list[ExecutionResult | BaseException]: ...
 
     async def run_many(
@@ -312,6 +324,8 @@ class Session(ExecutionsAPI, MachinesAPI):
         poll: PollPolicy | None = None,
         batch_refresh: bool = True,
         wake_machines: bool = False,
+        journal: JournalArg = None,
+        retry_execution: RetryExecution | None = None,
     ) -> list[ExecutionResult] | list[ExecutionResult | BaseException]:
         """Run many executions, at most ``concurrency`` at once; results in input order.
 
@@ -328,6 +342,10 @@ class Session(ExecutionsAPI, MachinesAPI):
         ``list_executions`` at a time (``batch_refresh=False``: one GET each). Nothing is
         left running when this returns or raises. ``wake_machines=True`` first makes each
         machine running (:meth:`ensure_running`, once per machine) before any create.
+
+        ``journal`` (an SQLite file's path, or a :class:`Journal`) makes the batch durable:
+        run again after a crash, it resumes where it stopped and creates nothing twice.
+        ``retry_execution`` (:class:`RetryExecution`) re-creates expired executions.
         """
         return await _fanout.run_many(
             self,
@@ -343,6 +361,8 @@ class Session(ExecutionsAPI, MachinesAPI):
             poll=poll,
             batch_refresh=batch_refresh,
             wake=self.ensure_running if wake_machines else None,
+            journal=journal,
+            retry_execution=retry_execution,
         )
 
     def as_completed(
@@ -357,6 +377,8 @@ class Session(ExecutionsAPI, MachinesAPI):
         check: bool = False,
         poll: PollPolicy | None = None,
         batch_refresh: bool = True,
+        journal: JournalArg = None,
+        retry_execution: RetryExecution | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[Completed]]:
         """Run many executions like :meth:`run_many`, yielding each as it finishes::
 
@@ -369,6 +391,7 @@ class Session(ExecutionsAPI, MachinesAPI):
         it as a :class:`Completed` whose :attr:`~Completed.error` is set. Leaving the block
         early cancels what is still running (and, with ``cancel_remote=True``, deletes it
         remotely) before the block exits. Arguments are validated when this is called.
+        ``journal`` and ``retry_execution``: as in :meth:`run_many`.
         """
         return _fanout.as_completed(
             self,
@@ -382,4 +405,6 @@ class Session(ExecutionsAPI, MachinesAPI):
             check=check,
             poll=poll,
             batch_refresh=batch_refresh,
+            journal=journal,
+            retry_execution=retry_execution,
         )

@@ -220,5 +220,16 @@ def test_session_stays_a_small_facade() -> None:
     tree = ast.parse(source)
     (session,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Session"]
     assert session.end_lineno is not None
-    # 330 until machines: run_many's wake_machines flag is forwarded, not implemented, here
-    assert session.end_lineno - session.lineno < 336
+    # @overload stubs restate a method's signature for the type checker: not counted
+    stubs = sum(
+        node.end_lineno - node.lineno + 1 + len(node.decorator_list)
+        for node in session.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and any(isinstance(d, ast.Name) and d.id == "overload" for d in node.decorator_list)
+    )
+    assert stubs > 0  # the overloads of run_many really are found
+    assert session.end_lineno - session.lineno - stubs < 330
+    # and no method loops: iteration is an engine's job
+    loops = [node for node in ast.walk(session) if isinstance(node, ast.For | ast.While)]
+    assert loops == [], [node.lineno for node in loops]

@@ -410,12 +410,23 @@ def _results_written(out: str, home: Path) -> None:
 
 JOBS = '{"command": ["echo", "one"]}\n{"command": ["echo", "two"]}\n'
 
+
+def _batch_status(out: str, home: Path) -> None:
+    _results_written(out, home)
+    assert out.splitlines()[:2] == [
+        "batch 'default' in jobs.db: 2 jobs",
+        "finished 2 (2 ok, 0 not ok), pending 0, sent 0, created 0",
+    ], out
+
+
 #: The commands that run here: each one's check of its stdout (exit status 0 is required).
 SHELL_RUN: dict[str, Callable[[str, Path], None]] = {
     "dedalus-async run -- uname -a": _uname_printed,
     "dedalus-async run --json -- python -c 'print(42)'": _forty_two,
     # jobs.jsonl, the file a reader writes first, is the two lines of JOBS
     "dedalus-async run-many jobs.jsonl --concurrency 50 > results.jsonl": _results_written,
+    "dedalus-async run-many jobs.jsonl --journal jobs.db > results.jsonl"
+    " && dedalus-async batch status --journal jobs.db": _batch_status,
 }
 
 #: The commands that do not, and why.

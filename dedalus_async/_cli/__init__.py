@@ -25,7 +25,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from dedalus_async._errors import ConfigurationError, DedalusError
+from dedalus_async._errors import ConfigurationError, DedalusError, JournalError
 
 from ._commands import COMMANDS, Command
 from ._outcomes import (
@@ -138,7 +138,8 @@ def _dispatch(args: argparse.Namespace, ctx: Context) -> int:
     except UsageError as exc:
         ctx.error(str(exc))
         return EXIT_USAGE
-    except ConfigurationError as exc:
+    except (ConfigurationError, JournalError) as exc:
+        # a journal that is not one, or holds another batch: the command line's to fix
         _debug_traceback(ctx, exc)
         ctx.error(str(exc))
         return EXIT_USAGE

@@ -17,10 +17,12 @@ from typing import IO, Any, Final
 
 from dedalus_async._errors import WaitTimeout
 from dedalus_async._fanout import ExecutionRequest
+from dedalus_async._journal import SQLiteJournal
 from dedalus_async._models import Execution
 from dedalus_async._results import may_have_output
 from dedalus_async._session import ExecutionHandle, Session
 
+from ._batch import batch, journal_for
 from ._inputs import load_requests, read_stdin_file
 from ._outcomes import EXIT_SOME_FAILED, EXIT_WAIT_TIMEOUT, UsageError, describe_end, exit_code_for
 from ._output import Context, ProgressLine, completed_document, json_line, result_document
@@ -185,11 +187,15 @@ def _open_output(name: str) -> IO[bytes]:
 async def run_many(args: argparse.Namespace, ctx: Context) -> int:
     """``run-many``: every request of a file, one result line each, in input order."""
     requests = load_requests(args.file, default_machine(args), args.timeout)
+    journal = journal_for(args)
     out = _open_output(args.output) if args.output else ctx.stdout
     try:
         async with session_for_runs(args, ctx) as (session, _backend):
-            return await _fan_out(args, session, requests, out, ProgressLine(ctx.stderr))
+            progress = ProgressLine(ctx.stderr)
+            return await _fan_out(args, session, requests, out, progress, journal)
     finally:
+        if journal is not None:
+            await journal.aclose()
         if out is not ctx.stdout:
             out.close()
 
@@ -200,6 +206,7 @@ async def _fan_out(
     requests: list[ExecutionRequest],
     out: IO[bytes],
     progress: ProgressLine,
+    journal: SQLiteJournal | None = None,
 ) -> int:
     """Session.as_completed does the work; lines are written in input order, each as soon
     as every earlier one is written."""
@@ -212,6 +219,7 @@ async def _fan_out(
             return_exceptions=True,
             cancel_remote=args.cancel_remote,
             on_progress=progress,
+            journal=journal,
         ) as completed:
             async for item in completed:
                 pending[item.index] = completed_document(item)
@@ -344,4 +352,5 @@ COMMANDS: Final[dict[str, Command]] = {
     "delete": delete,
     "list": list_executions,
     "serve-local": serve_local,
+    "batch": batch,
 }

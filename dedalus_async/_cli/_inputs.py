@@ -14,7 +14,17 @@ from ._outcomes import UsageError
 __all__ = ["load_requests", "read_stdin_file"]
 
 _REQUEST_FIELDS: Final = frozenset(
-    ("machine_id", "command", "cwd", "env", "stdin", "timeout_ms", "idempotency_key", "timeout")
+    (
+        "machine_id",
+        "command",
+        "cwd",
+        "env",
+        "stdin",
+        "timeout_ms",
+        "idempotency_key",
+        "timeout",
+        "key",
+    )
 )
 
 

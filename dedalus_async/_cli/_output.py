@@ -16,7 +16,7 @@ from typing import IO, Any, Final
 import attrs
 
 from dedalus_async._convert import unstructure
-from dedalus_async._errors import WaitTimeout
+from dedalus_async._errors import StaleReservationError, WaitTimeout
 from dedalus_async._fanout import Completed, Progress
 from dedalus_async._models import Execution
 from dedalus_async._results import execution_ok
@@ -118,6 +118,16 @@ def completed_document(item: Completed) -> dict[str, Any]:
         document["error"]["message"] = (
             f"execution {ref.execution_id} did not finish within {error.timeout:g} s; it keeps "
             f"running (dedalus-async get {ref.machine_id} {ref.execution_id})"
+        )
+    elif isinstance(error, StaleReservationError):
+        document = result_document(None, error=error)
+        document["error"]["message"] = (
+            f"job {error.job!r}: its create was reserved at {error.sent_at:.0f} (Unix time, "
+            f"and may have been sent) under Idempotency-Key {error.idempotency_key}, and no "
+            "answer came back; the "
+            "server may have forgotten the key, so it is not sent again. Look for it with "
+            f"`dedalus-async list {error.machine_id}`, or run again with a larger "
+            "--reservation-max-age to send it anyway"
         )
     else:
         document = result_document(None, error=error)

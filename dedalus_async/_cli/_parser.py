@@ -35,7 +35,8 @@ exit codes of run:
   130      interrupted by Ctrl-C (143: SIGTERM); with --cancel-remote the execution is
            deleted first
 run-many exits 0 when every execution succeeded with exit code 0, else 1 (2, 125, 130 as
-above); get/output/events/cancel/delete/list exit 0, 2 or 125; serve-local exits 0 when stopped
+above; 2 also for a journal that is not one, or holds another batch under that name);
+get/output/events/cancel/delete/list exit 0, 2 or 125; serve-local exits 0 when stopped
 by Ctrl-C or SIGTERM, 2 when it cannot listen. A remote exit code can equal one of the
 codes above: use --json when the difference matters.
 """
@@ -67,6 +68,21 @@ is checked before anything runs. One JSON object per input line is written, in i
 order, as soon as it and every earlier one are done:
   {"index", "ok", "execution", "stdout", "stderr", "error"}
 A progress line is drawn on stderr when stderr is a terminal.
+
+With --journal PATH the batch is durable: killed or interrupted, the same command run
+again returns the finished executions from the journal, waits for the started ones and
+creates nothing twice. A line may then carry a "key" (a name unique in the file) to match
+its job by name instead of by line position. See `dedalus-async batch --help`.
+"""
+
+_BATCH_HELP: Final = """\
+Look at a batch that run-many --journal PATH ran (or is running): every subcommand reads
+the journal only, and sends no request.
+
+  status    counts of jobs by state, and each failure with its error
+  results   one JSON line per job, in input order:
+            {"index", "job", "state", "ok", "execution", "stdout", "stderr", "error"}
+            (exit 0 when every job finished ok, else 1)
 """
 
 _SERVE_LOCAL_HELP: Final = """\
@@ -223,6 +239,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=_positive_int, default=8, metavar="N", help="default: 8"
     )
     many.add_argument("--output", metavar="FILE", help="write the results here, not stdout")
+    _add_journal_options(many)
+    many.add_argument(
+        "--reservation-max-age",
+        type=_positive_float,
+        default=3600.0,
+        metavar="S",
+        help="on resume, a create sent more than S seconds ago whose answer was never "
+        "journaled is reported, not sent again (the server's key lifetime is unknown; "
+        "default: 3600)",
+    )
+
+    batch = sub.add_parser(
+        "batch",
+        help="look at a batch run with run-many --journal",
+        description=_BATCH_HELP,
+        formatter_class=formatter,
+    )
+    batch_sub = batch.add_subparsers(dest="batch_command", metavar="COMMAND", required=True)
+    for name, what in (
+        ("status", "counts of jobs by state, and failures with their errors"),
+        ("results", "one JSON line per job, in input order"),
+    ):
+        cmd = batch_sub.add_parser(name, parents=[common], help=what, description=what)
+        _add_journal_options(cmd, required=True)
 
     for name, what in (
         ("get", "print an execution as JSON"),
@@ -280,6 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds idle before a machine sleeps (default: 300)",
     )
     return parser
+
+
+def _add_journal_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    parser.add_argument(
+        "--journal",
+        metavar="PATH",
+        required=required,
+        help="the batch's journal (an SQLite file, created if missing)"
+        if not required
+        else "the journal run-many --journal wrote",
+    )
+    parser.add_argument(
+        "--batch",
+        default="default",
+        metavar="NAME",
+        help="the batch's name within the journal (default: 'default')",
+    )
 
 
 def _add_execution_options(parser: argparse.ArgumentParser) -> None:

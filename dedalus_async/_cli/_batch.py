@@ -1,0 +1,100 @@
+"""``run-many --journal`` and the ``batch`` subcommands: a durable batch's journal, opened
+from the command line's flags, and what ``batch status`` / ``batch results`` print of it.
+
+Both ``batch`` subcommands only read the journal: they send no request, and they work
+while ``run-many`` is still writing it (SQLite's WAL lets a reader in beside the writer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter
+from typing import Any
+
+from dedalus_async._journal import Batch, JobRecord, JobState, SQLiteJournal
+from dedalus_async._results import execution_ok
+
+from ._outcomes import EXIT_SOME_FAILED, UsageError, describe_end
+from ._output import Context, json_line, result_document
+
+__all__ = ["batch", "journal_for"]
+
+
+def journal_for(args: argparse.Namespace) -> SQLiteJournal | None:
+    """The journal ``--journal`` / ``--batch`` / ``--reservation-max-age`` name, if any."""
+    if args.journal is None:
+        return None
+    return SQLiteJournal(
+        args.journal,
+        batch=args.batch,
+        reservation_max_age=getattr(args, "reservation_max_age", None),
+    )
+
+
+def _check_exists(path: str) -> None:
+    # opening a missing path would create an empty journal: a reader must not
+    if not os.path.exists(path):
+        raise UsageError(f"no journal at {path} (run-many FILE --journal {path} writes one)")
+
+
+async def _load(args: argparse.Namespace) -> Batch:
+    _check_exists(args.journal)
+    async with SQLiteJournal(args.journal, batch=args.batch) as journal:
+        found = await journal.load()
+    if found is None:
+        raise UsageError(f"journal {args.journal} holds no batch {args.batch!r} (see --batch)")
+    return found
+
+
+async def batch(args: argparse.Namespace, ctx: Context) -> int:
+    """``batch status`` and ``batch results``."""
+    found = await _load(args)
+    if args.batch_command == "status":
+        _status(found, args.journal, ctx)
+        return 0
+    not_ok = 0
+    for job in found.jobs:
+        document = _result_document(job)
+        not_ok += not document["ok"]
+        ctx.stdout.write(json_line(document))
+    ctx.stdout.flush()
+    return EXIT_SOME_FAILED if not_ok else 0
+
+
+def _result_document(job: JobRecord) -> dict[str, Any]:
+    head = {"index": job.position, "job": job.job, "state": job.state.value}
+    if job.state is JobState.FINISHED and job.execution is not None:
+        output = job.output
+        return head | result_document(
+            job.execution,
+            stdout=(output.stdout if output else None) or "",
+            stderr=(output.stderr if output else None) or "",
+        )
+    document = head | result_document(None)
+    document["error"] = {
+        "type": "NotFinished",
+        "message": job.error or f"not finished: {job.state.value}",
+    }
+    return document
+
+
+def _status(found: Batch, path: str, ctx: Context) -> None:
+    jobs = found.jobs
+    states = Counter(job.state for job in jobs)
+    ok = sum(1 for job in jobs if job.execution is not None and execution_ok(job.execution))
+    finished = states[JobState.FINISHED]
+    lines = [
+        f"batch {found.name!r} in {path}: {len(jobs)} jobs",
+        f"finished {finished} ({ok} ok, {finished - ok} not ok), "
+        + ", ".join(f"{state.value} {states[state]}" for state in list(JobState)[:-1]),
+    ]
+    for job in jobs:
+        if job.state is JobState.FINISHED and job.execution is not None:
+            if not execution_ok(job.execution):
+                how = describe_end(job.execution) or f"exit code {job.execution.exit_code}"
+                lines.append(f"  {job.job}: {how}")
+        elif job.error is not None:
+            lines.append(f"  {job.job} ({job.state.value}): {job.error}")
+    ctx.stdout.write(ctx.redact("\n".join(lines) + "\n").encode())
+    ctx.stdout.flush()
