@@ -28,7 +28,7 @@ from ._sessions import (
     DEFAULT_LOCAL_MACHINE,
     cancel_quietly,
     default_machine,
-    remote_session,
+    lookup_session,
     session_for_runs,
 )
 
@@ -232,35 +232,35 @@ async def _fan_out(
 
 async def get(args: argparse.Namespace, ctx: Context) -> int:
     """``get``: the execution as JSON."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         ctx.write_model(await session.get_execution(args.machine_id, args.execution_id))
     return 0
 
 
 async def output(args: argparse.Namespace, ctx: Context) -> int:
     """``output``: its captured stdout and stderr as JSON."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         ctx.write_model(await session.get_output(args.machine_id, args.execution_id))
     return 0
 
 
 async def cancel(args: argparse.Namespace, ctx: Context) -> int:
     """``cancel``: stop it unless it has finished (see ``ExecutionHandle.cancel``)."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         ctx.write_model(await session.execution(args.machine_id, args.execution_id).cancel())
     return 0
 
 
 async def delete(args: argparse.Namespace, ctx: Context) -> int:
     """``delete``: DELETE it whatever its status, print what the server reports."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         ctx.write_model(await session.delete_execution(args.machine_id, args.execution_id))
     return 0
 
 
 async def events(args: argparse.Namespace, ctx: Context) -> int:
     """``events``: its event log as JSON lines (``--follow``: until it ends)."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         stream = session.iter_events(
             args.machine_id, args.execution_id, cursor=args.cursor, follow=args.follow
         )
@@ -271,7 +271,7 @@ async def events(args: argparse.Namespace, ctx: Context) -> int:
 
 async def list_executions(args: argparse.Namespace, ctx: Context) -> int:
     """``list``: a machine's executions as JSON lines, oldest first."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         async for execution in session.list_executions(args.machine_id, limit=args.limit):
             ctx.write_model(execution)
     return 0

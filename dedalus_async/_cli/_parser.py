@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="the API's base URL (default: $DEDALUS_BASE_URL, else the public API)",
     )
+    local = _Parser(add_help=False)
+    local.add_argument(
+        "--local",
+        action="store_true",
+        help="look at the executions that ran on this computer (run without an API key or "
+        "with --local, serve-local), kept under $DEDALUS_LOCAL_HOME (default "
+        "~/.local/share/dedalus-async)",
+    )
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=PROG,
@@ -235,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("delete", "delete an execution, finished or not (its output goes too)"),
     ):
-        cmd = sub.add_parser(name, parents=[common, server], help=what, description=what)
+        cmd = sub.add_parser(name, parents=[common, server, local], help=what, description=what)
         cmd.add_argument("machine_id", metavar="MACHINE_ID")
         cmd.add_argument("execution_id", metavar="EXECUTION_ID")
         if name == "events":
@@ -246,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lister = sub.add_parser(
         "list",
-        parents=[common, server],
+        parents=[common, server, local],
         help="print a machine's executions as JSON lines",
         description="print a machine's executions as JSON lines, oldest first",
     )

@@ -1,6 +1,11 @@
 """Which server a command talks to: the configured one, or an in-process local backend when
 no API key is configured (or with ``--local``); and the time-boxed cancel that Ctrl-C and
-``--timeout`` use with ``--cancel-remote``."""
+``--timeout`` use with ``--cancel-remote``.
+
+The lookups (get, output, events, cancel, delete, list) with ``--local`` start a local
+backend on the same data directory as ``run --local`` and ``serve-local``: it reads the
+records they keep on disk, so the IDs a run printed can be looked at by a later process.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ __all__ = [
     "KEY_VARIABLES",
     "cancel_quietly",
     "default_machine",
-    "remote_session",
+    "lookup_session",
     "session_for_runs",
 ]
 
@@ -65,16 +70,9 @@ async def session_for_runs(
         async with Session(base_url=args.base_url) as session:
             yield session, None
         return
-    if args.base_url:
-        raise UsageError("--base-url needs an API key; the local backend has its own URL")
-    # imported here: the local backend pulls in aiohttp's server side, which the commands
-    # that only talk to a server never need
-    from dedalus_async._local import LocalBackend, current_user
+    from dedalus_async._local import current_user
 
-    # A fresh in-process backend would make every run wait for an emulated wake: that
-    # emulation is for long-lived backends (serve-local), not for one-shot runs.
-    async with LocalBackend(announce=False, wake_delay=0) as backend:
-        ctx.secrets.add(backend.api_key)
+    async with _local_backend(args, ctx) as backend:
         why = "--local" if args.local else "no API key configured (DEDALUS_API_KEY)"
         where = backend.machine_dir(default_machine(args) or DEFAULT_LOCAL_MACHINE)
         ctx.note(f"{why}: running locally as user {current_user()!r} in {where} (not sandboxed)")
@@ -82,16 +80,44 @@ async def session_for_runs(
             yield session, backend
 
 
-def remote_session(args: argparse.Namespace) -> Session:
-    """A session with the configured server (get, output, events, cancel, delete, list)."""
-    if not any(os.environ.get(name) for name in KEY_VARIABLES):
+@contextlib.asynccontextmanager
+async def _local_backend(args: argparse.Namespace, ctx: Context) -> AsyncIterator[LocalBackend]:
+    """An in-process local backend on $DEDALUS_LOCAL_HOME, its key masked in the output."""
+    if args.base_url:
+        raise UsageError(
+            "--base-url and --local do not go together: the local backend has its own URL "
+            "(drop --base-url, or set an API key and drop --local)"
+            if args.local
+            else "--base-url needs an API key: set DEDALUS_API_KEY or DEDALUS_X_API_KEY"
+        )
+    # imported here: the local backend pulls in aiohttp's server side, which the commands
+    # that only talk to a server never need
+    from dedalus_async._local import LocalBackend
+
+    # A fresh in-process backend would make every run wait for an emulated wake: that
+    # emulation is for long-lived backends (serve-local), not for one-shot runs.
+    async with LocalBackend(announce=False, wake_delay=0) as backend:
+        ctx.secrets.add(backend.api_key)
+        yield backend
+
+
+@contextlib.asynccontextmanager
+async def lookup_session(args: argparse.Namespace, ctx: Context) -> AsyncIterator[Session]:
+    """A session for get, output, events, cancel, delete and list: the configured server,
+    or with --local the records of the local backend on this computer."""
+    if args.local:
+        async with _local_backend(args, ctx) as backend, backend.session() as session:
+            yield session
+        return
+    if not _has_key():
         # said in the command line's terms, not the library's (Session(api_key=...))
         raise UsageError(
             "no API key: set DEDALUS_API_KEY (sent as a Bearer token) or DEDALUS_X_API_KEY; "
-            "to look at executions of a local backend, start `dedalus-async serve-local`, "
-            "export the lines it prints, and run there"
+            "for executions that ran on this computer (run without a key, or with --local) "
+            "add --local, or point DEDALUS_BASE_URL at a running `dedalus-async serve-local`"
         )
-    return Session(base_url=args.base_url)
+    async with Session(base_url=args.base_url) as session:
+        yield session
 
 
 async def cancel_quietly(handle: ExecutionHandle, ctx: Context) -> None:

@@ -1,0 +1,309 @@
+"""The local backend's records on disk (dedalus_async._store, rules S1-S7): what one backend
+ran, another on the same data directory sees, at the same time or later.
+
+Two LocalBackends in one process hold separate owner locks (flock locks belong to an open
+file, not to a process), so they stand for two processes here; tests/test_cli.py runs the
+same with real CLI processes, a SIGKILLed one included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from dedalus_async import Execution, NotFoundError, Session
+from dedalus_async._local import LocalBackend, machine_dirname
+from dedalus_async._records import ExecutionRecord
+from dedalus_async._store import INTERRUPTED_CODE, SAVE_EVERY, ExecutionStore
+
+MACHINE = "dm-0f4e9a52-7c3b-5d1e-8a6f-2b9c4d7e1a30"
+
+
+def _backend(data_dir: Path, **options: object) -> LocalBackend:
+    return LocalBackend(data_dir=data_dir, announce=False, wake_delay=0, **options)  # type: ignore[arg-type]
+
+
+async def _listed(session: Session, machine: str = MACHINE) -> list[Execution]:
+    return [e async for e in session.list_executions(machine)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+async def _until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("not within the time")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_later_backend_answers_for_what_an_earlier_one_ran(tmp_path: Path) -> None:
+    """get, output, events and list after a restart show what was served before it."""
+    async with _backend(tmp_path) as first, first.session() as session:
+        result = await session.run(MACHINE, ["sh", "-c", "echo out; echo err >&2; exit 4"])
+        execution_id = result.execution.execution_id
+        before = (
+            await session.get_execution(MACHINE, execution_id),
+            await session.get_output(MACHINE, execution_id),
+            [e async for e in session.iter_events(MACHINE, execution_id)],
+        )
+    async with _backend(tmp_path) as later, later.session() as session:
+        after = (
+            await session.get_execution(MACHINE, execution_id),
+            await session.get_output(MACHINE, execution_id),
+            [e async for e in session.iter_events(MACHINE, execution_id)],
+        )
+        assert after == before
+        assert after[0].exit_code == 4
+        assert (after[1].stdout, after[1].stderr) == ("out\n", "err\n")
+        assert await _listed(session) == [before[0]]
+
+
+async def test_two_backends_at_once_see_each_other_and_list_oldest_first(
+    tmp_path: Path,
+) -> None:
+    """Output of a running execution reaches the other backend; lists merge both."""
+    async with (
+        _backend(tmp_path) as one,
+        _backend(tmp_path) as two,
+        one.session() as s1,
+        two.session() as s2,
+    ):
+        first = await s1.run(MACHINE, ["echo", "one"])
+        handle = await s2.create_execution(MACHINE, ["sh", "-c", "echo live; sleep 30"])
+        await _until(lambda: handle.last is not None)
+
+        async def output_reached_the_other() -> None:
+            while True:  # polling another process's record is the point
+                if (await s1.get_output(MACHINE, handle.execution_id)).stdout == "live\n":
+                    return
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(output_reached_the_other(), SAVE_EVERY + 5)
+        seen = await s1.get_execution(MACHINE, handle.execution_id)
+        assert (seen.status, seen.stdout_bytes) == ("running", 5)
+        third = await s1.run(MACHINE, ["true"])
+        ids = [first.execution.execution_id, handle.execution_id, third.execution.execution_id]
+        assert [e.execution_id for e in await _listed(s1)] == ids
+        assert [e.execution_id for e in await _listed(s2)] == ids
+        await handle.cancel()
+
+
+async def test_a_delete_from_another_backend_stops_the_command(tmp_path: Path) -> None:
+    """S5: the owner kills its command and records `cancelled` for the other's DELETE."""
+    async with (
+        _backend(tmp_path) as owner,
+        _backend(tmp_path) as other,
+        owner.session() as s_owner,
+        other.session() as s_other,
+    ):
+        handle = await s_owner.create_execution(MACHINE, ["sh", "-c", "echo $$; sleep 30"])
+        pid = 0
+        async for event in handle.events(follow=True):
+            if event.type == "stdout" and event.chunk:
+                pid = int(event.chunk)
+                break
+        answer = await s_other.execution(MACHINE, handle.execution_id).cancel()
+        assert answer.status == "cancelled"
+        final = await asyncio.wait_for(handle.wait(timeout=None), 5)
+        assert (final.status, final.signal) == ("cancelled", signal.SIGKILL)
+        await _until(lambda: not _alive(pid))
+        # and the other backend reads what the owner recorded
+        await _until(lambda: handle.last is not None and handle.last.is_terminal)
+        seen = await s_other.get_execution(MACHINE, handle.execution_id)
+        assert (seen.status, seen.signal) == ("cancelled", signal.SIGKILL)
+
+
+async def test_deleting_a_finished_record_removes_it_for_everyone(tmp_path: Path) -> None:
+    async with _backend(tmp_path) as one, one.session() as session:
+        done = await session.run(MACHINE, ["true"])
+    execution_id = done.execution.execution_id
+    async with _backend(tmp_path) as two, two.session() as session:
+        deleted = await session.delete_execution(MACHINE, execution_id)
+        assert deleted.status == "succeeded"
+        with pytest.raises(NotFoundError):
+            await session.get_execution(MACHINE, execution_id)
+    async with _backend(tmp_path) as three, three.session() as session:
+        with pytest.raises(NotFoundError):
+            await session.get_execution(MACHINE, execution_id)
+        assert await _listed(session) == []
+
+
+def _orphan(execution_id: str) -> subprocess.Popen[bytes]:
+    """A command left behind by a dead owner: its own process group, its execution's id."""
+    return subprocess.Popen(
+        ["sleep", "30"],
+        env={**os.environ, "DEDALUS_EXECUTION_ID": execution_id},
+        start_new_session=True,
+    )
+
+
+def _crashed_owner_record(data_dir: Path, execution_id: str, command_pid: int) -> None:
+    """What an owner killed mid-run leaves: a `running` record and a free owner lock."""
+    store = ExecutionStore(data_dir, dirname=machine_dirname, output_cap=1000)
+    store.open()
+    record = ExecutionRecord(
+        execution_id=execution_id,
+        machine_id=MACHINE,
+        command=("sleep", "30"),
+        created_at=datetime.now(UTC),
+        created_mono=0.0,
+    )
+    record.transition("running", record.created_at)
+    store.claim(record)
+    store.save(record, pid=command_pid)
+    # the lock goes as it does when the process dies: the kernel drops it
+    assert store._lock_fd is not None
+    os.close(store._lock_fd)
+
+
+async def test_an_execution_whose_owner_died_reads_failed_and_its_command_is_killed(
+    tmp_path: Path,
+) -> None:
+    """S4: not `running` forever; the orphaned command goes, a reused pid is spared."""
+    execution_id = "exe-00000000000000aa"
+    with _orphan(execution_id) as orphan, _orphan("exe-someone-else") as stranger:
+        try:
+            _crashed_owner_record(tmp_path, execution_id, orphan.pid)
+            _crashed_owner_record(tmp_path, "exe-00000000000000bb", stranger.pid)
+            async with _backend(tmp_path) as later, later.session() as session:
+                execution = await session.get_execution(MACHINE, execution_id)
+                assert (execution.status, execution.error_code) == ("failed", INTERRUPTED_CODE)
+                assert execution.error_message is not None
+                assert f"process group {orphan.pid}) was killed" in execution.error_message
+                assert orphan.wait(timeout=5) == -signal.SIGKILL
+                other = await session.get_execution(MACHINE, "exe-00000000000000bb")
+                assert other.status == "failed"
+                assert "may still be running" in (other.error_message or "")
+                assert stranger.poll() is None  # not the command it names: left alone
+            # written back: a reader without the lock check agrees (and nothing is killed)
+            path = tmp_path / "executions" / machine_dirname(MACHINE) / f"{execution_id}.json"
+            stored = json.loads(path.read_text())
+            assert (stored["status"], stored["error_code"]) == ("failed", INTERRUPTED_CODE)
+        finally:
+            stranger.kill()
+            orphan.kill()
+
+
+async def test_a_live_owner_is_not_taken_for_a_dead_one(tmp_path: Path) -> None:
+    async with (
+        _backend(tmp_path) as owner,
+        _backend(tmp_path) as other,
+        owner.session() as s1,
+        other.session() as s2,
+    ):
+        handle = await s1.create_execution(MACHINE, ["sleep", "30"])
+        for _ in range(3):
+            assert (await s2.get_execution(MACHINE, handle.execution_id)).status in (
+                "queued",
+                "running",
+            )
+        await handle.cancel()
+
+
+async def test_the_output_cap_it_ran_under_travels_with_the_record(tmp_path: Path) -> None:
+    async with _backend(tmp_path, output_cap=10) as small, small.session() as session:
+        result = await session.run(MACHINE, ["sh", "-c", "printf 0123456789abcdef"])
+    execution_id = result.execution.execution_id
+    async with _backend(tmp_path) as default, default.session() as session:
+        execution = await session.get_execution(MACHINE, execution_id)
+        output = await session.get_output(MACHINE, execution_id)
+    assert (execution.stdout_bytes, execution.stdout_truncated) == (16, True)
+    assert (output.stdout, output.stdout_truncated) == ("0123456789", True)
+
+
+async def test_stdin_and_env_values_never_reach_the_disk(tmp_path: Path) -> None:
+    """S6: only the env names are kept; the later backend shows them as env_keys."""
+    async with _backend(tmp_path) as one, one.session() as session:
+        result = await session.run(
+            MACHINE,
+            ["sh", "-c", "cat >/dev/null; echo done"],
+            env={"TOKEN": "env-secret-4711"},
+            stdin="stdin-secret-0815",
+        )
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "executions").rglob("*") if p.is_file())
+    assert b"env-secret-4711" not in stored
+    assert b"stdin-secret-0815" not in stored
+    assert b"done" in stored
+    async with _backend(tmp_path) as two, two.session() as session:
+        execution = await session.get_execution(MACHINE, result.execution.execution_id)
+    assert list(execution.env_keys or ()) == ["TOKEN"]
+
+
+def test_ids_it_cannot_have_made_are_never_looked_up(tmp_path: Path) -> None:
+    """S7: an id with a path in it names no file, even one that holds a valid record."""
+    store = ExecutionStore(tmp_path, dirname=machine_dirname, output_cap=1000)
+    store.open()
+    try:
+        record = ExecutionRecord(
+            execution_id="exe-00000000000000cc",
+            machine_id=MACHINE,
+            command=("true",),
+            created_at=datetime.now(UTC),
+            created_mono=0.0,
+        )
+        record.finish("succeeded", record.created_at, exit_code=0)
+        store.save(record)
+        saved = store.root / machine_dirname(MACHINE) / "exe-00000000000000cc.json"
+        (store.root / "evil.json").write_bytes(saved.read_bytes())
+        assert store.find(MACHINE, "exe-00000000000000cc") is not None
+        assert store.find(MACHINE, "../evil") is None
+        # an unreadable record is skipped, not an error
+        saved.write_text("{not json")
+        assert store.find(MACHINE, "exe-00000000000000cc") is None
+        assert store.machine_records(MACHINE) == []
+    finally:
+        store.close()
+
+
+async def test_a_reader_never_sees_a_torn_record(tmp_path: Path) -> None:
+    """S2: another process reading while the owner rewrites a large record reads whole JSON."""
+    reads: list[int] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    directory = tmp_path / "executions" / machine_dirname(MACHINE)
+
+    def reader() -> None:
+        while not stop.is_set():
+            for path in directory.glob("exe-*.json") if directory.exists() else ():
+                try:
+                    json.loads(path.read_bytes())
+                    reads.append(1)
+                except FileNotFoundError:
+                    pass
+                except ValueError as exc:
+                    errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        code = (
+            "import sys, time\n"
+            "for i in range(30):\n"
+            "    sys.stdout.write('x' * 20000 + '\\n'); sys.stdout.flush(); time.sleep(0.05)\n"
+        )
+        async with _backend(tmp_path) as backend, backend.session() as session:
+            result = await session.run(MACHINE, [sys.executable, "-c", code], timeout=30)
+        assert result.execution.stdout_bytes == 30 * 20001
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert len(reads) > 10
