@@ -670,6 +670,7 @@ class SubprocessRunner:
         transport, protocol = spawned
         job.pid = transport.get_pid()
         job.protocol = protocol
+        self._save(record)  # running, with the process group S4 of _store may have to kill
         timed_out = False
         try:
             if record.is_terminal:  # cancelled while the process was being started

@@ -307,3 +307,31 @@ async def test_a_reader_never_sees_a_torn_record(tmp_path: Path) -> None:
         thread.join()
     assert errors == []
     assert len(reads) > 10
+
+
+def test_a_finished_record_deleted_elsewhere_is_not_written_back(tmp_path: Path) -> None:
+    """S3: the owner writes a terminal record once, so another process's delete stays done."""
+    owner = ExecutionStore(tmp_path, dirname=machine_dirname, output_cap=1000)
+    other = ExecutionStore(tmp_path, dirname=machine_dirname, output_cap=1000)
+    owner.open()
+    other.open()
+    try:
+        record = ExecutionRecord(
+            execution_id="exe-00000000000000dd",
+            machine_id=MACHINE,
+            command=("true",),
+            created_at=datetime.now(UTC),
+            created_mono=0.0,
+        )
+        owner.claim(record)
+        owner.save(record)
+        record.finish("succeeded", record.created_at, exit_code=0)
+        owner.save(record)
+        found = other.find(MACHINE, record.execution_id)
+        assert found is not None
+        other.remove(found)
+        owner.save(record)  # a late save of the same end (a cancel, then the task's end)
+        assert other.find(MACHINE, record.execution_id) is None
+    finally:
+        other.close()
+        owner.close()

@@ -11,19 +11,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import signal
 from collections.abc import Callable, Coroutine
 from typing import IO, Any, Final
 
-from dedalus_async._errors import WaitTimeout
+from dedalus_async._errors import BadRequestError, DedalusError, WaitTimeout
 from dedalus_async._fanout import ExecutionRequest
-from dedalus_async._models import Execution
+from dedalus_async._models import TERMINAL_STATUSES, Execution
 from dedalus_async._results import may_have_output
 from dedalus_async._session import ExecutionHandle, Session
 
-from ._inputs import load_requests, read_stdin_file
+from ._inputs import EventCursor, load_requests, read_stdin_file
 from ._outcomes import EXIT_SOME_FAILED, EXIT_WAIT_TIMEOUT, UsageError, describe_end, exit_code_for
-from ._output import Context, ProgressLine, completed_document, json_line, result_document
+from ._output import (
+    Context,
+    ProgressLine,
+    completed_document,
+    event_document,
+    event_line,
+    json_line,
+    result_document,
+)
 from ._sessions import (
     DEFAULT_LOCAL_MACHINE,
     cancel_quietly,
@@ -259,14 +268,61 @@ async def delete(args: argparse.Namespace, ctx: Context) -> int:
 
 
 async def events(args: argparse.Namespace, ctx: Context) -> int:
-    """``events``: its event log as JSON lines (``--follow``: until it ends)."""
+    """``events``: its event log, a line per event (``--json``: JSON lines, each with its
+    cursor); ``--follow``: until it ends. Interrupted, failed, or ended before the
+    execution did, it says how to continue from the last cursor."""
+    given: EventCursor | None = args.cursor
+    last = given  # where a reader would continue: after the last event printed
     async with lookup_session(args, ctx) as session:
         stream = session.iter_events(
-            args.machine_id, args.execution_id, cursor=args.cursor, follow=args.follow
+            args.machine_id,
+            args.execution_id,
+            cursor=None if given is None else given.server,
+            follow=args.follow,
         )
-        async for event in stream:
-            ctx.write_model(event)
+        ended = False
+        try:
+            async for event in stream:
+                if given is not None and given.after is not None and event.sequence <= given.after:
+                    continue  # the page the server cursor marks, up to the event it names
+                # the stream's cursor reads on at or before the next event: exact with the
+                # sequence number
+                last = EventCursor(event.sequence, stream.cursor)
+                if args.json:
+                    ctx.write_json(event_document(event, str(last)))
+                else:
+                    ctx.stdout.write(event_line(event).encode())
+                    ctx.stdout.flush()
+                ended = event.type == "lifecycle" and event.status in TERMINAL_STATUSES
+        except asyncio.CancelledError:
+            _continue_note(ctx, args, last, "interrupted: the execution keeps running")
+            raise
+        except BadRequestError as exc:
+            if given is not None and exc.error_code == "INVALID_CURSOR":
+                raise UsageError(
+                    f"--cursor {str(given)!r} is not a cursor of this execution's events: "
+                    'use one that `events` printed for it (the "cursor" of a --json line, '
+                    "or the --cursor of the command it printed to continue)"
+                ) from None
+            _continue_note(ctx, args, last, "reading stopped")
+            raise
+        except DedalusError:
+            _continue_note(ctx, args, last, "reading stopped")
+            raise
+    if not ended:
+        _continue_note(ctx, args, last, "the execution has not ended")
     return 0
+
+
+def _continue_note(
+    ctx: Context, args: argparse.Namespace, cursor: EventCursor | None, why: str
+) -> None:
+    """The command that reads on after ``cursor`` (from the start when there is none)."""
+    argv = ["dedalus-async", "events", "--follow", *(["--local"] if args.local else [])]
+    argv += [args.machine_id, args.execution_id]
+    if cursor is not None:
+        argv += ["--cursor", str(cursor)]
+    ctx.note(f"{why}; to read on: {shlex.join(argv)}")
 
 
 async def list_executions(args: argparse.Namespace, ctx: Context) -> int:

@@ -1,21 +1,59 @@
-"""What the user hands in besides arguments: ``run --stdin-file`` and ``run-many``'s
-JSON-lines file, read and checked completely before anything runs."""
+"""What the user hands in besides plain arguments: ``run --stdin-file``, ``run-many``'s
+JSON-lines file (read and checked completely before anything runs), and ``events
+--cursor``."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Final
+
+import attrs
 
 from dedalus_async._fanout import ExecutionRequest
 
 from ._outcomes import UsageError
 
-__all__ = ["load_requests", "read_stdin_file"]
+__all__ = ["EventCursor", "load_requests", "read_stdin_file"]
 
 _REQUEST_FIELDS: Final = frozenset(
     ("machine_id", "command", "cwd", "env", "stdin", "timeout_ms", "idempotency_key", "timeout")
 )
+
+
+# A cursor longer than this is no cursor (the URL it rides in would be refused anyway).
+_MAX_CURSOR: Final = 2048
+_OURS: Final = re.compile(r"([0-9]{1,18}):(.*)", re.DOTALL)
+
+
+@attrs.frozen
+class EventCursor:
+    """Where ``events`` continues: after event ``after`` (a sequence number), reading from
+    the server's cursor ``server`` (``None``: from the start).
+
+    Written ``SEQUENCE:SERVER_CURSOR`` (``7:c6``; ``3:`` when the server gave none yet):
+    the server's cursors mark pages, not events, so the sequence number makes it exact.
+    A bare server cursor (from another client) is read as ``server`` alone.
+    """
+
+    after: int | None
+    server: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> EventCursor:
+        """Read what ``--cursor`` was given; ``ValueError`` for what is no cursor."""
+        if not text or len(text) > _MAX_CURSOR or not text.isprintable() or " " in text:
+            raise ValueError(f"not a cursor: {text!r}")
+        match = _OURS.fullmatch(text)
+        if match is None:
+            return cls(None, text)
+        return cls(int(match.group(1)), match.group(2) or None)
+
+    def __str__(self) -> str:
+        if self.after is None:
+            return self.server or ""
+        return f"{self.after}:{self.server or ''}"
 
 
 def read_stdin_file(name: str | None) -> str | None:

@@ -15,6 +15,7 @@ from typing import Final, NoReturn
 from dedalus_async._checks import check_count, check_seconds
 from dedalus_async._version import __version__
 
+from ._inputs import EventCursor
 from ._outcomes import EXIT_USAGE
 from ._output import PROG
 from ._sessions import DEFAULT_LOCAL_MACHINE
@@ -83,6 +84,19 @@ commands still running are killed.
 """
 
 
+_EVENTS_HELP: Final = """\
+Print an execution's event log, one line per event:
+
+  #SEQUENCE TIME TYPE [CHUNK as a JSON string] [STATUS] [exit_code=N] [signal=N] ...
+
+With --json, one JSON object per line, each with the cursor that continues after it
+("cursor": "SEQUENCE:SERVER_CURSOR"). Interrupted (Ctrl-C), stopped by an error, or done
+before the execution ended, it prints on stderr the command that reads on after the last
+event printed, with that event's cursor:
+
+  dedalus-async events --follow MACHINE_ID EXECUTION_ID --cursor 7:c6
+"""
+
 # --- argument types --------------------------------------------------------------------
 
 
@@ -121,6 +135,16 @@ def _positive_int(text: str) -> int:
         return check_count("N", value, minimum=1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}") from None
+
+
+def _cursor(text: str) -> EventCursor:
+    try:
+        return EventCursor.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f'{exc} (a cursor is SEQUENCE:SERVER_CURSOR, e.g. 7:c6: copy the "cursor" of a '
+            "line of `events --json`, or the one in the command `events` printed to continue)"
+        ) from None
 
 
 def _env_item(text: str) -> tuple[str, str]:
@@ -247,10 +271,27 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("machine_id", metavar="MACHINE_ID")
         cmd.add_argument("execution_id", metavar="EXECUTION_ID")
         if name == "events":
+            cmd.description = _EVENTS_HELP
+            cmd.formatter_class = formatter
             cmd.add_argument(
                 "--follow", action="store_true", help="keep reading until the execution ends"
             )
-            cmd.add_argument("--cursor", help="start after this cursor")
+            cmd.add_argument(
+                "--cursor",
+                type=_cursor,
+                metavar="CURSOR",
+                help="continue after the event this cursor came with. The form is "
+                "SEQUENCE:SERVER_CURSOR (e.g. 7:c6): the event's sequence number, then the "
+                'server\'s page cursor. Take it from the "cursor" of a line of '
+                "`events --json`, or from the command that `events` prints on stderr to "
+                "continue (on Ctrl-C, on an error, or when the execution has not ended)",
+            )
+            cmd.add_argument(
+                "--json",
+                action="store_true",
+                help="one JSON object per line: the event as the API sends it, plus "
+                '"cursor" (what --cursor takes to continue after it)',
+            )
 
     lister = sub.add_parser(
         "list",
