@@ -467,16 +467,18 @@ def test_serve_local_prints_settings_serves_and_stops(home: Path) -> None:
         pass
 
 
-def _lookups(home: Path, machine: str, execution_id: str, env: dict[str, str]) -> list[list[Any]]:
-    """What get, output, events and list print (JSON lines), run side by side."""
+def _lookups(
+    home: Path, machine: str, execution_id: str, env: dict[str, str], *flags: str
+) -> list[list[Any]]:
+    """What get, output, events --json and list print (JSON lines), run side by side."""
     return [
         [json.loads(line) for line in proc.stdout.splitlines()]
         for proc in _cli_parallel(
             home,
-            ["get", machine, execution_id],
-            ["output", machine, execution_id],
-            ["events", machine, execution_id],
-            ["list", machine],
+            ["get", *flags, machine, execution_id],
+            ["output", *flags, machine, execution_id],
+            ["events", "--json", *flags, machine, execution_id],
+            ["list", *flags, machine],
             env=env,
         )
     ]
@@ -731,7 +733,7 @@ def test_main_run_many_to_stdout(
     [
         ("not json\n", "not JSON"),
         ("[1]\n", "must be a JSON object"),
-        ('{"command": "echo hi"}\n', "command must be a list"),
+        ('{"command": "echo hi"}\n', "command must be an array of strings"),
         ('{"command": []}\n', "must not be empty"),
         ('{"command": ["x"], "env": {"A": 1}}\n', "env"),
         ('{"command": ["x"], "timeout": -1}\n', "timeout"),
@@ -794,7 +796,12 @@ def test_main_against_a_server(
     )
     assert (code, json.loads(out)["status"]) == (0, "cancelled")
     code, out, _ = _main(
-        capsysbinary, "events", "--follow", "dm-c2a40383-8856-5fb0-84aa-c0dcf1fa2d6d", execution_id
+        capsysbinary,
+        "events",
+        "--follow",
+        "--json",
+        "dm-c2a40383-8856-5fb0-84aa-c0dcf1fa2d6d",
+        execution_id,
     )
     events = [json.loads(line) for line in out.splitlines()]
     assert code == 0

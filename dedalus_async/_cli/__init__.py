@@ -43,7 +43,7 @@ from ._outcomes import (
 )
 from ._output import PROG, Context, RedactingFormatter, result_document
 from ._parser import build_parser
-from ._sessions import DEFAULT_LOCAL_MACHINE, KEY_VARIABLES
+from ._sessions import DEFAULT_LOCAL_MACHINE, KEY_VARIABLES, configuration_message
 
 __all__ = [
     "DEFAULT_LOCAL_MACHINE",
@@ -140,7 +140,7 @@ def _dispatch(args: argparse.Namespace, ctx: Context) -> int:
         return EXIT_USAGE
     except ConfigurationError as exc:
         _debug_traceback(ctx, exc)
-        ctx.error(str(exc))
+        ctx.error(configuration_message(exc, args))
         return EXIT_USAGE
     except DedalusError as exc:
         _debug_traceback(ctx, exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shlex
 import signal
 from collections.abc import Callable, Coroutine
@@ -196,8 +197,13 @@ async def run_many(args: argparse.Namespace, ctx: Context) -> int:
     requests = load_requests(args.file, default_machine(args), args.timeout)
     out = _open_output(args.output) if args.output else ctx.stdout
     try:
-        async with session_for_runs(args, ctx) as (session, _backend):
-            return await _fan_out(args, session, requests, out, ProgressLine(ctx.stderr))
+        async with session_for_runs(args, ctx) as (session, backend):
+            progress = ProgressLine(ctx.stderr)
+            try:
+                return await _fan_out(args, session, requests, out, progress)
+            except asyncio.CancelledError:
+                _many_interrupted(args, ctx, requests, progress, local=backend is not None)
+                raise
     finally:
         if out is not ctx.stdout:
             out.close()
@@ -231,9 +237,50 @@ async def _fan_out(
                     out.write(json_line(pending.pop(written)))
                     written += 1
                 out.flush()
+    except asyncio.CancelledError:
+        # what finished is written, out of order (each line has its "index")
+        progress.written = set(range(written)) | set(pending)
+        for index in sorted(pending):
+            out.write(json_line(pending[index]))
+        with contextlib.suppress(OSError):
+            out.flush()
+        raise
     finally:
         progress.close()
     return EXIT_SOME_FAILED if progress.not_ok else 0
+
+
+def _many_interrupted(
+    args: argparse.Namespace,
+    ctx: Context,
+    requests: list[ExecutionRequest],
+    progress: ProgressLine,
+    *,
+    local: bool,
+) -> None:
+    """Ctrl-C during run-many: what was written, what keeps running, how to find it."""
+    total = len(requests)
+    where = f"to {args.output}" if args.output else "on stdout"
+    message = f"run-many interrupted: {len(progress.written)} of {total} results written {where}"
+    if progress.written != set(range(len(progress.written))):
+        message += ' (the last ones out of order: each line has its input "index")'
+    running = 0 if progress.last is None else progress.last.in_flight
+    if running == 0:
+        ctx.note(f"{message}; none was running")
+    elif args.cancel_remote:
+        ctx.note(f"{message}; --cancel-remote: cancelling the {running} still running")
+    elif local:
+        ctx.note(f"{message}; the local backend stops the {running} still running on exit")
+    else:
+        unfinished = set(range(total)) - progress.written
+        machines = sorted({requests[i].machine_id for i in unfinished})
+        lists = "; ".join(f"dedalus-async list {shlex.quote(m)}" for m in machines[:3])
+        more = f" (and {len(machines) - 3} more machines)" if len(machines) > 3 else ""
+        ctx.note(
+            f"{message}; up to {running} executions keep running on the server, their "
+            f"results not written: see them with {lists}{more}; stop one with "
+            "dedalus-async cancel MACHINE_ID EXECUTION_ID"
+        )
 
 
 # --- lookups ---------------------------------------------------------------------------

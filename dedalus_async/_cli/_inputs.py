@@ -11,16 +11,23 @@ from typing import Final
 
 import attrs
 
+from dedalus_async._checks import is_int, is_number
 from dedalus_async._fanout import ExecutionRequest
 
 from ._outcomes import UsageError
 
-__all__ = ["EventCursor", "load_requests", "read_stdin_file"]
+__all__ = ["MAX_TIMEOUT_MS", "MAX_WAIT_SECONDS", "EventCursor", "load_requests", "read_stdin_file"]
 
 _REQUEST_FIELDS: Final = frozenset(
     ("machine_id", "command", "cwd", "env", "stdin", "timeout_ms", "idempotency_key", "timeout")
 )
 
+
+#: The longest wait --timeout (or a run-many line's "timeout") may ask for: a year. More is
+#: a typo (ms for s, an extra digit), not a plan.
+MAX_WAIT_SECONDS: Final = 366 * 24 * 3600
+#: The longest time limit --timeout-ms (or a line's "timeout_ms") may set: the same year.
+MAX_TIMEOUT_MS: Final = MAX_WAIT_SECONDS * 1000
 
 # A cursor longer than this is no cursor (the URL it rides in would be refused anyway).
 _MAX_CURSOR: Final = 2048
@@ -108,11 +115,43 @@ def _request(where: str, line: str, machine: str | None, timeout: float | None) 
         raise UsageError(f"{where}: unknown field(s) {', '.join(unknown)}")
     # a null field means "not given": the command-line default applies
     given = {k: v for k, v in item.items() if v is not None}
+    for name, value in given.items():
+        problem = _json_problem(name, value)
+        if problem is not None:
+            raise UsageError(f"{where}: {name} {problem}")
     fields = {"machine_id": machine, "timeout": timeout, **given}
     if fields["machine_id"] is None:
         raise UsageError(f"{where}: no machine_id, and no --machine-id was given")
     try:
-        # ExecutionRequest checks every field as the API would
+        # ExecutionRequest checks the values as the API would (the types are checked
+        # above, in JSON's words rather than Python's)
         return ExecutionRequest(**fields)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{where}: {exc}") from None
+
+
+def _json_problem(name: str, value: object) -> str | None:
+    """What is wrong with the type (or range) of a field of a run-many line, said in JSON's
+    terms (array, object, null), or ``None``."""
+    if name == "command":
+        if isinstance(value, list) and all(isinstance(arg, str) for arg in value):
+            return None
+        return 'must be an array of strings (argv, no shell), e.g. ["sh", "-c", "echo hi"]'
+    if name == "env":
+        if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            return None
+        return 'must be an object whose values are strings, e.g. {"A": "1"}'
+    if name == "timeout":
+        if is_number(value) and 0 < value <= MAX_WAIT_SECONDS:  # NaN fails too
+            return None
+        return (
+            f"must be a positive number of seconds, at most {MAX_WAIT_SECONDS} (a year); "
+            "leave it out (or null) to wait without a limit"
+        )
+    if name == "timeout_ms":
+        if is_int(value) and 0 < value <= MAX_TIMEOUT_MS:
+            return None
+        return f"must be a positive whole number of milliseconds, at most {MAX_TIMEOUT_MS}"
+    if not isinstance(value, str):  # machine_id, cwd, stdin, idempotency_key
+        return "must be a string"
+    return None

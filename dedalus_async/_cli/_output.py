@@ -157,7 +157,14 @@ class ProgressLine:
         self._stream = stream
         self.enabled = stream.isatty()
         self.not_ok = 0
+        #: the indexes whose lines were written (kept up to date when run-many is stopped)
+        self.written: set[int] = set()
         self._last: Progress | None = None
+
+    @property
+    def last(self) -> Progress | None:
+        """The latest progress reported (None before the first)."""
+        return self._last
 
     def __call__(self, progress: Progress | None = None) -> None:
         if progress is not None:

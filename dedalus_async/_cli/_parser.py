@@ -10,17 +10,32 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Final, NoReturn
 
-from dedalus_async._checks import check_count, check_seconds
 from dedalus_async._version import __version__
+from dedalus_async._wire import check_id, check_idempotency_key
 
-from ._inputs import EventCursor
+from ._inputs import MAX_TIMEOUT_MS, MAX_WAIT_SECONDS, EventCursor
 from ._outcomes import EXIT_USAGE
 from ._output import PROG
 from ._sessions import DEFAULT_LOCAL_MACHINE
 
-__all__ = ["EXIT_CODES_HELP", "build_parser"]
+__all__ = [
+    "EXIT_CODES_HELP",
+    "MAX_CONCURRENCY",
+    "MAX_OUTPUT_CAP",
+    "MAX_PAGE_SIZE",
+    "NUMERIC_TYPES",
+    "build_parser",
+]
+
+#: --concurrency at most: more executions at once than any machine or account runs.
+MAX_CONCURRENCY: Final = 10_000
+#: list --limit at most (a page size; servers clamp it lower anyway).
+MAX_PAGE_SIZE: Final = 1_000
+#: serve-local --output-cap at most (1 GiB per stream, kept in memory per execution).
+MAX_OUTPUT_CAP: Final = 1 << 30
 
 EXIT_CODES_HELP: Final = """\
 exit codes of run:
@@ -100,20 +115,37 @@ event printed, with that event's cursor:
 # --- argument types --------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
+def _seconds(text: str) -> float:
+    """--timeout, --idle-timeout: positive, finite, at most a year."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    try:
-        seconds = check_seconds("seconds", value)
-    except ValueError:
-        # the library's wording names a Python argument; this one quotes what was typed
+    if not 0 < value <= MAX_WAIT_SECONDS:  # NaN and infinities fail too
         raise argparse.ArgumentTypeError(
-            f"must be a positive number of seconds: {text!r}"
-        ) from None
-    assert seconds is not None  # None is refused without none_means
-    return seconds
+            f"must be a positive number of seconds, at most {MAX_WAIT_SECONDS} (a year), "
+            f"not {text!r}"
+        )
+    return value
+
+
+def _integer(maximum: int, unit: str = "", *, minimum: int = 1) -> Callable[[str], int]:
+    """An argument type: a whole number from ``minimum`` to ``maximum`` (``unit`` for the
+    message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:  # "1.5", "1e3", "nan", "", and digits beyond int()'s limit
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not minimum <= value <= maximum:
+            least = "a positive integer" if minimum == 1 else f"an integer from {minimum}"
+            raise argparse.ArgumentTypeError(
+                f"must be {least}{unit}, at most {maximum}, not {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def _port(text: str) -> int:
@@ -126,15 +158,42 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
+_timeout_ms = _integer(MAX_TIMEOUT_MS, " of milliseconds")
+_concurrency = _integer(MAX_CONCURRENCY)
+_page_size = _integer(MAX_PAGE_SIZE)
+_output_cap = _integer(MAX_OUTPUT_CAP, " of bytes")
+
+#: The argument types of numeric options (tests check each option that uses one).
+NUMERIC_TYPES: Final = frozenset(
+    {_seconds, _port, _timeout_ms, _concurrency, _page_size, _output_cap}
+)
+
+
+def _id(name: str) -> Callable[[str], str]:
+    """MACHINE_ID, EXECUTION_ID, --machine-id: the library's rule, said about the argument
+    (an empty --machine-id is left to the command, which has its own word for it)."""
+
+    def parse(text: str) -> str:
+        if text == "" and name == "--machine-id":
+            return text
+        try:
+            check_id(name, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name} ")) from None
+        return text
+
+    return parse
+
+
+def _idempotency_key(text: str) -> str:
     try:
-        value = int(text)
+        check_idempotency_key(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    try:
-        return check_count("N", value, minimum=1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            "must be 1-255 visible ASCII characters (no spaces); leave --idempotency-key "
+            "out to get a fresh one"
+        ) from None
+    return text
 
 
 def _cursor(text: str) -> EventCursor:
@@ -228,11 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--timeout-ms",
-        type=_positive_int,
+        type=_timeout_ms,
         metavar="MS",
         help="the remote command's own time limit; when it passes the command is killed",
     )
-    run.add_argument("--idempotency-key", metavar="KEY", help="your own Idempotency-Key")
+    run.add_argument(
+        "--idempotency-key",
+        type=_idempotency_key,
+        metavar="KEY",
+        help="your own Idempotency-Key",
+    )
     run.add_argument(
         "--json",
         action="store_true",
@@ -252,7 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_execution_options(many)
     many.add_argument("file", metavar="FILE")
     many.add_argument(
-        "--concurrency", type=_positive_int, default=8, metavar="N", help="default: 8"
+        "--concurrency",
+        type=_concurrency,
+        default=8,
+        metavar="N",
+        help=f"default: 8, at most {MAX_CONCURRENCY}",
     )
     many.add_argument("--output", metavar="FILE", help="write the results here, not stdout")
 
@@ -268,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("delete", "delete an execution, finished or not (its output goes too)"),
     ):
         cmd = sub.add_parser(name, parents=[common, server, local], help=what, description=what)
-        cmd.add_argument("machine_id", metavar="MACHINE_ID")
-        cmd.add_argument("execution_id", metavar="EXECUTION_ID")
+        cmd.add_argument("machine_id", type=_id("MACHINE_ID"), metavar="MACHINE_ID")
+        cmd.add_argument("execution_id", type=_id("EXECUTION_ID"), metavar="EXECUTION_ID")
         if name == "events":
             cmd.description = _EVENTS_HELP
             cmd.formatter_class = formatter
@@ -299,8 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a machine's executions as JSON lines",
         description="print a machine's executions as JSON lines, oldest first",
     )
-    lister.add_argument("machine_id", metavar="MACHINE_ID")
-    lister.add_argument("--limit", type=_positive_int, metavar="N", help="page size")
+    lister.add_argument("machine_id", type=_id("MACHINE_ID"), metavar="MACHINE_ID")
+    lister.add_argument(
+        "--limit", type=_page_size, metavar="N", help=f"page size (at most {MAX_PAGE_SIZE})"
+    )
 
     serve = sub.add_parser(
         "serve-local",
@@ -318,13 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--output-cap",
-        type=_positive_int,
+        type=_output_cap,
         metavar="BYTES",
         help="bytes of each stream kept per execution (default: 1 MiB)",
     )
     serve.add_argument(
         "--idle-timeout",
-        type=_positive_float,
+        type=_seconds,
         metavar="S",
         help="seconds idle before a machine sleeps (default: 300)",
     )
@@ -334,14 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_execution_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--machine-id",
+        type=_id("--machine-id"),
         metavar="ID",
         help=f"default: $DEDALUS_MACHINE_ID, else {DEFAULT_LOCAL_MACHINE!r} when local",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_seconds,
         metavar="S",
-        help="seconds to wait for the end (default: no limit)",
+        help="seconds to wait for the end (default: no limit; at most a year)",
     )
     parser.add_argument(
         "--local",

@@ -15,8 +15,10 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
 
-from dedalus_async._errors import DedalusError
+from dedalus_async._config import DEFAULT_BASE_URL
+from dedalus_async._errors import ConfigurationError, DedalusError
 from dedalus_async._session import ExecutionHandle, Session
 
 from ._outcomes import UsageError
@@ -29,6 +31,7 @@ __all__ = [
     "DEFAULT_LOCAL_MACHINE",
     "KEY_VARIABLES",
     "cancel_quietly",
+    "configuration_message",
     "default_machine",
     "lookup_session",
     "session_for_runs",
@@ -118,6 +121,38 @@ async def lookup_session(args: argparse.Namespace, ctx: Context) -> AsyncIterato
         )
     async with Session(base_url=args.base_url) as session:
         yield session
+
+
+def configuration_message(exc: ConfigurationError, args: argparse.Namespace) -> str:
+    """The library's complaint about a setting, in the command line's words: the flag or
+    the environment variable it came from, and what to change there."""
+    if exc.field == "org_id":
+        return str(exc).replace("org_id", "DEDALUS_ORG_ID", 1)
+    if exc.field != "base_url":
+        return str(exc)
+    flag = getattr(args, "base_url", None)
+    source = "--base-url" if flag else "DEDALUS_BASE_URL"
+    url = flag or os.environ.get("DEDALUS_BASE_URL", "")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return f"{source} is not a URL: give one like {DEFAULT_BASE_URL}"
+    if parts.username or parts.password:
+        # the URL itself is not shown: it holds a credential
+        return (
+            f"{source} must not carry credentials: put the key in DEDALUS_API_KEY or "
+            "DEDALUS_X_API_KEY, and the bare URL in " + source
+        )
+    if parts.scheme == "http" and host:
+        return (
+            f"{source}={url}: plain http to {host} would send the API key in clear text; use "
+            f"an https:// URL (plain http is for this computer only: 127.0.0.1, ::1, "
+            "localhost, as serve-local prints)"
+        )
+    if parts.query or parts.fragment:
+        return f"{source}={url}: a base URL has no query or fragment (drop the ?... or #...)"
+    return f"{source}={url!r} is not an http(s) URL: give one like {DEFAULT_BASE_URL}"
 
 
 async def cancel_quietly(handle: ExecutionHandle, ctx: Context) -> None:
