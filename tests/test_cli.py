@@ -9,6 +9,7 @@ import logging
 import os
 import pty
 import selectors
+import shlex
 import signal
 import socket
 import subprocess
@@ -1027,3 +1028,214 @@ def test_main_input_problems_are_usage_errors(
     code, out, err = _main(capsysbinary, "run-many", str(source))
     assert (code, out) == (2, b"")
     assert f"{source}:1: no machine_id, and no --machine-id was given" in err
+
+
+# --- the local backend's records, across processes ---------------------------------------
+
+
+def test_ids_run_printed_locally_are_looked_at_by_later_processes(home: Path) -> None:
+    """run --local prints an ID; get/output/events/list/cancel/delete --local find it later."""
+    proc = _cli(home, "run", "--local", "--json", "--", "sh", "-c", "echo x; echo y >&2; exit 3")
+    execution = json.loads(proc.stdout)["execution"]
+    machine, execution_id = execution["machine_id"], execution["execution_id"]
+    assert machine == "dm-local"
+    got, output, events, listed = _lookups(home, machine, execution_id, {}, "--local")
+    assert got == [execution]
+    assert (output[0]["stdout"], output[0]["stderr"]) == ("x\n", "y\n")
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert (events[-1]["status"], events[-1]["exit_code"]) == ("failed", 3)
+    assert listed == [execution]
+    cancelled = _cli(home, "cancel", "--local", machine, execution_id)
+    assert (cancelled.returncode, json.loads(cancelled.stdout)) == (0, execution)
+    deleted = _cli(home, "delete", "--local", machine, execution_id)
+    assert deleted.returncode == 0
+    gone = _cli(home, "get", "--local", machine, execution_id)
+    assert gone.returncode == EXIT_API_ERROR
+    assert "404" in _notes(gone.stderr)[0]
+    # without --local (and without a key) the message says what to add
+    keyless = _cli(home, "get", machine, execution_id)
+    assert keyless.returncode == 2
+    assert "add --local" in _notes(keyless.stderr)[0]
+
+
+def test_a_run_killed_outright_reads_failed_and_its_command_is_stopped(home: Path) -> None:
+    """SIGKILL leaves no chance to clean up: the next reader ends the record and the
+    orphaned command."""
+    with _start(home, "run", "--local", "--", "sh", "-c", "echo $$; sleep 30") as proc:
+        pid = int(_read_line(proc))
+        proc.kill()
+        proc.wait(timeout=10)
+    assert _alive(pid)  # the command outlived its owner...
+    listed = _cli(home, "list", "--local", "dm-local")
+    (execution,) = (json.loads(line) for line in listed.stdout.splitlines())
+    assert (execution["status"], execution["error_code"]) == (
+        "failed",
+        "execution_runner_interrupted",
+    )
+    assert f"process group {pid}) was killed" in execution["error_message"]
+    assert _wait_dead(pid)  # ...until the next look at it
+    again = _cli(home, "get", "--local", "dm-local", execution["execution_id"])
+    assert json.loads(again.stdout) == execution  # written back: every reader agrees
+
+
+def test_serve_local_and_run_local_share_one_data_dir(home: Path) -> None:
+    """At once: serve-local answers for run --local's execution and cancels it; --local
+    lookups list serve-local's executions."""
+    machine = "dm-3b1f07c2-95d4-5e8a-b6c1-7f2e9d4a8c05"
+    with _serving(home) as (_, settings):
+        argv = ["run", "--local", "--machine-id", machine, "--", "sh", "-c", "echo $$; sleep 30"]
+        with _start(home, *argv) as runner:
+            pid = int(_read_line(runner))
+            served = _cli(
+                home, "run", "--json", "--machine-id", machine, "--", "true", env=settings
+            )
+            served_id = json.loads(served.stdout)["execution"]["execution_id"]
+            listed = [
+                json.loads(line)
+                for line in _cli(home, "list", "--local", machine).stdout.splitlines()
+            ]
+            assert [e["status"] for e in listed] == ["running", "succeeded"]
+            assert listed[1]["execution_id"] == served_id
+            running_id = listed[0]["execution_id"]
+            through_server = _cli(home, "get", machine, running_id, env=settings)
+            assert json.loads(through_server.stdout)["status"] == "running"
+            cancel = _cli(home, "cancel", machine, running_id, env=settings)
+            assert json.loads(cancel.stdout)["status"] == "cancelled"
+            _, stderr = runner.communicate(timeout=10)
+        assert runner.returncode == EXIT_CANCELLED, stderr
+        assert _wait_dead(pid)
+        final = _cli(home, "get", "--local", machine, running_id)
+        assert (json.loads(final.stdout)["status"], json.loads(final.stdout)["signal"]) == (
+            "cancelled",
+            9,
+        )
+
+
+def test_local_lookups_refuse_a_base_url(in_process: Path, capsysbinary: Any) -> None:
+    code, out, err = _main(capsysbinary, "get", "--local", "--base-url", "https://x", "dm-1", "e")
+    assert (code, out) == (2, b"")
+    assert "--base-url and --local do not go together" in err
+
+
+# --- event cursors ------------------------------------------------------------------------
+
+
+def _events_json(capsys: pytest.CaptureFixture[bytes], *args: str) -> list[dict[str, Any]]:
+    code, out, err = _main(capsys, "events", "--json", "--local", *args)
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_each_event_cursor_resumes_right_after_it(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """Over several pages (the server's page is 50), --cursor of event k gives k+1 on, once."""
+    # the streams take turns, so each write is an event of its own
+    script = (
+        "import sys, time\n"
+        "for i in range(80):\n"
+        "    for s in (sys.stdout, sys.stderr): s.write(f'{i}\\n'); s.flush(); time.sleep(0.002)\n"
+    )
+    code, out, _ = _main(capsysbinary, "run", "--json", "--", sys.executable, "-c", script)
+    assert code == 0
+    execution_id = json.loads(out)["execution"]["execution_id"]
+    every = _events_json(capsysbinary, "dm-local", execution_id)
+    assert len(every) > 100  # three pages at least
+    assert all(e["cursor"] == f"{e['sequence']}:{e['cursor'].split(':', 1)[1]}" for e in every)
+    for k in (0, 1, 48, 49, 50, 51, 99, len(every) - 2, len(every) - 1):
+        after = _events_json(capsysbinary, "--cursor", every[k]["cursor"], "dm-local", execution_id)
+        assert [e["sequence"] for e in after] == [e["sequence"] for e in every[k + 1 :]], k
+    # the text form: one line per event, a chunk as a JSON string
+    code, out, err = _main(capsysbinary, "events", "--local", "dm-local", execution_id)
+    lines = out.decode().splitlines()
+    assert len(lines) == len(every)
+    assert lines[0].startswith("#1 ")
+    assert lines[0].endswith(" lifecycle queued")
+    assert lines[-1].endswith(" lifecycle succeeded exit_code=0")
+    assert err == ""  # a finished execution: nothing to continue
+
+
+@pytest.mark.parametrize(
+    ("cursor", "expected"),
+    [
+        ("", "argument --cursor: not a cursor: ''"),
+        ("a b", "argument --cursor: not a cursor"),
+        ("7:\x01", "argument --cursor: not a cursor"),
+        ("x" * 3000, "argument --cursor: not a cursor"),
+        ("c999", "--cursor 'c999' is not a cursor of this execution's events"),
+        ("3:nope", "--cursor '3:nope' is not a cursor of this execution's events"),
+    ],
+)
+def test_a_bad_cursor_is_a_usage_error_naming_the_flag(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes], cursor: str, expected: str
+) -> None:
+    code, out, _ = _main(capsysbinary, "run", "--json", "--", "true")
+    execution_id = json.loads(out)["execution"]["execution_id"]
+    try:
+        code, out, err = _main(
+            capsysbinary, "events", "--local", "--cursor", cursor, "dm-local", execution_id
+        )
+    except SystemExit as exc:  # refused by the parser
+        code, err = int(str(exc.code)), capsysbinary.readouterr().err.decode()
+    assert code == 2
+    assert expected in err
+    assert "SEQUENCE:SERVER_CURSOR" in err
+
+
+def test_events_help_states_the_cursor_format() -> None:
+    parser = build_parser()
+    (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = subparsers.choices["events"].format_help()
+    assert "SEQUENCE:SERVER_CURSOR" in " ".join(text.split())
+    assert "events --json" in text
+
+
+def test_ctrl_c_on_events_follow_prints_the_command_to_read_on(
+    home: Path, server: dict[str, str]
+) -> None:
+    """The printed command continues after the last event shown, to the end."""
+    env = _remote(server)
+    machine = "dm-6a2d9e14-3c7b-5f08-a1e5-9d4c2b7f3e60"
+    run = _cli(
+        home, "run", "--json", "--timeout", "1", "--machine-id", machine, "--",
+        "sh", "-c", "echo first; sleep 30", env=env,
+    )  # fmt: skip
+    execution_id = json.loads(run.stdout)["execution"]["execution_id"]
+    with _start(home, "events", "--follow", machine, execution_id, env=env) as proc:
+        shown = []
+        while not shown or '"first\\n"' not in shown[-1]:
+            shown.append(_read_line(proc).decode())
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    (resume,) = [n for n in _notes(stderr) if "to read on:" in n]
+    assert "interrupted: the execution keeps running" in resume
+    argv = shlex.split(resume.split("to read on: ", 1)[1])
+    last_sequence = int(shown[-1].split()[0].lstrip("#"))
+    assert argv[:3] == ["dedalus-async", "events", "--follow"]
+    assert argv[-2] == "--cursor"
+    assert argv[-1].startswith(f"{last_sequence}:")
+    _cli(home, "cancel", machine, execution_id, env=env)
+    rest = _cli(home, *argv[1:], env=env)
+    assert rest.returncode == 0
+    lines = rest.stdout.decode().splitlines()
+    assert lines[0].startswith(f"#{last_sequence + 1} ")
+    assert lines[-1].split()[2:4] == ["lifecycle", "cancelled"]
+
+
+def test_events_of_an_unfinished_execution_say_how_to_read_on(
+    home: Path, server: dict[str, str]
+) -> None:
+    env = _remote(server)
+    machine = "dm-6a2d9e14-3c7b-5f08-a1e5-9d4c2b7f3e60"
+    run = _cli(
+        home, "run", "--json", "--timeout", "0.5", "--machine-id", machine, "--",
+        "sleep", "30", env=env,
+    )  # fmt: skip
+    execution_id = json.loads(run.stdout)["execution"]["execution_id"]
+    proc = _cli(home, "events", "--json", machine, execution_id, env=env)
+    _cli(home, "cancel", machine, execution_id, env=env)
+    last = json.loads(proc.stdout.splitlines()[-1])
+    (note,) = _notes(proc.stderr)
+    assert "the execution has not ended; to read on: dedalus-async events --follow" in note
+    assert note.endswith(f"--cursor {last['cursor']}")

@@ -348,8 +348,9 @@ async def events(args: argparse.Namespace, ctx: Context) -> int:
             if given is not None and exc.error_code == "INVALID_CURSOR":
                 raise UsageError(
                     f"--cursor {str(given)!r} is not a cursor of this execution's events: "
-                    'use one that `events` printed for it (the "cursor" of a --json line, '
-                    "or the --cursor of the command it printed to continue)"
+                    "use one that `events` printed for it (SEQUENCE:SERVER_CURSOR: the "
+                    '"cursor" of a line of `events --json`, or the --cursor of the command '
+                    "it printed to continue)"
                 ) from None
             _continue_note(ctx, args, last, "reading stopped")
             raise
