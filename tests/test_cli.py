@@ -35,6 +35,7 @@ from dedalus_async._cli import (
     main,
 )
 from dedalus_async._cli._commands import COMMANDS
+from dedalus_async._cli._parser import NUMERIC_TYPES
 from dedalus_async._convert import structure
 from dedalus_async._local import machine_dirname
 
@@ -1239,3 +1240,239 @@ def test_events_of_an_unfinished_execution_say_how_to_read_on(
     (note,) = _notes(proc.stderr)
     assert "the execution has not ended; to read on: dedalus-async events --follow" in note
     assert note.endswith(f"--cursor {last['cursor']}")
+
+
+# --- every numeric flag -----------------------------------------------------------------
+
+_NOT_NUMBERS = ["", "abc", "1,5", "0x10"]
+_ALWAYS_BAD = ["-1", "nan", "inf", "-inf", "1e999", "9" * 30, *_NOT_NUMBERS]
+#: (subcommand and what it needs, flag, values it refuses besides _ALWAYS_BAD, largest valid)
+NUMERIC_FLAGS: list[tuple[list[str], str, list[str], str]] = [
+    (["run"], "--timeout", ["0", "31622401"], "31622400"),
+    (["run"], "--timeout-ms", ["0", "1.5", "1e3", "31622400001"], "31622400000"),
+    (["run-many", "f.jsonl"], "--timeout", ["0", "31622401"], "31622400"),
+    (["run-many", "f.jsonl"], "--concurrency", ["0", "2.5", "10001"], "10000"),
+    (["list", "dm-1"], "--limit", ["0", "1.0", "1001"], "1000"),
+    (["serve-local"], "--port", ["65536", "8080.0"], "65535"),
+    (["serve-local"], "--output-cap", ["0", "1073741825"], "1073741824"),
+    (["serve-local"], "--idle-timeout", ["0", "31622401"], "31622400"),
+]
+
+
+def test_the_table_covers_every_numeric_flag() -> None:
+    """A numeric option added to the parser must be added to NUMERIC_FLAGS too."""
+    parser = build_parser()
+    (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    numeric = {
+        (name, action.option_strings[-1])
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if action.type in NUMERIC_TYPES
+    }
+    assert numeric == {(args[0], flag) for args, flag, _, _ in NUMERIC_FLAGS}
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "value"),
+    [
+        pytest.param(args, flag, value, id=f"{args[0]} {flag} {value[:12]!r}")
+        for args, flag, bad, _ in NUMERIC_FLAGS
+        for value in [*bad, *_ALWAYS_BAD]
+    ],
+)
+def test_a_bad_number_is_a_usage_error_naming_the_flag(
+    capsysbinary: pytest.CaptureFixture[bytes], args: list[str], flag: str, value: str
+) -> None:
+    """Zero, negative, NaN, infinite, absurdly large or not a number: exit 2, one line."""
+    with pytest.raises(SystemExit) as exc:
+        main([*args, f"{flag}={value}"])
+    assert exc.value.code == 2
+    err = capsysbinary.readouterr().err.decode()
+    assert err.count("\n") == 1
+    assert f"argument {flag}: " in err
+    assert "--help" in err
+
+
+@pytest.mark.parametrize(("args", "flag", "largest"), [(a, f, v) for a, f, _, v in NUMERIC_FLAGS])
+def test_the_largest_value_of_each_numeric_flag_is_taken(
+    args: list[str], flag: str, largest: str
+) -> None:
+    parsed = build_parser().parse_args([*args, flag, largest])
+    assert float(getattr(parsed, flag.lstrip("-").replace("-", "_"))) == float(largest)
+
+
+# --- the command line's words, not Python's ------------------------------------------------
+
+_PYTHON_WORDS = ("Session(", "allow_insecure_http", "session.", "None", "api_key=", "int(", "['")
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "expected", "hidden"),
+    [
+        (
+            {"DEDALUS_BASE_URL": "http://example.com"},
+            ["get", "dm-1", "exe-1"],
+            "DEDALUS_BASE_URL=http://example.com: plain http to example.com",
+            None,
+        ),
+        (
+            {},
+            ["list", "--base-url", "http://10.1.2.3:8080", "dm-1"],
+            "--base-url=http://10.1.2.3:8080: plain http to 10.1.2.3",
+            None,
+        ),
+        (
+            {"DEDALUS_BASE_URL": "https://user:hunter2@example.com"},
+            ["get", "dm-1", "exe-1"],
+            "DEDALUS_BASE_URL must not carry credentials",
+            "hunter2",
+        ),
+        (
+            {},
+            ["get", "--base-url", "ftp://example.com", "dm-1", "exe-1"],
+            "--base-url='ftp://example.com' is not an http(s) URL",
+            None,
+        ),
+        (
+            {"DEDALUS_BASE_URL": "https://example.com/?x=1"},
+            ["get", "dm-1", "exe-1"],
+            "a base URL has no query or fragment",
+            None,
+        ),
+        (
+            {"DEDALUS_ORG_ID": "org\nX-Injected: 1"},
+            ["get", "dm-1", "exe-1"],
+            "DEDALUS_ORG_ID must not contain line breaks",
+            None,
+        ),
+    ],
+)
+def test_settings_problems_name_the_flag_or_variable(
+    in_process: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsysbinary: pytest.CaptureFixture[bytes],
+    env: dict[str, str],
+    args: list[str],
+    expected: str,
+    hidden: str | None,
+) -> None:
+    monkeypatch.setenv("DEDALUS_X_API_KEY", "a-configured-key")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = _main(capsysbinary, *args)
+    assert (code, out) == (2, b"")
+    assert expected in err
+    assert not [word for word in _PYTHON_WORDS if word in err], err
+    assert hidden is None or hidden not in err
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('{"command": ["x"], "timeout": -1}', "timeout must be a positive number of seconds"),
+        ('{"command": ["x"], "timeout": "soon"}', "timeout must be a positive number"),
+        ('{"command": ["x"], "timeout": NaN}', "timeout must be a positive number"),
+        ('{"command": ["x"], "timeout": 1e10}', "at most 31622400"),
+        ('{"command": ["x"], "timeout": true}', "timeout must be a positive number"),
+        ('{"command": ["x"], "timeout_ms": 1.5}', "timeout_ms must be a positive whole number"),
+        ('{"command": ["x"], "timeout_ms": 0}', "timeout_ms must be a positive whole number"),
+        ('{"command": "echo hi"}', 'e.g. ["sh", "-c", "echo hi"]'),
+        ('{"command": ["x", 1]}', "command must be an array of strings"),
+        ('{"command": ["x"], "env": {"A": 1}}', "env must be an object whose values are strings"),
+        ('{"command": ["x"], "env": ["A=1"]}', "env must be an object"),
+        ('{"command": ["x"], "cwd": 3}', "cwd must be a string"),
+        ('{"command": ["x"], "stdin": {}}', "stdin must be a string"),
+        ('{"command": ["x"], "machine_id": 7}', "machine_id must be a string"),
+        ('{"command": ["x"], "idempotency_key": "a b"}', "idempotency_key must be 1-255"),
+    ],
+)
+def test_run_many_line_problems_are_said_in_json_terms(
+    in_process: Path,
+    tmp_path: Path,
+    capsysbinary: pytest.CaptureFixture[bytes],
+    line: str,
+    expected: str,
+) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text(line + "\n")
+    code, out, err = _main(capsysbinary, "run-many", str(source))
+    assert (code, out) == (2, b"")
+    assert f"{source}:1: " in err
+    assert expected in err
+    assert not [word for word in _PYTHON_WORDS if word in err], err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["get", "", "exe-1"], "argument MACHINE_ID: must not be empty"),
+        (["get", "dm-1", "a/b"], "argument EXECUTION_ID: must not contain '/'"),
+        (["list", "x" * 300], "argument MACHINE_ID: is 300 characters long"),
+        (["run", "--machine-id", "..", "--", "true"], "argument --machine-id: '..' is not an ID"),
+        (["run", "--idempotency-key", "a b", "--", "true"], "argument --idempotency-key: must"),
+    ],
+)
+def test_ids_and_keys_are_checked_as_arguments(
+    capsysbinary: pytest.CaptureFixture[bytes], args: list[str], expected: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsysbinary.readouterr().err.decode()
+    assert expected in err
+    assert "machine_id" not in err
+    assert "idempotency_key" not in err
+
+
+# --- Ctrl-C on run-many -------------------------------------------------------------------
+
+
+def test_ctrl_c_on_run_many_writes_what_finished_and_says_what_keeps_running(
+    home: Path, server: dict[str, str], tmp_path: Path
+) -> None:
+    env = _remote(server)
+    machine = "dm-8e4c1a7b-2d95-5f3e-b0a6-4c9d7e2f1b83"
+    source = tmp_path / "jobs.jsonl"
+    slow = '{"command": ["sleep", "30"]}\n'
+    source.write_text(slow + '{"command": ["echo", "quick"]}\n' + slow)
+    with _start(home, "run-many", "--machine-id", machine, str(source), env=env) as proc:
+        deadline = time.monotonic() + 15
+        while True:  # the quick one has finished; its line waits for the first one's
+            listed = _cli(home, "list", machine, env=env).stdout.splitlines()
+            statuses = [json.loads(line)["status"] for line in listed]
+            if statuses.count("succeeded") == 1 and statuses.count("running") == 2:
+                break
+            assert time.monotonic() < deadline, statuses
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    (line,) = (json.loads(raw) for raw in stdout.splitlines())
+    assert (line["index"], line["stdout"]) == (1, "quick\n")
+    (note,) = [n for n in _notes(stderr) if "interrupted" in n and "results" in n]
+    assert "run-many interrupted: 1 of 3 results written on stdout" in note
+    assert 'out of order: each line has its input "index"' in note
+    assert "up to 2 executions keep running on the server" in note
+    assert f"dedalus-async list {machine}" in note
+    for raw in _cli(home, "list", machine, env=env).stdout.splitlines():
+        _cli(home, "cancel", machine, json.loads(raw)["execution_id"], env=env)
+
+
+def test_ctrl_c_on_run_many_locally_says_the_backend_stops_them(home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "jobs.jsonl"
+    source.write_text('{"command": ["sh", "-c", "echo $$; sleep 30"]}\n')
+    out = tmp_path / "results.jsonl"
+    with _start(home, "run-many", "--output", str(out), str(source)) as proc:
+        deadline = time.monotonic() + 15
+        while "running" not in _cli(home, "list", "--local", "dm-local").stdout.decode():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert out.read_bytes() == b""
+    (note,) = [n for n in _notes(stderr) if "interrupted" in n and "results" in n]
+    assert f"0 of 1 results written to {out}" in note
+    assert "the local backend stops the 1 still running on exit" in note
+    listed = _cli(home, "list", "--local", "dm-local").stdout
+    assert json.loads(listed)["status"] == "cancelled"
