@@ -1203,7 +1203,7 @@ def test_ctrl_c_on_events_follow_prints_the_command_to_read_on(
     )  # fmt: skip
     execution_id = json.loads(run.stdout)["execution"]["execution_id"]
     with _start(home, "events", "--follow", machine, execution_id, env=env) as proc:
-        shown = []
+        shown: list[str] = []
         while not shown or '"first\\n"' not in shown[-1]:
             shown.append(_read_line(proc).decode())
         proc.send_signal(signal.SIGINT)
