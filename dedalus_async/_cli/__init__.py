@@ -4,7 +4,11 @@ It sits on top of the Session like any other user of the library. ``run`` and
 ``run-many`` talk to the server named by ``DEDALUS_BASE_URL`` with the key in
 ``DEDALUS_API_KEY`` / ``DEDALUS_X_API_KEY``; with no key configured (or with ``--local``)
 they start an in-process :class:`~dedalus_async._local.LocalBackend` instead and say so on
-stderr. Errors are one line on stderr; ``--debug`` adds request logs and tracebacks. The
+stderr; the lookups (``get``, ``output``, ``events``, ``cancel``, ``delete``, ``list``) do
+with ``--local``, reading the records local backends keep on disk. Errors are one line on
+stderr, in the command line's terms (flags, environment variables; a library
+:class:`~dedalus_async.ConfigurationError` is re-worded from its ``field``); ``--debug``
+adds request logs and tracebacks. The
 API key is never printed, except by ``serve-local``, whose job is to hand its key out.
 
 The package is split by job: :mod:`._parser` (arguments and help), :mod:`._commands` (what

@@ -153,7 +153,11 @@ async def _interrupted(
     if args.cancel_remote:
         await cancel_quietly(handle, ctx)
     elif local:
-        ctx.note(f"execution {handle.execution_id}: the local backend stops it on exit")
+        where = f"{handle.machine_id} {handle.execution_id}"
+        ctx.note(
+            f"execution {handle.execution_id}: the local backend stops it on exit "
+            f"(dedalus-async get --local {where} shows how it ended)"
+        )
     else:
         where = f"{handle.machine_id} {handle.execution_id}"
         ctx.note(
@@ -170,7 +174,7 @@ async def _wait_timed_out(
     if args.cancel_remote:
         await cancel_quietly(handle, ctx)
     elif local:
-        message += "; the local backend stops it on exit"
+        message += f"; the local backend stops it on exit (dedalus-async get --local {where})"
     else:
         message += f"; it keeps running (dedalus-async get {where})"
     if args.json:

@@ -65,7 +65,9 @@ With no API key configured (DEDALUS_API_KEY, DEDALUS_X_API_KEY), or with --local
 command runs on this computer instead, as you and WITHOUT a sandbox, in a directory per
 machine id under $DEDALUS_LOCAL_HOME (default ~/.local/share/dedalus-async); one line on
 stderr says so. There, --cwd is relative to that directory (or under /home/machine),
-HOME is that directory, and the command is killed when this program exits.
+HOME is that directory, and the command is killed when this program exits. Its record
+stays: `dedalus-async get --local MACHINE_ID EXECUTION_ID` (and output, events, list)
+reads it later.
 
 examples:
   dedalus-async run -- uname -a
