@@ -4,7 +4,8 @@ the same time, reads back (``dedalus-async get --local`` after ``run --local``, 
 
 Layout under the backend's ``data_dir``::
 
-    executions/<machine dirname>/<execution_id>.json    one record, rewritten whole
+    executions/<machine dirname>/<execution_id>.json    the record but its events
+    executions/<machine dirname>/<execution_id>.events  its events, one JSON line each
     executions/<machine dirname>/<execution_id>.cancel  a DELETE asked by another process
     owners/<token>.lock                                 held by the process running them
 
@@ -17,9 +18,13 @@ S1  One owner per record: the process whose runner plays an execution is the onl
     writes its record while it runs. Every process holds an exclusive ``flock`` on its own
     ``owners/<token>.lock`` for as long as its backend is open; the kernel drops it when
     the process dies, however it dies, so a free lock means the owner is gone.
-S2  Writes are atomic: the record goes to a temporary file in the same directory, then
-    ``os.replace``: a reader sees the old record or the new one, never a torn one. No
-    ``fsync``: records survive their process dying, not the computer losing power.
+S2  Writes are atomic: new events are appended to ``.events`` first, then the record goes
+    to a temporary file in the same directory and ``os.replace`` puts it in place. The
+    record says how many bytes of ``.events`` are its events, so a reader sees the old
+    record or the new one with exactly its events, never a torn one, whatever is being
+    appended meanwhile. A save costs the new events and a small file, not the whole log
+    again. No ``fsync``: records survive their process dying, not the computer losing
+    power.
 S3  When: on create, on every status change, at most every ``SAVE_EVERY`` seconds while
     output arrives (so another process sees output up to that late), and at the end.
     A terminal record is written once and never again (a terminal record never changes),
@@ -65,6 +70,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._clock import Clock, SystemClock
+from ._models import TERMINAL_STATUSES
 from ._records import EventRecord, ExecutionRecord, format_time, parse_time, to_millis
 
 __all__ = ["INTERRUPTED_CODE", "SAVE_EVERY", "WATCH_EVERY", "ExecutionStore"]
@@ -127,6 +133,9 @@ class ExecutionStore:
         self._own: set[str] = set()
         self._removed: set[str] = set()
         self._final: set[str] = set()
+        # id -> (events written, their bytes in .events), for this process's own records
+        self._logged: dict[str, tuple[int, int]] = {}
+        self._dirs: set[Path] = set()  # directories known to exist
         # path -> ((inode, mtime_ns, size), record): reads of unchanged files are free
         self._cache: dict[Path, tuple[tuple[int, int, int], ExecutionRecord]] = {}
 
@@ -196,22 +205,63 @@ class ExecutionStore:
             return
         if record.is_terminal:
             self._final.add(execution_id)
-        self._write(self._path(record.machine_id, execution_id), self._state(record, pid))
+        path = self._path(record.machine_id, execution_id)
+        logged = self._logged.get(execution_id, (0, 0))
+        try:
+            logged = self._commit(path, record, pid, logged)
+        except OSError as exc:
+            # a full disk must not break the execution itself: it still runs and answers
+            logger.warning("cannot save the record %s: %s", path, exc)
+        else:
+            self._logged[execution_id] = logged
 
-    def _write(self, path: Path, state: dict[str, Any]) -> None:
-        data = json.dumps(state, ensure_ascii=False, separators=(",", ":")).encode()
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def _commit(
+        self,
+        path: Path,
+        record: ExecutionRecord,
+        pid: int | None,
+        logged: tuple[int, int],
+        owner: dict[str, Any] | None = None,
+    ) -> tuple[int, int]:
+        """Append the events after the first ``logged[0]`` (whose bytes are ``logged[1]``),
+        then put the record in place (S2); returns the new ``logged``."""
+        directory = path.parent
+        if directory not in self._dirs:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._dirs.add(directory)
+        count, size = logged
+        new = record.events[count:]
+        if new or count == 0:
+            data = b"".join(_json_line(event.to_json()) for event in new)
+            fd = os.open(
+                path.with_suffix(".events"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+            try:
+                # at the end of what the record counts: a torn append of a dead owner is
+                # overwritten, never followed
+                os.ftruncate(fd, size)
+                os.lseek(fd, size, os.SEEK_SET)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            count, size = len(record.events), size + len(data)
+        state = self._state(record, pid)
+        state["events"], state["events_bytes"] = count, size
+        if owner is not None:
+            state.update(owner)
         temp = path.with_name(f".{path.name}.{self.token}.tmp")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as file:
-                file.write(data)
+                file.write(_json_line(state))
             os.replace(temp, path)
-        except OSError as exc:
-            # a full disk must not break the execution itself: it still runs and answers
-            logger.warning("cannot save the record %s: %s", path, exc)
+        except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+            raise
+        return count, size
 
     def _state(self, record: ExecutionRecord, pid: int | None) -> dict[str, Any]:
         state: dict[str, Any] = {"format": _FORMAT, "owner": self.token, "pid": os.getpid()}
@@ -228,7 +278,6 @@ class ExecutionStore:
         state["output_cap"] = record.output_cap or self.output_cap
         state["stdout_bytes"] = record.stdout_bytes
         state["stderr_bytes"] = record.stderr_bytes
-        state["events"] = [event.to_json() for event in record.events]
         return state
 
     def remove(self, record: ExecutionRecord) -> None:
@@ -236,7 +285,7 @@ class ExecutionStore:
         self._removed.add(record.execution_id)
         path = self._path(record.machine_id, record.execution_id)
         self._cache.pop(path, None)
-        for name in (path, path.with_suffix(".cancel")):
+        for name in (path, path.with_suffix(".events"), path.with_suffix(".cancel")):
             with contextlib.suppress(FileNotFoundError):
                 name.unlink()
 
@@ -280,7 +329,7 @@ class ExecutionStore:
     def _path(self, machine_id: str, execution_id: str) -> Path:
         return self.root / self._dirname(machine_id) / f"{execution_id}.json"
 
-    def _read(self, path: Path) -> ExecutionRecord | None:
+    def _read(self, path: Path, *, again: bool = True) -> ExecutionRecord | None:
         try:
             stat = path.stat()
         except FileNotFoundError:
@@ -293,14 +342,12 @@ class ExecutionStore:
         else:
             try:
                 state = json.loads(path.read_bytes())
-                record = self._restore(state)
+                record = self._restore(state, self._read_events(path, state))
             except FileNotFoundError:
                 return None
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.warning("skipping the unreadable execution record %s: %s", path, exc)
                 return None
-            # who ran it: S4 needs it, and the runner tells a stored record by it
-            record.runner_state = {k: state.get(k) for k in ("owner", "pid", "command_pid")}
             self._cache[path] = (key, record)
         owner = record.runner_state
         if (
@@ -309,18 +356,33 @@ class ExecutionStore:
             and not self._owner_alive(owner["owner"])
         ):
             self._interrupted(path, record)
+            if again:  # as written back, by this reader or by another at the same moment
+                return self._read(path, again=False)
         return record
 
-    def _restore(self, state: dict[str, Any]) -> ExecutionRecord:
+    @staticmethod
+    def _read_events(path: Path, state: dict[str, Any]) -> list[EventRecord]:
+        """The record's events: the first ``events_bytes`` of ``.events`` (S2)."""
         if state.get("format") != _FORMAT:
             raise ValueError(f"format {state.get('format')!r}, not {_FORMAT}")
+        size = state["events_bytes"]
+        with open(path.with_suffix(".events"), "rb") as file:
+            data = file.read(size)
+        if len(data) != size:
+            raise ValueError(f"{path.with_suffix('.events')} is shorter than its record says")
+        events = [EventRecord.from_json(json.loads(line)) for line in data.splitlines()]
+        if len(events) != state["events"]:
+            raise ValueError(f"{len(events)} events where the record says {state['events']}")
+        return events
+
+    def _restore(self, state: dict[str, Any], events: list[EventRecord]) -> ExecutionRecord:
         fields = {name: state[name] for name in _PLAIN}
         for name in _TIMES:
             fields[name] = None if state[name] is None else parse_time(state[name])
         keys = state["env_keys"]
         fields["env"] = None if keys is None else dict.fromkeys(keys, "")
-        return ExecutionRecord.restore(
-            events=[EventRecord.from_json(event) for event in state["events"]],
+        record = ExecutionRecord.restore(
+            events=events,
             stdout_bytes=state["stdout_bytes"],
             stderr_bytes=state["stderr_bytes"],
             command=tuple(state["command"]),
@@ -328,9 +390,35 @@ class ExecutionStore:
             output_cap=state["output_cap"],
             **fields,
         )
+        # who ran it (S4 needs it, and the runner tells a stored record by it), and how
+        # much of .events is its own
+        record.runner_state = {k: state.get(k) for k in ("owner", "pid", "command_pid")}
+        record.runner_state["logged"] = (state["events"], state["events_bytes"])
+        return record
 
     def _interrupted(self, path: Path, record: ExecutionRecord) -> None:
-        """S4: the owner is gone; the record ends here, and is written back."""
+        """S4: the owner is gone; the record ends here, and is written back (once: readers
+        that find it at the same moment take turns, and the later ones find it done)."""
+        self._cache.pop(path, None)
+        try:
+            fd = os.open(path.with_suffix(".events"), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            current = json.loads(path.read_bytes())
+            if (
+                current.get("status") in TERMINAL_STATUSES
+                or current.get("owner") != (record.runner_state["owner"])
+            ):
+                return
+            self._end_interrupted(path, record)
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot end the record %s: %s", path, exc)
+        finally:
+            os.close(fd)
+
+    def _end_interrupted(self, path: Path, record: ExecutionRecord) -> None:
         owner = record.runner_state
         message = f"the local backend process that ran it (pid {owner['pid']}) exited first"
         group = owner["command_pid"]
@@ -344,10 +432,13 @@ class ExecutionStore:
             error_code=INTERRUPTED_CODE,
             error_message=message,
         )
-        state = self._state(record, owner["command_pid"])
-        state["owner"], state["pid"] = owner["owner"], owner["pid"]
-        self._write(path, state)
-        self._cache.pop(path, None)
+        self._commit(
+            path,
+            record,
+            group,
+            owner["logged"],
+            owner={"owner": owner["owner"], "pid": owner["pid"]},
+        )
 
 
 def _kill_orphan(group: object, execution_id: str) -> bool:
@@ -366,3 +457,7 @@ def _kill_orphan(group: object, execution_id: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _json_line(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"

@@ -169,6 +169,9 @@ def _crashed_owner_record(data_dir: Path, execution_id: str, command_pid: int) -
     record.transition("running", record.created_at)
     store.claim(record)
     store.save(record, pid=command_pid)
+    # it died in the middle of appending its next events
+    with (store.root / machine_dirname(MACHINE) / f"{execution_id}.events").open("ab") as file:
+        file.write(b'{"at":"2026-01-01T00:00:00.000Z","seq')
     # the lock goes as it does when the process dies: the kernel drops it
     assert store._lock_fd is not None
     os.close(store._lock_fd)
@@ -189,6 +192,11 @@ async def test_an_execution_whose_owner_died_reads_failed_and_its_command_is_kil
                 assert execution.error_message is not None
                 assert f"process group {orphan.pid}) was killed" in execution.error_message
                 assert orphan.wait(timeout=5) == -signal.SIGKILL
+                events = [e async for e in session.iter_events(MACHINE, execution_id)]
+                assert [(e.sequence, e.status) for e in events] == [
+                    (1, "running"),
+                    (2, "failed"),
+                ]
                 other = await session.get_execution(MACHINE, "exe-00000000000000bb")
                 assert other.status == "failed"
                 assert "may still be running" in (other.error_message or "")
@@ -281,15 +289,16 @@ async def test_a_reader_never_sees_a_torn_record(tmp_path: Path) -> None:
     directory = tmp_path / "executions" / machine_dirname(MACHINE)
 
     def reader() -> None:
+        # another process's view: a store of its own, reading the record and its events
+        store = ExecutionStore(tmp_path, dirname=machine_dirname, output_cap=1 << 20)
         while not stop.is_set():
             for path in directory.glob("exe-*.json") if directory.exists() else ():
-                try:
-                    json.loads(path.read_bytes())
-                    reads.append(1)
-                except FileNotFoundError:
-                    pass
-                except ValueError as exc:
-                    errors.append(exc)
+                # find() checks the events it read against the count its record says
+                record = store.find(MACHINE, path.stem)
+                if record is None:
+                    errors.append(AssertionError(f"{path.stem} was unreadable"))
+                else:
+                    reads.append(len(record.events))
 
     thread = threading.Thread(target=reader)
     thread.start()
@@ -307,6 +316,7 @@ async def test_a_reader_never_sees_a_torn_record(tmp_path: Path) -> None:
         thread.join()
     assert errors == []
     assert len(reads) > 10
+    assert len(set(reads)) > 3  # it saw the record grow, not only its start and end
 
 
 def test_a_finished_record_deleted_elsewhere_is_not_written_back(tmp_path: Path) -> None:
