@@ -171,7 +171,8 @@ def _crashed_owner_record(data_dir: Path, execution_id: str, command_pid: int) -
     store.save(record, pid=command_pid)
     # it died in the middle of appending its next events
     with (store.root / machine_dirname(MACHINE) / f"{execution_id}.events").open("ab") as file:
-        file.write(b'{"at":"2026-01-01T00:00:00.000Z","seq')
+        file.write(b'{"at":"2026-01-01T00:00:00.000Z","sequence":2,"type":"stdout","chunk":"')
+        file.write(b"x" * 2000)
     # the lock goes as it does when the process dies: the kernel drops it
     assert store._lock_fd is not None
     os.close(store._lock_fd)
@@ -205,6 +206,8 @@ async def test_an_execution_whose_owner_died_reads_failed_and_its_command_is_kil
             path = tmp_path / "executions" / machine_dirname(MACHINE) / f"{execution_id}.json"
             stored = json.loads(path.read_text())
             assert (stored["status"], stored["error_code"]) == ("failed", INTERRUPTED_CODE)
+            # the torn append is gone, not left behind the end
+            assert path.with_suffix(".events").stat().st_size == stored["events_bytes"]
         finally:
             stranger.kill()
             orphan.kill()
