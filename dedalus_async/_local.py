@@ -101,7 +101,7 @@ Records
     ``data_dir``, in any process, answers for it (``dedalus-async get --local`` after a
     ``run --local``), and two processes on one ``data_dir`` at once see each other's
     executions without writing each other's files. A record is saved on create, on each
-    status change, every 0.5 s while output arrives (a save counts as a read of the
+    status change, every 0.25 s while output arrives (a save counts as a read of the
     execution: the output gathered is logged first) and at the end. An execution whose
     process died before it ended reads as ``failed`` with ``error_code``
     ``execution_runner_interrupted``. A DELETE of another live process's unfinished

@@ -375,7 +375,7 @@ class RecordStore(Protocol):
         ...
 
     def machine_records(self, machine_id: str) -> list[ExecutionRecord]:
-        """Every stored record of the machine, oldest first."""
+        """The stored records of the machine the server's memory may lack, oldest first."""
         ...
 
     def remove(self, record: ExecutionRecord) -> None:

@@ -41,7 +41,7 @@ S4  An owner gone (S1) and a record not terminal: the command's process died wit
 S5  A DELETE of an unfinished execution another live process owns leaves
     ``<execution_id>.cancel``; the owner looks for it every ``WATCH_EVERY`` seconds, kills
     the command and records ``cancelled`` (the DELETE answers ``cancelled`` at once, as
-    the API does). A DELETE of a terminal record removes its file.
+    the API does). A DELETE of a terminal record removes its files.
 S6  Kept: everything the API shows, the output events included, and the output cap they
     were kept under. Not kept: ``stdin`` and the values of ``env`` (only its names, which
     the API shows as ``env_keys``): secrets passed that way never reach the disk.
@@ -84,7 +84,7 @@ _FORMAT: Final = 1
 # The ids ExecutionsServer makes ("exe-" + 16 hex): nothing else is looked up (S7).
 _EXECUTION_ID: Final = re.compile(r"exe-[0-9a-f]{16}")
 #: How often (real seconds) a running execution's record is saved while output arrives.
-SAVE_EVERY: Final = 0.5
+SAVE_EVERY: Final = 0.25
 #: How often (real seconds) an owner looks for a DELETE asked by another process (S5).
 WATCH_EVERY: Final = 0.1
 _TIMES: Final = ("created_at", "started_at", "completed_at", "expires_at")
@@ -311,7 +311,8 @@ class ExecutionStore:
         return self._read(self._path(machine_id, execution_id))
 
     def machine_records(self, machine_id: str) -> list[ExecutionRecord]:
-        """Every stored record of the machine, oldest first."""
+        """Every stored record of the machine that another process made, oldest first (this
+        process's own are fresher in its server's memory)."""
         directory = self.root / self._dirname(machine_id)
         try:
             names = os.listdir(directory)
@@ -319,7 +320,8 @@ class ExecutionStore:
             return []
         records = []
         for name in names:
-            if name.endswith(".json") and _EXECUTION_ID.fullmatch(name[:-5]):
+            stem = name[:-5]
+            if name.endswith(".json") and _EXECUTION_ID.fullmatch(stem) and stem not in self._own:
                 record = self._read(directory / name)
                 if record is not None and record.machine_id == machine_id:
                     records.append(record)

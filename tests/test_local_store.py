@@ -348,3 +348,103 @@ def test_a_finished_record_deleted_elsewhere_is_not_written_back(tmp_path: Path)
     finally:
         other.close()
         owner.close()
+
+
+def _finished_record(execution_id: str, status: str = "succeeded") -> ExecutionRecord:
+    record = ExecutionRecord(
+        execution_id=execution_id,
+        machine_id=MACHINE,
+        command=("true",),
+        created_at=datetime.now(UTC),
+        created_mono=0.0,
+    )
+    record.transition("running", record.created_at)
+    if status != "running":
+        record.finish(status, record.created_at, exit_code=0)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (lambda state, events: (state.update(format=99), events), "format 99"),
+        (lambda state, events: (state, events[:-5]), "shorter than its record says"),
+        (
+            lambda state, events: (
+                state.update(events=state["events"] + 1, events_bytes=len(events)),
+                events,
+            ),
+            "events where the record says",
+        ),
+        (lambda state, events: (state.pop("status"), events), "status"),
+    ],
+)
+def test_a_damaged_record_is_skipped_with_a_warning(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[dict[str, object], bytes], tuple[object, bytes]],
+    why: str,
+) -> None:
+    """S7: another version's record, or one cut short, reads as absent; nothing raises."""
+    store = ExecutionStore(tmp_path, dirname=machine_dirname, output_cap=1000)
+    store.open()
+    try:
+        store.save(_finished_record("exe-00000000000000ee"))
+        path = store.root / machine_dirname(MACHINE) / "exe-00000000000000ee.json"
+        state = json.loads(path.read_bytes())
+        events = path.with_suffix(".events").read_bytes()
+        _, events = damage(state, events)
+        path.write_text(json.dumps(state))
+        path.with_suffix(".events").write_bytes(events)
+        reader = ExecutionStore(tmp_path, dirname=machine_dirname, output_cap=1000)
+        with caplog.at_level("WARNING", logger="dedalus_async.local"):
+            assert reader.find(MACHINE, "exe-00000000000000ee") is None
+        assert why in caplog.text
+    finally:
+        store.close()
+
+
+def test_an_owner_that_closed_without_ending_a_record_counts_as_gone(tmp_path: Path) -> None:
+    """S1: no lock file at all (its owner closed, or the file was cleaned) is a gone owner."""
+    owner = ExecutionStore(tmp_path, dirname=machine_dirname, output_cap=1000)
+    owner.open()
+    record = _finished_record("exe-00000000000000ab", status="running")
+    owner.claim(record)
+    owner.save(record)  # no command_pid: nothing to kill
+    owner.close()
+    owner.close()  # twice is fine
+    assert not owner.owns(_finished_record("exe-0000000000000000"))
+    reader = ExecutionStore(tmp_path, dirname=machine_dirname, output_cap=1000)
+    found = reader.find(MACHINE, "exe-00000000000000ab")
+    assert found is not None
+    assert (found.status, found.error_code) == ("failed", INTERRUPTED_CODE)
+    assert "exited first" in (found.error_message or "")
+    assert "process group" not in (found.error_message or "")
+    assert "ExecutionStore" in repr(reader)
+
+
+def test_a_record_that_cannot_be_saved_does_not_stop_the_execution(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full or broken disk: the execution still runs and answers; the store warns."""
+
+    async def run() -> Execution:
+        async with _backend(tmp_path) as backend, backend.session() as session:
+            (tmp_path / "executions" / machine_dirname(MACHINE)).write_text("not a directory")
+            result = await session.run(MACHINE, ["echo", "still works"])
+            assert result.stdout == "still works\n"
+            return result.execution
+
+    with caplog.at_level("WARNING", logger="dedalus_async.local"):
+        execution = asyncio.run(run())
+    assert execution.status == "succeeded"
+    assert "cannot save the record" in caplog.text
+
+
+def test_a_pid_that_is_gone_or_not_a_group_is_never_signalled(tmp_path: Path) -> None:
+    """S4's kill needs a live process that is the execution's own command."""
+    from dedalus_async._store import _kill_orphan
+
+    assert not _kill_orphan(None, "exe-00000000000000aa")
+    assert not _kill_orphan(1, "exe-00000000000000aa")  # never init, whatever it says
+    assert not _kill_orphan(2**22 + 12345, "exe-00000000000000aa")  # no such process
