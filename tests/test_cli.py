@@ -1476,3 +1476,23 @@ def test_ctrl_c_on_run_many_locally_says_the_backend_stops_them(home: Path, tmp_
     assert "the local backend stops the 1 still running on exit" in note
     listed = _cli(home, "list", "--local", "dm-local").stdout
     assert json.loads(listed)["status"] == "cancelled"
+
+
+def test_arguments_that_are_not_utf8_get_command_line_advice(home: Path) -> None:
+    """Bytes the shell passed that UTF-8 cannot carry: exit 2, and no Python advice."""
+    for argv in (
+        [b"run", b"--local", b"--", b"echo", b"\xff"],
+        [b"get", b"--local", b"dm-1", b"\xff"],
+    ):
+        proc = subprocess.run(
+            [sys.executable.encode(), b"-m", b"dedalus_async", *argv],
+            capture_output=True,
+            env=_base_env(home),
+            cwd=home.parent,
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == 2
+        (error,) = [n for n in _notes(proc.stderr) if "error:" in n]
+        assert "give it as UTF-8 text" in error
+        assert "errors=" not in error

@@ -43,6 +43,7 @@ from ._outcomes import (
     EXIT_WAIT_TIMEOUT,
     Terminated,
     UsageError,
+    command_line_words,
     exit_code_for,
 )
 from ._output import PROG, Context, RedactingFormatter, result_document
@@ -156,7 +157,7 @@ def _dispatch(args: argparse.Namespace, ctx: Context) -> int:
     except (TypeError, ValueError) as exc:
         # the library checks arguments before sending anything: these are usage errors
         _debug_traceback(ctx, exc)
-        ctx.error(str(exc))
+        ctx.error(command_line_words(str(exc)))
         return EXIT_USAGE
     except BrokenPipeError:
         # the reader of our stdout went away (`| head`): stop quietly, like a shell tool

@@ -17,7 +17,7 @@ from dedalus_async._version import __version__
 from dedalus_async._wire import check_id, check_idempotency_key
 
 from ._inputs import MAX_TIMEOUT_MS, MAX_WAIT_SECONDS, EventCursor
-from ._outcomes import EXIT_USAGE
+from ._outcomes import EXIT_USAGE, command_line_words
 from ._output import PROG
 from ._sessions import DEFAULT_LOCAL_MACHINE
 
@@ -51,7 +51,8 @@ exit codes of run:
   130      interrupted by Ctrl-C (143: SIGTERM); with --cancel-remote the execution is
            deleted first
 run-many exits 0 when every execution succeeded with exit code 0, else 1 (2, 125, 130 as
-above); get/output/events/cancel/delete/list exit 0, 2 or 125; serve-local exits 0 when stopped
+above); get/output/events/cancel/delete/list exit 0, 2 or 125 (130: Ctrl-C during
+events --follow, after printing the command to read on); serve-local exits 0 when stopped
 by Ctrl-C or SIGTERM, 2 when it cannot listen. A remote exit code can equal one of the
 codes above: use --json when the difference matters.
 """
@@ -181,7 +182,8 @@ def _id(name: str) -> Callable[[str], str]:
         try:
             check_id(name, text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name} ")) from None
+            message = command_line_words(str(exc).removeprefix(f"{name} "))
+            raise argparse.ArgumentTypeError(message) from None
         return text
 
     return parse
