@@ -102,13 +102,28 @@ class InstantClock:
         return None
 
 
-async def measure(executions: int, repeats: int, profile: bool) -> float:
-    """The lowest CPU seconds per execution over ``repeats`` batches of ``executions``."""
+def _sdk_providers() -> dict[str, Any]:
+    """OpenTelemetry SDK providers that record everything and export nowhere: the cost of
+    the spans and metrics themselves (an exporter's cost is the application's choice)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    return {
+        "tracer_provider": TracerProvider(),
+        "meter_provider": MeterProvider(metric_readers=[InMemoryMetricReader()]),
+    }
+
+
+async def measure(executions: int, repeats: int, profile: bool, otel: bool = False) -> float:
+    """The lowest CPU seconds per execution over ``repeats`` batches of ``executions``;
+    ``otel``: with OpenTelemetry SDK providers configured."""
     session = Session(
         "bench-key",
         base_url="http://127.0.0.1:9",
         clock=InstantClock(),
         transport=CannedTransport(),  # recorded-looking responses, no sockets
+        **(_sdk_providers() if otel else {}),
     )
     best = float("inf")
     async with session:
@@ -137,10 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executions", type=int, default=10000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print a cProfile (CPU time)")
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="with OpenTelemetry SDK tracer and meter providers (needs opentelemetry-sdk)",
+    )
     args = parser.parse_args(argv)
-    per = asyncio.run(measure(args.executions, args.repeats, args.profile))
+    per = asyncio.run(measure(args.executions, args.repeats, args.profile, args.otel))
     print(
-        f"dedalus_async CPU without the network: {per * 1e6:.1f} us per execution, "
+        f"dedalus_async CPU without the network{' (OpenTelemetry on)' if args.otel else ''}: "
+        f"{per * 1e6:.1f} us per execution, "
         f"{per / 5 * 1e6:.1f} us per request (best of {args.repeats} x {args.executions})"
     )
     return 0

@@ -28,6 +28,9 @@ from ._errors import (
     DedalusError,
     ExecutionFailed,
     IdempotencyKeyReusedError,
+    MachineFailed,
+    MachineStateError,
+    MachineWaitTimeout,
     NotFoundError,
     PermissionDeniedError,
     RateLimitedError,
@@ -41,7 +44,9 @@ from ._errors import (
 )
 from ._fanout import Completed, ExecutionRequest, Progress
 from ._handle import EventStream, ExecutionHandle
+from ._machines import MachineHandle
 from ._models import (
+    MACHINE_TARGETS,
     TERMINAL_STATUSES,
     ArtifactRef,
     Execution,
@@ -49,10 +54,13 @@ from ._models import (
     ExecutionOutput,
     ExecutionRef,
     ExecutionStatus,
+    LifecycleStatus,
     LogCapture,
     LogPublication,
     LogReadToken,
     LogStatus,
+    Machine,
+    MachinePhase,
 )
 from ._policy import USE_POLICY_DEFAULT, PollPolicy, RetryPolicy, UsePolicyDefault
 from ._results import ExecutionResult, WaitStats
@@ -81,6 +89,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "MACHINE_TARGETS",
     "TERMINAL_STATUSES",
     "USE_POLICY_DEFAULT",
     "APIStatusError",
@@ -103,11 +112,18 @@ __all__ = [
     "ExecutionResult",
     "ExecutionStatus",
     "IdempotencyKeyReusedError",
+    "LifecycleStatus",
     "LocalBackend",
     "LogCapture",
     "LogPublication",
     "LogReadToken",
     "LogStatus",
+    "Machine",
+    "MachineFailed",
+    "MachineHandle",
+    "MachinePhase",
+    "MachineStateError",
+    "MachineWaitTimeout",
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",

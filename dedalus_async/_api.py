@@ -13,17 +13,27 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _wire
 from ._clock import Clock
 from ._errors import DedalusError
 from ._handle import EventStream, ExecutionHandle
-from ._models import Execution, ExecutionOutput, ExecutionRef, LogReadToken, LogStatus
+from ._machines import MachineHandle
+from ._models import (
+    Execution,
+    ExecutionOutput,
+    ExecutionRef,
+    LogReadToken,
+    LogStatus,
+    Machine,
+    MachinePhase,
+)
+from ._policy import USE_POLICY_DEFAULT, PollPolicy, UsePolicyDefault, resolve_timeout
 from ._requester import Requester
 from ._waiting import WaitLoop
 
-__all__ = ["ExecutionsAPI"]
+__all__ = ["ExecutionsAPI", "MachinesAPI"]
 
 logger = logging.getLogger("dedalus_async")
 
@@ -193,3 +203,158 @@ class ExecutionsAPI:
         handle = self.execution(ref.machine_id, ref.execution_id)
         handle.idempotency_key = ref.idempotency_key
         return handle
+
+
+class MachinesAPI:
+    """The endpoints of ``/v1/machines``, over the same requester as the executions.
+
+    Every mutating call (create, update, sleep, wake, delete) is sent under an
+    Idempotency-Key, a fresh one unless you pass yours, re-sent on every retry of the
+    call. No ``If-Match`` is sent: the official SDK (0.6.0) sends none, and the API no
+    longer requires it.
+    """
+
+    _requester: Requester
+    _waits: WaitLoop
+
+    if TYPE_CHECKING:
+
+        def new_idempotency_key(self) -> str: ...  # ExecutionsAPI's, in a Session
+
+    async def create_machine(
+        self,
+        *,
+        vcpu: float | None = None,
+        memory_mib: int | None = None,
+        storage_gib: int | None = None,
+        autosleep: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> MachineHandle:
+        """Create a machine; return its handle (``await handle.wait()`` for ``running``).
+
+        ``vcpu`` (e.g. ``1`` or ``0.5``), ``memory_mib`` and ``storage_gib``: the size,
+        the server's defaults when left out. ``autosleep``: the idle window before it
+        sleeps, as the API writes it (``"30s"``, ``"15m"``, ``"2h"``, ``"1w3d"``,
+        ``"1800"`` or ``"never"``). Everything is checked before anything is sent. The
+        server answers once the machine converged (HTTP 200) or at once while it is still
+        on its way (202): the handle's ``last`` says which phase it is in.
+        """
+        key = _wire.check_idempotency_key(idempotency_key) or self.new_idempotency_key()
+        request = _wire.machine_create_request(
+            vcpu=vcpu,
+            memory_mib=memory_mib,
+            storage_gib=storage_gib,
+            autosleep=autosleep,
+            idempotency_key=key,
+        )
+        self._requester.check_open()
+        try:
+            machine = await self._requester.send(request, _wire.decode_machine)
+        except DedalusError as exc:
+            exc.idempotency_key = key
+            exc.add_note(
+                f"the create was sent with Idempotency-Key {key}: create again with "
+                f"idempotency_key={key!r} to get that machine, never a second one"
+            )
+            raise
+        handle = MachineHandle(self, self._waits, machine.machine_id)
+        handle.last = machine
+        logger.debug("created machine %s (phase %s)", machine.machine_id, machine.phase)
+        return handle
+
+    def machine(self, machine_id: str) -> MachineHandle:
+        """A handle on an existing machine (no request is sent)."""
+        _wire.check_id("machine_id", machine_id)
+        return MachineHandle(self, self._waits, machine_id)
+
+    async def get_machine(self, machine_id: str) -> Machine:
+        """Fetch one machine (its lifecycle in ``status``)."""
+        request = _wire.machine_request("GET", machine_id)
+        return await self._requester.send(request, _wire.decode_machine)
+
+    async def list_machines(self, *, limit: int | None = None) -> AsyncIterator[Machine]:
+        """Every machine of the organisation, following all pages; ``limit`` is the page size."""
+        page_size = _wire.check_limit(limit)
+        self._requester.check_open()
+        cursor: str | None = None
+        while True:
+            request = _wire.page_request(_wire.MACHINES_PATH, limit=page_size, cursor=cursor)
+            items, next_cursor = await self._requester.send(request, _wire.decode_machine_page)
+            for item in items:
+                yield item
+            # stop on the end marker, and on a server that repeats a cursor with nothing new
+            if next_cursor is None or (not items and next_cursor == cursor):
+                return
+            cursor = next_cursor
+
+    async def update_machine(
+        self,
+        machine_id: str,
+        *,
+        vcpu: float | None = None,
+        memory_mib: int | None = None,
+        storage_gib: int | None = None,
+        autosleep: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Machine:
+        """Change a machine's size or autosleep (only the fields given; at least one)."""
+        key = _wire.check_idempotency_key(idempotency_key) or self.new_idempotency_key()
+        request = _wire.machine_update_request(
+            machine_id,
+            vcpu=vcpu,
+            memory_mib=memory_mib,
+            storage_gib=storage_gib,
+            autosleep=autosleep,
+            idempotency_key=key,
+        )
+        return await self._requester.send(request, _wire.decode_machine)
+
+    async def delete_machine(
+        self, machine_id: str, *, idempotency_key: str | None = None
+    ) -> Machine:
+        """Destroy a machine; its storage is wiped. Its executions can no longer run."""
+        return await self._lifecycle("DELETE", machine_id, "", idempotency_key)
+
+    async def sleep_machine(
+        self, machine_id: str, *, idempotency_key: str | None = None
+    ) -> Machine:
+        """Ask a machine to sleep (files under ``/home/machine`` persist)."""
+        return await self._lifecycle("POST", machine_id, "/sleep", idempotency_key)
+
+    async def wake_machine(self, machine_id: str, *, idempotency_key: str | None = None) -> Machine:
+        """Ask a sleeping machine to wake; the answer is usually still on its way."""
+        return await self._lifecycle("POST", machine_id, "/wake", idempotency_key)
+
+    async def _lifecycle(
+        self, method: str, machine_id: str, suffix: str, idempotency_key: str | None
+    ) -> Machine:
+        key = _wire.check_idempotency_key(idempotency_key) or self.new_idempotency_key()
+        request = _wire.machine_request(method, machine_id, suffix, idempotency_key=key)
+        return await self._requester.send(request, _wire.decode_machine)
+
+    async def ensure_running(
+        self,
+        machine_id: str,
+        *,
+        timeout: float | UsePolicyDefault | None = USE_POLICY_DEFAULT,
+        poll: PollPolicy | None = None,
+    ) -> Machine:
+        """Make sure a machine is running: wake it if it is (going) asleep, then wait until
+        it is ``running``. Returns the running snapshot; raises like
+        :meth:`MachineHandle.wait` (``MachineFailed`` for a machine that fails to wake).
+        """
+        handle = self.machine(machine_id)
+        policy = poll or self._waits.poll
+        seconds = resolve_timeout(timeout, policy)  # bad values fail before any request
+        current = await handle.refresh()
+        if current.phase == MachinePhase.RUNNING and current.desired_state in (
+            None,
+            MachinePhase.RUNNING,
+        ):
+            return current
+        if current.desired_state == MachinePhase.SLEEPING or current.phase in (
+            MachinePhase.SLEEPING,
+            MachinePhase.STOPPING,
+        ):
+            await handle.wake()
+        return await handle.wait("running", timeout=seconds, poll=policy)

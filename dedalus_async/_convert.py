@@ -28,10 +28,12 @@ from ._models import (
     Execution,
     ExecutionEvent,
     ExecutionOutput,
+    LifecycleStatus,
     LogCapture,
     LogPublication,
     LogReadToken,
     LogStatus,
+    Machine,
 )
 
 __all__ = ["structure", "unstructure"]
@@ -64,6 +66,13 @@ def _structure_bool(value: object, _: object) -> bool:
 _RFC3339 = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})?"
 )
+
+
+def _structure_float(value: object, _: object) -> float:
+    # a JSON number, integral or not (a machine's vcpu may be 1 or 0.5); not a bool, not text
+    if type(value) is float or type(value) is int:
+        return float(value)
+    raise TypeError(f"expected a number, got {type(value).__name__}")
 
 
 def _structure_datetime(value: object, _: object) -> datetime:
@@ -149,6 +158,7 @@ def _make(detailed: bool) -> cattrs.Converter:
     conv.register_structure_hook(str, _structure_str)
     conv.register_structure_hook(int, _structure_int)
     conv.register_structure_hook(bool, _structure_bool)
+    conv.register_structure_hook(float, _structure_float)
     conv.register_structure_hook(datetime, _structure_datetime)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
     conv.register_structure_hook_func(lambda t: t == tuple[ArtifactRef, ...], structure_artifacts)
@@ -159,6 +169,7 @@ def _make(detailed: bool) -> cattrs.Converter:
         (str | None, _structure_str),
         (int | None, _structure_int),
         (bool | None, _structure_bool),
+        (float | None, _structure_float),
         (datetime | None, _structure_datetime),
         (tuple[str, ...] | None, _structure_str_tuple),
         (tuple[ArtifactRef, ...] | None, structure_artifacts),
@@ -175,8 +186,9 @@ def _make(detailed: bool) -> cattrs.Converter:
     nested: dict[Any, Callable[[Any, Any], Any]] = {
         LogCapture: byte_counts,
         LogPublication: conv.get_structure_hook(LogPublication),
+        LifecycleStatus: conv.get_structure_hook(LifecycleStatus),
     }
-    for cls in (LogCapture, LogPublication):
+    for cls in (LogCapture, LogPublication, LifecycleStatus):
         conv.register_structure_hook(cls, structure_object)
         conv.register_structure_hook_func(
             _equal_to(cls | None), _or_none(_bound(structure_object, cls))
@@ -244,6 +256,8 @@ _FAST_FNS: dict[type[Any], Callable[[Any, Any], Any]] = {
         ArtifactRef,
         LogStatus,
         LogReadToken,
+        Machine,
+        LifecycleStatus,
     )
 }
 

@@ -19,7 +19,10 @@
     │   └── IdempotencyKeyReusedError      error_code IDEMPOTENCY_KEY_REUSED, any status
     ├── ResponseDecodeError                the response made no sense
     ├── WaitTimeout (TimeoutError)         the wait's deadline passed first
-    └── ExecutionFailed                    run(check=True) and the command ended badly
+    ├── ExecutionFailed                    run(check=True) and the command ended badly
+    ├── MachineWaitTimeout (TimeoutError)  a machine's wait: the deadline passed first
+    └── MachineStateError                  the machine can no longer reach the phase waited for
+        └── MachineFailed                  ... because it is in the ``failed`` phase
 
 Invalid arguments are plain :class:`TypeError` / :class:`ValueError`, raised before any
 request is sent. No message here ever contains the API key.
@@ -31,7 +34,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._models import Execution, ExecutionRef
+    from ._models import Execution, ExecutionRef, Machine
     from ._results import ExecutionResult
 
 __all__ = [
@@ -43,6 +46,9 @@ __all__ = [
     "DedalusError",
     "ExecutionFailed",
     "IdempotencyKeyReusedError",
+    "MachineFailed",
+    "MachineStateError",
+    "MachineWaitTimeout",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitedError",
@@ -231,6 +237,41 @@ class ExecutionFailed(DedalusError):
             how += f": {ex.error_message}"
         super().__init__(f"execution {ex.execution_id} on {ex.machine_id} {ex.status} ({how})")
         self.result = result
+
+
+class MachineWaitTimeout(DedalusError, TimeoutError):
+    """A machine's wait passed its deadline before the machine reached ``until``.
+
+    ``last`` is the latest snapshot seen (None if not one look succeeded): where it stood.
+    The machine keeps going towards its desired state; wait again to follow it.
+    """
+
+    def __init__(
+        self, message: str, *, machine_id: str, until: str, last: Machine | None, timeout: float
+    ) -> None:
+        super().__init__(message)
+        self.machine_id = machine_id
+        self.until = until
+        self.last = last
+        self.timeout = timeout
+
+
+class MachineStateError(DedalusError):
+    """The machine reached a phase from which the one waited for (``until``) cannot come
+    without a new request: destroyed while waiting for ``running``, for instance.
+
+    ``machine`` is the snapshot that ended the wait.
+    """
+
+    def __init__(self, message: str, *, machine: Machine, until: str) -> None:
+        super().__init__(message)
+        self.machine = machine
+        self.until = until
+
+
+class MachineFailed(MachineStateError):
+    """The machine is in the ``failed`` phase (``machine.status.last_error`` says why, when
+    the server said); a wait on it ends at once with this."""
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {

@@ -20,10 +20,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -288,6 +289,7 @@ class _FanOut:
         deliver: Callable[[int, ExecutionResult | Exception], None],
         *,
         fail_fast: bool,
+        name: str,
     ) -> None:
         self.client = client
         self.waits = waits
@@ -299,8 +301,27 @@ class _FanOut:
         self._failed = 0
         self._in_flight = 0
         self._refreshers: dict[str, _Refresher] = {}
+        self._name = name
+        self._telemetry = waits.requester.telemetry
+        self._span: Any = None  # the fan-out's span, with telemetry
 
     async def run(self) -> None:
+        telemetry = self._telemetry
+        if telemetry is None:
+            await self._run()
+            return
+        plan = self.plan
+        with telemetry.fanout_span(self._name, len(plan.requests), plan.concurrency) as span:
+            self._span = span
+            try:
+                await self._run()
+            finally:
+                if span is not None:
+                    span.set_attributes(
+                        {"dedalus.fanout.done": self._done, "dedalus.fanout.failed": self._failed}
+                    )
+
+    async def _run(self) -> None:
         plan = self.plan
         # created here, inside the running loop: nothing of a fan-out outlives its call
         self._create_slots = anyio.Semaphore(plan.create_concurrency)
@@ -329,7 +350,12 @@ class _FanOut:
             self._in_flight += 1
             self._report()
             try:
-                result = await self._one(index)
+                if self._telemetry is None:
+                    result = await self._one(index)
+                else:
+                    with self._telemetry.execution_span(requests[index].machine_id) as note:
+                        result = await self._one(index)
+                        note(result.execution)
             except Exception as exc:
                 request = requests[index]
                 exc.add_note(
@@ -440,6 +466,9 @@ class _FanOut:
             refresher = _Refresher(
                 self.waits, machine_id, self._tg, self.plan.poll or self.waits.poll
             )
+            if self._telemetry is not None:
+                # its page reads belong to the fan-out, not to the job that came first
+                refresher.context = functools.partial(self._telemetry.within, self._span)
             self._refreshers[machine_id] = refresher
         return refresher
 
@@ -524,6 +553,8 @@ class _Refresher:
         self._start_cursor: str | None = None
         self._ledger: deque[tuple[int, int]] = deque(maxlen=_LEDGER_SWEEPS)
         self.disabled = False
+        #: the context its loop task starts in (the fan-out's span, with OpenTelemetry)
+        self.context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         # telemetry
         self.pages = 0
         self.served = 0
@@ -540,7 +571,8 @@ class _Refresher:
         self._looks[execution_id] = look
         if not self._running:
             self._running = True
-            self._tg.start_soon(self._loop)
+            with self.context():
+                self._tg.start_soon(self._loop)
         return look
 
     def unregister(self, look: _Look) -> None:
@@ -757,8 +789,9 @@ async def run_many(
     check: bool,
     poll: PollPolicy | None,
     batch_refresh: bool,
+    wake: Callable[[str], Awaitable[object]] | None = None,
 ) -> list[ExecutionResult] | list[ExecutionResult | BaseException]:
-    """See :meth:`Session.run_many`."""
+    """See :meth:`Session.run_many`; ``wake`` makes one machine ready (``wake_machines``)."""
     if fail_fast and return_exceptions:
         raise ValueError(
             "fail_fast=True raises at the first failure, return_exceptions=True returns "
@@ -779,12 +812,14 @@ async def run_many(
     total = len(plan.requests)
     if not total:
         return []
+    if wake is not None:
+        await wake_machines(wake, plan.requests, limit=create_concurrency)  # checked by _plan
     outcomes: list[ExecutionResult | BaseException | None] = [None] * total
 
     def deliver(index: int, outcome: ExecutionResult | Exception) -> None:
         outcomes[index] = outcome
 
-    engine = _FanOut(client, waits, plan, deliver, fail_fast=fail_fast)
+    engine = _FanOut(client, waits, plan, deliver, fail_fast=fail_fast, name="dedalus.run_many")
     try:
         await engine.run()
     except ExceptionGroup as group:
@@ -804,6 +839,25 @@ async def run_many(
     if errors and not return_exceptions:
         raise ExceptionGroup(f"{len(errors)} of {total} executions failed", errors)
     return results
+
+
+async def wake_machines(
+    wake: Callable[[str], Awaitable[object]], requests: Sequence[ExecutionRequest], *, limit: int
+) -> None:
+    """The step before a fan-out with ``wake_machines=True``: each distinct machine once,
+    ``limit`` at a time, until all are running. A machine that cannot be made to run
+    raises (in an :class:`ExceptionGroup`) before any execution is created."""
+    machine_ids = list(dict.fromkeys(request.machine_id for request in requests))
+    limiter = anyio.CapacityLimiter(limit)
+
+    async def one(machine_id: str) -> None:
+        async with limiter:
+            await wake(machine_id)
+
+    async with anyio.create_task_group() as group:
+        for machine_id in machine_ids:
+            group.start_soon(one, machine_id)
+    logger.debug("woke %d machines before the fan-out", len(machine_ids))
 
 
 class _Completions:
@@ -873,7 +927,9 @@ async def _as_completed(
 
     async def produce() -> None:
         try:
-            await _FanOut(client, waits, plan, deliver, fail_fast=False).run()
+            await _FanOut(
+                client, waits, plan, deliver, fail_fast=False, name="dedalus.as_completed"
+            ).run()
         finally:
             send.close()  # the reader's loop ends after the last item
 

@@ -229,6 +229,34 @@ async def create_seen_through(
         raise
 
 
+async def run_to_end(
+    machine_id: str,
+    create: Coroutine[Any, Any, ExecutionHandle],
+    loop: WaitLoop,
+    *,
+    timeout: float | UsePolicyDefault | None,
+    cancel_remote: bool,
+    poll: PollPolicy | None,
+    check: bool,
+) -> ExecutionResult:
+    """``Session.run`` once its arguments are checked: create, wait, read the result (in
+    an execution span, with OpenTelemetry)."""
+    telemetry = loop.requester.telemetry
+    if telemetry is None:
+        # with cancel_remote, a cancel that arrives during the create still reaches the
+        # server: the create is seen through (time-boxed) and what it made is deleted
+        handle = await (create_seen_through(create, loop) if cancel_remote else create)
+        execution = await handle.wait(timeout=timeout, cancel_remote=cancel_remote, poll=poll)
+        return await read_result(handle, execution, check=check)
+    with telemetry.execution_span(machine_id) as note:
+        handle = await (create_seen_through(create, loop) if cancel_remote else create)
+        if handle.last is not None:
+            note(handle.last)
+        execution = await handle.wait(timeout=timeout, cancel_remote=cancel_remote, poll=poll)
+        note(execution)
+        return await read_result(handle, execution, check=check)
+
+
 async def read_result(
     handle: ExecutionHandle, execution: Execution, *, check: bool
 ) -> ExecutionResult:

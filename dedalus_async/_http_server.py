@@ -192,7 +192,8 @@ def to_web_response(response: APIResponse) -> web.Response:
     """The aiohttp response that sends ``response``."""
     return web.Response(
         status=response.status,
-        body=response.body,
+        # a stream (server-sent events) is sent chunk by chunk as it is produced
+        body=response.stream if response.stream is not None else response.body,
         content_type=response.content_type,
         headers=response.headers,
     )

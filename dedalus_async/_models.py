@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 __all__ = [
+    "MACHINE_TARGETS",
     "TERMINAL_STATUSES",
     "ArtifactRef",
     "Execution",
@@ -24,10 +25,13 @@ __all__ = [
     "ExecutionOutput",
     "ExecutionRef",
     "ExecutionStatus",
+    "LifecycleStatus",
     "LogCapture",
     "LogPublication",
     "LogReadToken",
     "LogStatus",
+    "Machine",
+    "MachinePhase",
 ]
 
 
@@ -249,3 +253,78 @@ class ExecutionRef:
         if not isinstance(data, dict):
             raise ValueError("ExecutionRef JSON must be an object")
         return cls.from_dict(data)
+
+
+# --- machines ------------------------------------------------------------------------
+
+
+class MachinePhase(enum.StrEnum):
+    """The phases of a machine the API documents (an open set, like execution statuses)."""
+
+    ACCEPTED = "accepted"
+    PLACEMENT_PENDING = "placement_pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    SLEEPING = "sleeping"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+
+
+#: The phases a machine can be asked to reach (its ``desired_state``), and so waited for.
+MACHINE_TARGETS: frozenset[str] = frozenset(
+    {MachinePhase.RUNNING, MachinePhase.SLEEPING, MachinePhase.DESTROYED}
+)
+
+
+@attrs.frozen(kw_only=True)
+class LifecycleStatus:
+    """Where a machine's lifecycle stands (``status`` of ``GET /v1/machines/{id}``, and
+    each event of its status stream).
+
+    ``revision`` changes with every transition. The official types require every field
+    but ``last_error`` and the memory details; only ``phase`` is required here, so that an
+    older or newer server still decodes.
+    """
+
+    phase: str
+    reason: str | None = None
+    retryable: bool | None = None
+    revision: str | None = None
+    last_transition_at: datetime | None = None
+    last_progress_at: datetime | None = None
+    last_error: str | None = None
+    memory_configured_mib: int | None = None
+    memory_assigned_mib: int | None = None
+    memory_target_mib: int | None = None
+    memory_resize_state: str | None = None
+    memory_last_autoresized_at: datetime | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Machine:
+    """One snapshot of a machine, as the server reported it.
+
+    The API answers in two shapes: ``GET`` nests the lifecycle in ``status``, the other
+    calls (create, update, sleep, wake, delete, list) put ``phase`` at the top level. Both
+    decode to this: ``phase`` is always set (from ``status`` when the top level has none)
+    and ``status`` only when the server sent it. ``revision`` is ``status.revision`` or,
+    without a ``status``, the answer's ``ETag``.
+    """
+
+    machine_id: str
+    phase: str
+    desired_state: str | None = None
+    vcpu: float | None = None
+    memory_mib: int | None = None
+    storage_gib: int | None = None
+    autosleep_seconds: int | None = None
+    created_at: datetime | None = None
+    status: LifecycleStatus | None = None
+    revision: str | None = None
+
+    @property
+    def is_failed(self) -> bool:
+        """True when the machine is in the ``failed`` phase."""
+        return self.phase == MachinePhase.FAILED

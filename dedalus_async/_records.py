@@ -159,6 +159,9 @@ class ExecutionRecord:
     #: server's own
     output_cap: int | None = None
     events: list[EventRecord] = attrs.field(factory=list, repr=False)
+    #: when the machine was ready to run it, for an execution that waited for a wake
+    #: (monotonic, wall clock); ``None``: ready at creation. A runner starts its clock here.
+    ready: tuple[float, datetime] | None = None
     runner_state: Any = attrs.field(default=None, repr=False)
     stdout_bytes: int = attrs.field(default=0, init=False)
     stderr_bytes: int = attrs.field(default=0, init=False)

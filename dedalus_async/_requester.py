@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from . import _wire
 from ._clock import Clock
@@ -32,6 +32,9 @@ from ._errors import (
 from ._policy import RetryPolicy, is_in_progress, is_retryable_status, retry_delay
 from ._throttle import Throttle
 from ._wire import Request, Response
+
+if TYPE_CHECKING:
+    from ._telemetry import Telemetry
 
 __all__ = ["DeadlineReached", "Guard", "Requester", "Tally", "Transport"]
 
@@ -96,6 +99,8 @@ class Requester:
         self.retry = retry
         self.request_timeout = request_timeout
         self.state: Literal["new", "open", "closed"] = "new"
+        #: spans and metrics, when OpenTelemetry is configured (set by Session.open)
+        self.telemetry: Telemetry | None = None
         # the tasks in a call (and how deeply), and those closing cancelled (see Guard)
         self._calls: dict[asyncio.Task[Any], int] = {}
         self._closing: set[asyncio.Task[Any]] = set()
@@ -161,6 +166,7 @@ class Requester:
         policy = retry or self.retry
         clock = self.clock
         throttle = self.throttle
+        telemetry = self.telemetry
         attempt = 0
         slept = 0.0
         while True:
@@ -185,7 +191,10 @@ class Requester:
                 timeout = min(self.request_timeout, max(deadline - clock.monotonic(), 1.0))
             retry_after: float | None = None
             try:
-                response = await self.transport.send(request, timeout=timeout)
+                if telemetry is None:
+                    response = await self.transport.send(request, timeout=timeout)
+                else:
+                    response = await telemetry.send(self.transport.send, request, timeout, attempt)
                 if logger.isEnabledFor(logging.DEBUG):  # one line per request (--debug)
                     logger.debug("%s %s -> %d", request.method, request.path, response.status)
                 if response.status < 300:
@@ -198,6 +207,8 @@ class Requester:
                 if isinstance(error, RateLimitedError):
                     # the whole Session slows down, not only this request
                     throttle.rate_limited(error.retry_after, epoch)
+                    if telemetry is not None:
+                        telemetry.rate_limited()
                 if not is_retryable_status(error.status, error.retryable) and not (
                     request.idempotency_key is not None
                     and is_in_progress(error.status, error.error_code)
@@ -250,6 +261,8 @@ class Requester:
             if tally is not None:
                 tally.retries += 1
                 tally.slept += delay
+            if telemetry is not None:
+                telemetry.retried(request)
             with Guard(self):
                 await clock.sleep(delay)
             slept += delay

@@ -86,6 +86,28 @@ Destroyed machines
     and every read of its executions (list included) is 404 ``NOT_FOUND``; its running
     executions are cancelled so a runner with real processes stops them.
 
+Machines
+    ``/v1/machines`` (create, list, get, update, delete, sleep, wake, and the status
+    stream) follow :mod:`~dedalus_async._machine_records`' rules S1-S6, on this server's
+    clock and its ``machine_timings``. Create answers 200 when the machine converged
+    inline, else 202; every machine answer carries an ``ETag`` of its revision. ``GET``
+    nests the lifecycle in ``status``; the other answers are flat, with ``phase`` (as the
+    official SDK 0.6.0 types them). Mutating machine requests need an Idempotency-Key; a
+    create with a key seen before and the same body returns that machine, with another body
+    400 ``IDEMPOTENCY_KEY_REUSED``; the others replay their first answer. Sleep or wake of
+    a failed, destroying or destroyed machine is 409 ``INVALID_STATE``. The status stream
+    (``text/event-stream``) sends the current lifecycle, or every change after
+    ``Last-Event-ID``, then each change as it happens, and closes once the machine is in
+    its desired state, failed or destroyed.
+
+    A machine the server first meets through an execution create is made on the spot,
+    running, with autosleep off, so executions on any machine id work as they always did.
+    An execution created on a machine that is not running (asleep, on its way up) wakes
+    it: the execution is ``wake_in_progress`` (with a ``retry_after_ms`` of the time left)
+    and the runner starts it the moment the machine is running (``record.ready``); if the
+    wake fails, the execution fails with ``MACHINE_FAILED``. Creating one on a failed or
+    destroyed machine is 409 ``INVALID_STATE``.
+
 Time and cost
     :meth:`~ExecutionsServer.handle` is synchronous: no per-request scans, a dict for
     idempotency, O(page) lists. Time is read only through the injected clock.
@@ -98,7 +120,8 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote
@@ -107,6 +130,7 @@ import attrs
 
 from ._checks import is_int
 from ._clock import Clock, SystemClock
+from ._machine_records import MachineRecord, MachineTimings, parse_autosleep
 from ._records import ExecutionRecord, RecordStore, Runner, format_time, to_millis
 
 __all__ = ["APIRequest", "APIResponse", "ExecutionsServer", "parse_json"]
@@ -180,12 +204,16 @@ class APIRequest:
 
 @attrs.define
 class APIResponse:
-    """What the server answers: ``content_type`` is kept apart from the other headers."""
+    """What the server answers: ``content_type`` is kept apart from the other headers.
+
+    ``stream``, when set, is sent in place of ``body``, chunk by chunk (server-sent events).
+    """
 
     status: int
     body: bytes
     content_type: str = _JSON
     headers: dict[str, str] = attrs.Factory(dict)
+    stream: AsyncIterator[bytes] | None = None
 
     def json(self) -> Any:
         """The parsed body."""
@@ -326,6 +354,15 @@ class ExecutionsServer:
         # than creates, replayed when the same key comes again
         self._replays: dict[tuple[str, str], tuple[str, int, bytes]] = {}
 
+        #: every machine this server knows, by id (see "Machines" in the module docstring)
+        self.machines: dict[str, MachineRecord] = {}
+        #: how long machines created from now on take in each phase
+        self.machine_timings = MachineTimings()
+        # key -> (canonical create body, machine id) of machine creates
+        self._machine_creates: dict[str, tuple[str, str]] = {}
+        # execution id -> machine id, for executions waiting for their machine to wake
+        self._deferred: dict[str, str] = {}
+
     def __repr__(self) -> str:
         # never the API key
         return (
@@ -351,6 +388,10 @@ class ExecutionsServer:
             record = self.executions.get(execution_id)
             if record is None:
                 continue
+            if self._deferred.pop(execution_id, None) is not None:
+                # never started by the runner: nothing of it runs, end it here
+                record.finish("cancelled", to_millis(self.clock.now()))
+                continue
             self.runner.refresh(record)
             if not record.is_terminal:
                 self.runner.cancel(record)
@@ -358,7 +399,7 @@ class ExecutionsServer:
     def get_record(self, execution_id: str) -> ExecutionRecord:
         """The execution's record, brought up to date first. KeyError if unknown."""
         record = self.executions[execution_id]
-        self.runner.refresh(record)
+        self._refresh(record)
         return record
 
     # -- one request -----------------------------------------------------------------
@@ -440,6 +481,12 @@ class ExecutionsServer:
         parts = request.raw_path.split("/")
         count = len(parts)
         if (
+            3 <= count <= 6
+            and parts[:3] == ["", "v1", "machines"]
+            and (count <= 4 or parts[4] != "executions")
+        ):
+            return self._machines_route(request, parts[3:])
+        if (
             count < 5
             or count > 8
             or parts[0]
@@ -495,7 +542,7 @@ class ExecutionsServer:
             or machine_id in self.destroyed_machines
         ):
             return _not_found(f"execution {execution_id} not found on machine {machine_id}")
-        self.runner.refresh(record)
+        self._refresh(record)
         return record
 
     def _replayed(
@@ -531,6 +578,14 @@ class ExecutionsServer:
         denied = self._check_idempotency_key(request)
         if denied is not None:
             return denied
+        machine = self._machine_of_execution(machine_id)
+        if machine.phase in ("failed", "destroying", "destroyed"):
+            return _error(
+                409,
+                "INVALID_STATE",
+                f"machine {machine_id} is {machine.phase}: executions cannot run on it",
+                details={"machine_id": machine_id, "phase": machine.phase},
+            )
         key = request.headers.get("idempotency-key") or None
         parsed = request.json
         problem = _validate_create(parsed)
@@ -544,7 +599,7 @@ class ExecutionsServer:
                     return _key_reused()
                 existing = self.executions.get(seen[1])
                 if existing is not None:
-                    self.runner.refresh(existing)
+                    self._refresh(existing)
                     return _json_response(existing.to_json(self.output_cap))
         record = self._new_record(request, machine_id, key, parsed)
         self.executions[record.execution_id] = record
@@ -553,7 +608,7 @@ class ExecutionsServer:
         if key is not None:
             self._idempotency[(machine_id, key)] = (canonical, record.execution_id)
         try:
-            self.runner.start(record)
+            self._start_on(machine, record)
         except BaseException:
             # The create did not happen: leave no half-made execution behind.
             del self.executions[record.execution_id]
@@ -700,7 +755,7 @@ class ExecutionsServer:
             index += 1
             if record is None:
                 continue
-            self.runner.refresh(record)
+            self._refresh(record)
             items.append(record.to_json(self.output_cap))
         # Deleted ids stay in the list (so cursors stay stable); skip them to tell
         # whether anything is left for another page.
@@ -724,7 +779,7 @@ class ExecutionsServer:
         limit, index = args
         page = records[index : index + limit]
         for record in page:
-            self.runner.refresh(record)
+            self._refresh(record)
         stop = index + len(page)
         return _json_response(
             {
@@ -751,6 +806,256 @@ class ExecutionsServer:
                 "next_cursor": None if drained else f"c{stop}",
             }
         )
+
+    # -- machines (see "Machines" in the module docstring) -----------------------------
+
+    def add_machine(
+        self,
+        machine_id: str | None = None,
+        *,
+        vcpu: float = 1,
+        memory_mib: int = 4096,
+        storage_gib: int = 10,
+        autosleep_seconds: int = 300,
+        running: bool = False,
+    ) -> MachineRecord:
+        """A new machine, as a create would make it (``running=True``: already running).
+
+        Its phases follow :attr:`machine_timings` as they are now.
+        """
+        now = self.clock.monotonic()
+        record = MachineRecord(
+            machine_id=machine_id or str(uuid.uuid4()),
+            vcpu=vcpu,
+            memory_mib=memory_mib,
+            storage_gib=storage_gib,
+            autosleep_seconds=autosleep_seconds,
+            created_at=to_millis(self.clock.now()),
+            created_mono=now,
+            timings=self.machine_timings,
+        )
+        if record.machine_id in self.machines:
+            raise ValueError(f"machine {record.machine_id} exists already")
+        self.machines[record.machine_id] = record
+        if running:
+            record.begin_running(now)
+        else:
+            record.begin(now)
+            self._advance(record)
+        return record
+
+    def get_machine_record(self, machine_id: str) -> MachineRecord:
+        """The machine's record, brought up to date first. KeyError if unknown."""
+        record = self.machines[machine_id]
+        self._advance(record)
+        return record
+
+    def _advance(self, machine: MachineRecord) -> None:
+        """Replay the machine's transitions up to now (S1-S5), then start or fail the
+        executions that were waiting for it to wake."""
+        busy = False
+        idle_since: float | None = None
+        # only autosleep (S3) needs the machine's activity: a machine that never sleeps
+        # (every one first met through an execution) costs no scan of its executions
+        sleepy = machine.autosleep_seconds > 0 and machine.phase == "running"
+        for execution_id in self._by_machine.get(machine.machine_id, ()) if sleepy else ():
+            record = self.executions.get(execution_id)
+            if record is None or execution_id in self._deferred:
+                continue
+            self.runner.refresh(record)
+            if not record.is_terminal:
+                busy = True
+            elif record.completed_at is not None:
+                ended = (
+                    record.created_mono + (record.completed_at - record.created_at).total_seconds()
+                )
+                idle_since = ended if idle_since is None else max(idle_since, ended)
+        machine.advance(self.clock.monotonic(), busy=busy, idle_since=idle_since)
+
+    def _refresh(self, record: ExecutionRecord) -> None:
+        """Bring an execution up to date: start it if its machine finished waking."""
+        machine_id = self._deferred.get(record.execution_id)
+        if machine_id is not None:
+            machine = self.machines[machine_id]
+            self._advance(machine)
+            if machine.phase == "running" and machine.running_since is not None:
+                del self._deferred[record.execution_id]
+                record.ready = (machine.running_since, machine.at(machine.running_since))
+                self.runner.start(record)
+            elif machine.phase in ("failed", "destroying", "destroyed"):
+                del self._deferred[record.execution_id]
+                record.finish(
+                    "failed",
+                    machine.last_transition_at or to_millis(self.clock.now()),
+                    error_code="MACHINE_FAILED",
+                    error_message=f"machine {machine_id} did not wake: {machine.last_error}",
+                )
+            else:
+                left = machine.seconds_to_running(self.clock.monotonic())
+                record.retry_after_ms = _wake_hint(left)
+                return
+        self.runner.refresh(record)
+
+    def _machine_of_execution(self, machine_id: str) -> MachineRecord:
+        machine = self.machines.get(machine_id)
+        if machine is None:
+            # first met through an execution: running, never asleep (executions as ever)
+            machine = self.add_machine(machine_id, autosleep_seconds=0, running=True)
+        else:
+            self._advance(machine)
+        return machine
+
+    def _start_on(self, machine: MachineRecord, record: ExecutionRecord) -> None:
+        """Start an execution now, or wake its machine and start it once running."""
+        now = self.clock.monotonic()
+        if machine.phase == "running" and machine.desired_state == "running":
+            machine.last_active = now
+            self.runner.start(record)
+            return
+        machine.want("running", now)
+        left = machine.seconds_to_running(now)
+        record.transition("wake_in_progress", record.created_at, retry_after_ms=_wake_hint(left))
+        self._deferred[record.execution_id] = machine.machine_id
+
+    def _machines_route(self, request: APIRequest, rest: list[str]) -> APIResponse:
+        method = request.method
+        if not rest:
+            if method == "POST":
+                return self._create_machine(request)
+            if method == "GET":
+                return self._list_machines(request)
+            return _method_not_allowed("GET, POST")
+        machine_id = _decode_id(rest[0])
+        machine = self.machines.get(machine_id) if machine_id is not None else None
+        tail = "/".join(rest[1:])
+        if tail not in ("", "sleep", "wake", "status/stream"):
+            return _no_route(request)
+        if machine is None:
+            return _not_found(f"machine {machine_id} not found")
+        self._advance(machine)
+        if tail == "":
+            if method == "GET":
+                return _machine_response(machine.detail_json(), machine)
+            if method == "PATCH":
+                return self._replayed(
+                    request, machine.machine_id, lambda: self._update_machine(request, machine)
+                )
+            if method == "DELETE":
+                return self._replayed(
+                    request, machine.machine_id, lambda: self._delete_machine(machine)
+                )
+            return _method_not_allowed("DELETE, GET, PATCH")
+        if tail == "status/stream":
+            if method != "GET":
+                return _method_not_allowed("GET")
+            last = request.headers.get("last-event-id")
+            return APIResponse(
+                200,
+                b"",
+                "text/event-stream",
+                {"Cache-Control": "no-cache"},
+                stream=self._status_events(machine, last),
+            )
+        if method != "POST":
+            return _method_not_allowed("POST")
+        target = "sleeping" if tail == "sleep" else "running"
+        return self._replayed(
+            request, machine.machine_id, lambda: self._steer_machine(machine, target)
+        )
+
+    def _create_machine(self, request: APIRequest) -> APIResponse:
+        denied = self._check_idempotency_key(request)
+        if denied is not None:
+            return denied
+        key = request.headers.get("idempotency-key") or None
+        body = request.json if request.body else {}
+        problem = _validate_machine(body, update=False)
+        if problem is not None:
+            return _problem(*problem)
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        if key is not None and (seen := self._machine_creates.get(key)) is not None:
+            if seen[0] != canonical:
+                return _key_reused()
+            machine = self.get_machine_record(seen[1])
+        else:
+            autosleep = parse_autosleep(body.get("autosleep", "300"))
+            assert autosleep is not None  # validated above
+            machine = self.add_machine(
+                vcpu=body.get("vcpu", 1),
+                memory_mib=body.get("memory_mib", 4096),
+                storage_gib=body.get("storage_gib", 10),
+                autosleep_seconds=autosleep,
+            )
+            if key is not None:
+                self._machine_creates[key] = (canonical, machine.machine_id)
+        status = 200 if machine.phase == "running" else 202
+        return _machine_response(machine.to_json(), machine, status)
+
+    def _list_machines(self, request: APIRequest) -> APIResponse:
+        ids = list(self.machines)  # oldest first: dicts keep their insertion order
+        args = self._page_args(request, len(ids))
+        if isinstance(args, APIResponse):
+            return args
+        limit, start = args
+        page = ids[start : start + limit]
+        items = []
+        for machine_id in page:
+            machine = self.machines[machine_id]
+            self._advance(machine)
+            items.append(machine.list_item_json())
+        stop = start + len(page)
+        next_cursor = f"c{stop}" if stop < len(ids) else None
+        return _json_response({"items": items, "next_cursor": next_cursor})
+
+    def _update_machine(self, request: APIRequest, machine: MachineRecord) -> APIResponse:
+        body = request.json if request.body else {}
+        problem = _validate_machine(body, update=True)
+        if problem is not None:
+            return _problem(*problem)
+        if machine.phase in ("destroying", "destroyed"):
+            return _invalid_state(machine, "updated")
+        for name in ("vcpu", "memory_mib", "storage_gib"):
+            if name in body:
+                setattr(machine, name, body[name])
+        if "autosleep" in body:
+            machine.autosleep_seconds = parse_autosleep(body["autosleep"]) or 0
+        machine.revision += 1
+        return _machine_response(machine.to_json(), machine)
+
+    def _delete_machine(self, machine: MachineRecord) -> APIResponse:
+        machine.want("destroyed", self.clock.monotonic())
+        self.destroy_machine(machine.machine_id)
+        self._advance(machine)
+        return _machine_response(machine.to_json(), machine)
+
+    def _steer_machine(self, machine: MachineRecord, target: str) -> APIResponse:
+        if machine.phase in ("failed", "destroying", "destroyed"):
+            return _invalid_state(machine, "woken" if target == "running" else "put to sleep")
+        machine.want(target, self.clock.monotonic())
+        self._advance(machine)
+        return _machine_response(machine.to_json(), machine)
+
+    async def _status_events(
+        self, machine: MachineRecord, last_event_id: str | None
+    ) -> AsyncIterator[bytes]:
+        """The status stream: past changes (after ``last_event_id``, else the current
+        state), then each change as it happens, until the machine settles."""
+        sent = _event_number(last_event_id)
+        if sent is None:  # a new reader gets the current state: the latest change
+            sent = int(machine.history[-1]["revision"]) - 1 if machine.history else 0
+        while True:
+            self._advance(machine)
+            for event in machine.history:
+                number = int(event["revision"])
+                if number > sent:
+                    sent = number
+                    data = json.dumps(event, separators=(",", ":"))
+                    yield f"id: {number}\nevent: status\ndata: {data}\n\n".encode()
+            if machine.settled:
+                return
+            now = self.clock.monotonic()
+            until = machine.phase_until
+            await self.clock.sleep(max(until - now, 0.001) if until is not None else 0.05)
 
 
 def _trace_id(traceparent: str | None) -> str:
@@ -792,3 +1097,50 @@ def _unquote(segment: str) -> str:
     # Invalid UTF-8 escapes decode to U+FFFD rather than failing: such an id simply
     # matches nothing.
     return unquote(segment) if "%" in segment else segment
+
+
+def _machine_response(
+    payload: dict[str, Any], machine: MachineRecord, status: int = 200
+) -> APIResponse:
+    response = _json_response(payload, status)
+    response.headers["ETag"] = f'"{machine.revision}"'
+    return response
+
+
+def _invalid_state(machine: MachineRecord, what: str) -> APIResponse:
+    return _error(
+        409,
+        "INVALID_STATE",
+        f"machine {machine.machine_id} is {machine.phase} and cannot be {what}",
+        details={"machine_id": machine.machine_id, "phase": machine.phase},
+    )
+
+
+def _wake_hint(seconds: float | None) -> int:
+    # the executions' hint while their machine wakes: when it should be running
+    return max(int((seconds or 0.0) * 1000), 50)
+
+
+def _event_number(value: str | None) -> int | None:
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value.strip())
+
+
+def _validate_machine(body: Any, *, update: bool) -> tuple[str, str] | None:
+    """``(field, message)`` for the first problem of a machine create/update body."""
+    if not isinstance(body, dict):
+        return "body", "must be a JSON object"
+    vcpu = body.get("vcpu")
+    if "vcpu" in body and (
+        isinstance(vcpu, bool) or not isinstance(vcpu, int | float) or not 0 < vcpu < 1e6
+    ):
+        return "vcpu", "must be a positive number"
+    for name in ("memory_mib", "storage_gib"):
+        if name in body and not (is_int(body[name]) and 0 < body[name] <= _INT64_MAX):
+            return name, "must be a positive integer"
+    if "autosleep" in body and parse_autosleep(body["autosleep"]) is None:
+        return "autosleep", "must be a duration like 30s, 15m, 2h or 1w3d, seconds, or never"
+    if update and not body:
+        return "body", "must change at least one field"
+    return None

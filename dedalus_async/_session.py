@@ -20,13 +20,13 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, overload
 
-from . import _config, _fanout
-from ._api import ExecutionsAPI
+from . import _config, _fanout, _telemetry
+from ._api import ExecutionsAPI, MachinesAPI
 from ._checks import check_instance
 from ._clock import Clock, SystemClock
 from ._config import DEFAULT_BASE_URL, AuthScheme
 from ._fanout import Completed, ExecutionRequest, Progress
-from ._handle import EventStream, ExecutionHandle, create_seen_through, read_result
+from ._handle import EventStream, ExecutionHandle, run_to_end
 from ._policy import (
     USE_POLICY_DEFAULT,
     PollPolicy,
@@ -42,13 +42,15 @@ from ._waiting import WaitLoop
 
 if TYPE_CHECKING:
     import aiohttp
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["DEFAULT_BASE_URL", "EventStream", "ExecutionHandle", "Session"]
 
 logger = logging.getLogger("dedalus_async")
 
 
-class Session(ExecutionsAPI):
+class Session(ExecutionsAPI, MachinesAPI):
     """An open line to the Dedalus executions API. Use it as ``async with Session() as s:``.
 
     Arguments:
@@ -72,6 +74,9 @@ class Session(ExecutionsAPI):
             ``open()``, ``aclose()`` and ``send(request, *, timeout)`` (see
             :class:`~dedalus_async._requester.Transport`); the seam for custom transports
             and tests. It adds the headers itself (:attr:`headers` has them).
+        tracer_provider, meter_provider: OpenTelemetry providers to record spans and metrics
+            with (the ``otel`` extra); by default the global ones, if the application set
+            them before the Session opens. See the README's "Observability" section.
     """
 
     def __init__(
@@ -91,6 +96,8 @@ class Session(ExecutionsAPI):
         max_connections: int = 100,
         max_requests_per_second: float | None = None,
         transport: Transport | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         settings = _config.resolve(
             api_key,
@@ -139,6 +146,7 @@ class Session(ExecutionsAPI):
             poll=poll if poll is not None else PollPolicy(),
             new_key=self.new_idempotency_key,
         )
+        self._providers = (tracer_provider, meter_provider)
 
     def __repr__(self) -> str:
         return f"<Session {self.base_url} auth={self.auth_scheme} {self._requester.state}>"
@@ -185,6 +193,12 @@ class Session(ExecutionsAPI):
     async def open(self) -> None:
         """Open the connection pool (``async with`` does this); call once."""
         await self._requester.open()
+        # OpenTelemetry, if the application configured it by now (see _telemetry)
+        self._requester.telemetry = _telemetry.resolve(
+            *self._providers,
+            self.base_url,
+            over_aiohttp=isinstance(self._transport, AiohttpTransport),
+        )
 
     async def aclose(self) -> None:
         """Close the connection pool (a borrowed aiohttp session stays open). Idempotent."""
@@ -238,11 +252,15 @@ class Session(ExecutionsAPI):
             timeout_ms=timeout_ms,
             idempotency_key=idempotency_key,
         )
-        # with cancel_remote, a cancel that arrives during the create still reaches the
-        # server: the create is seen through (time-boxed) and what it made is deleted
-        handle = await (create_seen_through(create, self._waits) if cancel_remote else create)
-        execution = await handle.wait(timeout=timeout, cancel_remote=cancel_remote, poll=poll)
-        return await read_result(handle, execution, check=check)
+        return await run_to_end(
+            machine_id,
+            create,
+            self._waits,
+            timeout=timeout,
+            cancel_remote=cancel_remote,
+            poll=poll,
+            check=check,
+        )
 
     # --- fan-out (dedalus_async._fanout does the work) ------------------------------------
 
@@ -260,6 +278,7 @@ class Session(ExecutionsAPI):
         check: bool = ...,
         poll: PollPolicy | None = ...,
         batch_refresh: bool = ...,
+        wake_machines: bool = ...,
     ) -> list[ExecutionResult]: ...
 
     @overload
@@ -276,6 +295,7 @@ class Session(ExecutionsAPI):
         check: bool = ...,
         poll: PollPolicy | None = ...,
         batch_refresh: bool = ...,
+        wake_machines: bool = ...,
     ) -> list[ExecutionResult | BaseException]: ...
 
     async def run_many(
@@ -291,6 +311,7 @@ class Session(ExecutionsAPI):
         check: bool = False,
         poll: PollPolicy | None = None,
         batch_refresh: bool = True,
+        wake_machines: bool = False,
     ) -> list[ExecutionResult] | list[ExecutionResult | BaseException]:
         """Run many executions, at most ``concurrency`` at once; results in input order.
 
@@ -305,7 +326,8 @@ class Session(ExecutionsAPI):
         ``on_progress`` is called with a :class:`Progress` on every change. When several
         executions of one machine are waited on at once, they are read a page of
         ``list_executions`` at a time (``batch_refresh=False``: one GET each). Nothing is
-        left running when this returns or raises.
+        left running when this returns or raises. ``wake_machines=True`` first makes each
+        machine running (:meth:`ensure_running`, once per machine) before any create.
         """
         return await _fanout.run_many(
             self,
@@ -320,6 +342,7 @@ class Session(ExecutionsAPI):
             check=check,
             poll=poll,
             batch_refresh=batch_refresh,
+            wake=self.ensure_running if wake_machines else None,
         )
 
     def as_completed(

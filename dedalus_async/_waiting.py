@@ -98,6 +98,36 @@ class WaitLoop:
         sleep between polls: it may return a fresh snapshot it got some other way (fan-out
         reads one list page for many waiters), or None to have this loop GET the execution.
         """
+        telemetry = self.requester.telemetry
+        if telemetry is None:
+            return await self._wait(
+                watched, timeout, deadline, done_when, cancel_remote, policy, pause
+            )
+        before = watched.stats
+
+        def stats() -> WaitStats | None:
+            return None if watched.stats is before else watched.stats
+
+        with telemetry.wait_span(watched.machine_id, watched.execution_id, stats) as observe:
+
+            def observed(snapshot: Execution) -> bool:
+                observe(snapshot)  # every snapshot the loop judges passes through here
+                return done_when(snapshot)
+
+            return await self._wait(
+                watched, timeout, deadline, observed, cancel_remote, policy, pause
+            )
+
+    async def _wait(
+        self,
+        watched: Watched,
+        timeout: float | None,
+        deadline: float | None,
+        done_when: Callable[[Execution], bool],
+        cancel_remote: bool,
+        policy: PollPolicy,
+        pause: Callable[[Sleep], Awaitable[Execution | None]] | None,
+    ) -> Execution:
         requester = self.requester
         # closing the Session ends the wait at once (see Requester.guard)
         with requester.guard():

@@ -21,7 +21,16 @@ import attrs
 from ._checks import check_count, is_int
 from ._convert import structure
 from ._errors import APIStatusError, RateLimitedError, ResponseDecodeError, error_for_status
-from ._models import Execution, ExecutionEvent, ExecutionOutput, LogReadToken, LogStatus
+from ._models import (
+    MACHINE_TARGETS,
+    Execution,
+    ExecutionEvent,
+    ExecutionOutput,
+    LifecycleStatus,
+    LogReadToken,
+    LogStatus,
+    Machine,
+)
 
 try:  # orjson is optional (the "fast" extra): less CPU on the hot path; on odd input (NaN,
     # integers past 64 bits) it differs from json, but either way the outcome is a model or
@@ -37,11 +46,16 @@ __all__ = [
     "Response",
     "create_request",
     "decode_execution",
+    "decode_lifecycle",
     "decode_log_status",
     "decode_log_token",
+    "decode_machine",
     "decode_output",
     "decode_page",
     "error_from_response",
+    "machine_create_request",
+    "machine_request",
+    "machine_update_request",
     "new_idempotency_key",
     "parse_retry_after",
 ]
@@ -342,6 +356,12 @@ def decode_log_token(response: Response) -> LogReadToken:
 
 def decode_page(response: Response, cls: type[T]) -> tuple[list[T], str | None]:
     """Decode ``{"items": [...] | null, "next_cursor": ...}``; an empty cursor means the end."""
+    items, cursor = _page_parts(response)
+    return [_structure(item, cls, response) for item in items], cursor
+
+
+def _page_parts(response: Response) -> tuple[list[Any], str | None]:
+    """The raw items and the next cursor (None at the end) of a page."""
     data = _json(response)
     if type(data) is not dict:
         raise ResponseDecodeError(
@@ -363,7 +383,7 @@ def decode_page(response: Response, cls: type[T]) -> tuple[list[T], str | None]:
             field="next_cursor",
             status=response.status,
         )
-    return [_structure(item, cls, response) for item in items], (cursor or None)
+    return items, (cursor or None)
 
 
 def decode_events(response: Response) -> tuple[list[ExecutionEvent], str | None]:
@@ -469,3 +489,171 @@ def error_from_response(
             message, retry_after=parse_retry_after(response.headers, now), **kwargs
         )
     return cls(message, **kwargs)
+
+
+# --- machines ------------------------------------------------------------------------
+
+MACHINES_PATH: Final = "/v1/machines"
+# The API's autosleep forms: "never", raw seconds ("1800"), or number+unit groups ("30s",
+# "15m", "2h", "1w3d", "7d3h4s"). Units may come in any order; the server normalises.
+_AUTOSLEEP = re.compile(r"never|[0-9]{1,10}|(?:[0-9]{1,10}[wdhms]){1,5}")
+_MACHINE_SUFFIXES: Final = ("", "/sleep", "/wake", "/status/stream")
+
+
+def check_vcpu(value: object) -> float | int | None:
+    """Validate a machine's vCPU count: a positive finite number (``0.5`` is fine)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"vcpu must be a number of vCPUs (e.g. 1 or 0.5), not {type(value).__name__}"
+        )
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"vcpu must be a positive number of vCPUs (e.g. 1 or 0.5), got {value!r}")
+    return value
+
+
+def check_machine_size(name: str, value: object, unit: str) -> int | None:
+    """Validate ``memory_mib`` / ``storage_gib``: an int of at least 1."""
+    if value is None:
+        return None
+    if not is_int(value):
+        kind = type(value).__name__
+        raise TypeError(f"{name} must be a whole number of {unit} (an int >= 1), not {kind}")
+    if value < 1:
+        raise ValueError(f"{name} must be a whole number of {unit}, at least 1, got {value}")
+    return value
+
+
+def check_autosleep(value: object) -> str | None:
+    """Validate the idle window before a machine sleeps, in the API's own text form."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        hint = f": pass {str(value)!r} for seconds" if is_int(value) else ""
+        raise TypeError(f"autosleep must be a str such as '30m', not {type(value).__name__}{hint}")
+    if _AUTOSLEEP.fullmatch(value) is None:
+        raise ValueError(
+            f"autosleep {value[:40]!r} is not a duration the API reads: use units like "
+            "'30s', '15m', '2h' or '1w3d', raw seconds like '1800', or 'never'"
+        )
+    return value
+
+
+def check_machine_target(value: object) -> str:
+    """Validate the phase a machine wait ends on: ``running``, ``sleeping`` or ``destroyed``."""
+    if not isinstance(value, str) or value not in MACHINE_TARGETS:
+        raise ValueError(f"until must be 'running', 'sleeping' or 'destroyed', not {value!r:.40}")
+    return value
+
+
+def _machine_body(
+    *, vcpu: object, memory_mib: object, storage_gib: object, autosleep: object
+) -> bytes:
+    # key order as the official SDK sends them (its params, alphabetically), so that the
+    # same call is the same bytes
+    body: dict[str, Any] = {}
+    if (autosleep_ := check_autosleep(autosleep)) is not None:
+        body["autosleep"] = autosleep_
+    if (memory := check_machine_size("memory_mib", memory_mib, "MiB")) is not None:
+        body["memory_mib"] = memory
+    if (storage := check_machine_size("storage_gib", storage_gib, "GiB")) is not None:
+        body["storage_gib"] = storage
+    if (cpus := check_vcpu(vcpu)) is not None:
+        body["vcpu"] = cpus
+    return _ENCODER.encode(body).encode()
+
+
+def machine_create_request(
+    *,
+    vcpu: object = None,
+    memory_mib: object = None,
+    storage_gib: object = None,
+    autosleep: object = None,
+    idempotency_key: str,
+) -> Request:
+    """Validate the machine's size and build ``POST /v1/machines`` (fields left out are
+    the server's defaults)."""
+    body = _machine_body(
+        vcpu=vcpu, memory_mib=memory_mib, storage_gib=storage_gib, autosleep=autosleep
+    )
+    return Request("POST", MACHINES_PATH, None, body, idempotency_key)
+
+
+def machine_update_request(
+    machine_id: str,
+    *,
+    vcpu: object = None,
+    memory_mib: object = None,
+    storage_gib: object = None,
+    autosleep: object = None,
+    idempotency_key: str,
+) -> Request:
+    """Validate and build ``PATCH /v1/machines/{id}`` (only the fields given change)."""
+    mid = check_id("machine_id", machine_id)
+    body = _machine_body(
+        vcpu=vcpu, memory_mib=memory_mib, storage_gib=storage_gib, autosleep=autosleep
+    )
+    if body == b"{}":
+        raise ValueError(
+            "update_machine needs at least one of vcpu, memory_mib, storage_gib, autosleep"
+        )
+    return Request("PATCH", f"{MACHINES_PATH}/{mid}", None, body, idempotency_key)
+
+
+def machine_request(
+    method: str, machine_id: str, suffix: str = "", *, idempotency_key: str | None = None
+) -> Request:
+    """A request on one machine (``suffix``: ``""``, ``/sleep``, ``/wake``,
+    ``/status/stream``); anything but a GET carries an Idempotency-Key."""
+    mid = check_id("machine_id", machine_id)
+    if suffix not in _MACHINE_SUFFIXES:
+        raise ValueError(f"unknown machine route suffix {suffix!r}")
+    if method != "GET" and idempotency_key is None:
+        raise ValueError(f"a {method} request needs an Idempotency-Key")
+    return Request(method, f"{MACHINES_PATH}/{mid}{suffix}", None, None, idempotency_key)
+
+
+def _machine_from(data: object, response: Response) -> Machine:
+    if type(data) is dict:
+        status = data.get("status")
+        extra: dict[str, Any] = {}
+        if "phase" not in data and type(status) is dict and "phase" in status:
+            extra["phase"] = status["phase"]  # the GET shape: the phase is in the status
+        if data.get("revision") is None:
+            revision = status.get("revision") if type(status) is dict else None
+            if revision is None:
+                revision = _etag(response.headers.get("etag"))
+            if revision is not None:
+                extra["revision"] = revision
+        if extra:
+            data = {**data, **extra}
+    return _structure(data, Machine, response)
+
+
+def _etag(value: str | None) -> str | None:
+    # an ETag is a quoted string, maybe weak (W/"..."); the revision is what is inside
+    if not value:
+        return None
+    value = value.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+
+
+def decode_machine(response: Response) -> Machine:
+    """Decode a response holding one machine, in either shape (see :class:`Machine`)."""
+    return _machine_from(_json(response), response)
+
+
+def decode_machine_page(response: Response) -> tuple[list[Machine], str | None]:
+    """Decode one page of ``GET /v1/machines`` (each item in either shape)."""
+    items, cursor = _page_parts(response)
+    page = Response(response.status, {}, response.body)  # the page's ETag is no item's
+    return [_machine_from(item, page) for item in items], cursor
+
+
+def decode_lifecycle(data: bytes) -> LifecycleStatus:
+    """Decode one event of a machine's status stream (a LifecycleStatus as JSON)."""
+    event = Response(200, {}, data)
+    return _structure(_json(event), LifecycleStatus, event)

@@ -8,17 +8,23 @@ checks that no module defines one again):
                      raise. Tests that need other executions call ``live_fake.set_script``.
 ``local_session``    a Session on the plugin's ``local_backend``.
 ``no_leaked_tasks``  the tasks running before the test's work.
+``postgres_server``  the DSN of a PostgreSQL server (found or started: tests/postgres.py),
+                     for the whole run; skipped with one line saying how to get one,
+                     failed instead under ``CI``.
+``postgres_dsn``     a fresh empty database on it, dropped after the test.
 
 Our own pytest plugin is loaded too: ``fake_dedalus`` and ``dedalus_session`` (a fake and a
-Session on the real clock, configured by overriding ``dedalus_fake_options`` and
-``dedalus_session_options`` in a module) and ``local_backend`` (configured by
-``local_backend_options``).
+Session on the plugin's ``dedalus_clock``, a FakeClock), ``live_fake_dedalus`` and
+``live_dedalus_session`` (the same on the real clock), all configured by overriding
+``dedalus_fake_options`` and ``dedalus_session_options`` in a module, and ``local_backend``
+(configured by ``local_backend_options``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -26,7 +32,9 @@ from dedalus_async import Session
 from dedalus_async._local import LocalBackend
 from dedalus_async.testing import FakeClock, FakeDedalus
 
-pytest_plugins = ["dedalus_async.testing.pytest_plugin"]
+from . import postgres
+
+pytest_plugins = ["dedalus_async.testing.pytest_plugin", "pytester"]
 
 API_KEY = "test-key-0123456789abcdef-SECRET"
 
@@ -69,3 +77,20 @@ async def local_session(local_backend: LocalBackend) -> AsyncIterator[Session]:
 def no_leaked_tasks() -> object:
     """Snapshot of the running tasks; a test compares after its work is done."""
     return set(asyncio.all_tasks())
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    try:
+        with postgres.server_dsn() as dsn:
+            yield dsn
+    except postgres.PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL: {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+async def postgres_dsn(postgres_server: str) -> AsyncIterator[str]:
+    async with postgres.fresh_database(postgres_server) as dsn:
+        yield dsn

@@ -8,31 +8,53 @@ with :func:`create_app` and a factory pointing at a FakeDedalus.
   deletes the execution if the client goes away before it ends);
 * ``POST /start`` starts one and answers with its reference at once;
 * ``GET /executions/{machine_id}/{execution_id}/events`` streams its events as
-  server-sent events until it ends.
+  server-sent events until it ends (404 before the stream if there is no such execution).
 
 The points it shows: the Session is made and closed in the lifespan, inside the server's
 event loop, and every request borrows it through a dependency, so all requests share one
 connection pool and one throttle; a client that disconnects cancels the work done for it.
+
+What the client gets when something goes wrong, always JSON:
+
+* 422 for input the library refuses (``machine_id`` ``"a/b"``, ``timeout_ms`` beyond
+  2**53 - 1, ...), checked before anything is sent, in FastAPI's own shape:
+  ``{"detail": [{"loc": ["body", "machine_id"], "msg": "machine_id must not ...", ...}]}``;
+* the API's answer when it is about the client's request: 400, 404, 409, 422 (the
+  ``error_code`` and message of the API); 429 with ``Retry-After`` when the API gave one;
+* 502 when the API could not be used (unreachable, a 5xx, a garbled answer, or it refused
+  the app's own key: 401/403 are the app's problem, not the client's);
+* 504 with the execution's reference when a wait passed its ``timeout``;
+* 503 while the app is not running (or stopping).
+
+A stream that has started cannot change its status: an error after the first event ends it
+with an ``error`` event carrying the same JSON.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from dedalus_async import (
     APIStatusError,
+    DedalusError,
     ExecutionEvent,
+    ExecutionRequest,
     ExecutionResult,
+    RateLimitedError,
     Session,
+    SessionClosedError,
     WaitTimeout,
 )
 
@@ -58,6 +80,52 @@ class RunBody(BaseModel):
     cancel_remote: bool = False
 
 
+#: API statuses that answer the client's request as they are; the others are the app's
+#: trouble with the API (401/403: the app's key; 5xx: the API's) and become 502.
+CLIENT_STATUSES = frozenset({400, 404, 409, 422, 429})
+
+
+def refused(
+    exc: ValueError | TypeError, where: str, fields: Iterable[str]
+) -> RequestValidationError:
+    """The library refused an argument: a 422 in FastAPI's own shape, located at the field
+    the message names (every message of the library's checks starts with the argument)."""
+    first = re.match(r"\w+", str(exc))
+    named = first.group() if first is not None and first.group() in fields else None
+    location = (where, named) if named is not None else (where,)
+    return RequestValidationError(
+        [{"type": "value_error", "loc": location, "msg": str(exc), "input": None}]
+    )
+
+
+def execution_request(body: RunBody) -> ExecutionRequest:
+    """``body`` checked by the library's own rules, before anything is sent (422 if not)."""
+    try:
+        return ExecutionRequest(
+            machine_id=body.machine_id,
+            command=body.command,
+            cwd=body.cwd,
+            env=body.env,
+            stdin=body.stdin,
+            timeout_ms=body.timeout_ms,
+            timeout=body.timeout,
+        )
+    except (TypeError, ValueError) as exc:
+        raise refused(exc, "body", RunBody.model_fields) from exc
+
+
+def error_json(exc: DedalusError) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body a client gets for an error of the library."""
+    if isinstance(exc, WaitTimeout):
+        ref = exc.ref.to_dict() if exc.ref is not None else None
+        return 504, {"error": "timeout", "detail": str(exc), "ref": ref}
+    if isinstance(exc, SessionClosedError):
+        return 503, {"error": "shutting_down", "detail": "the app is stopping"}
+    if isinstance(exc, APIStatusError) and exc.status in CLIENT_STATUSES:
+        return exc.status, {"error": exc.error_code or f"HTTP_{exc.status}", "detail": str(exc)}
+    return 502, {"error": "upstream", "detail": str(exc)}
+
+
 def _result_json(result: ExecutionResult) -> dict[str, Any]:
     execution = result.execution
     return {
@@ -69,6 +137,11 @@ def _result_json(result: ExecutionResult) -> dict[str, Any]:
         "stdout": result.stdout,
         "stderr": result.stderr,
     }
+
+
+def _sse(kind: str, data: str) -> str:
+    """One server-sent event (``data`` is one line of JSON)."""
+    return f"event: {kind}\ndata: {data}\n\n"
 
 
 def _event_json(event: ExecutionEvent) -> str:
@@ -141,36 +214,33 @@ def create_app(session_factory: SessionFactory = Session) -> FastAPI:
     app = FastAPI(lifespan=lifespan)
     app.state.session = None
 
-    @app.exception_handler(WaitTimeout)
-    async def wait_timeout(request: Request, exc: WaitTimeout) -> JSONResponse:
-        ref = exc.ref.to_dict() if exc.ref is not None else None
-        return JSONResponse({"error": "timeout", "detail": str(exc), "ref": ref}, status_code=504)
+    @app.exception_handler(DedalusError)
+    async def dedalus_error(request: Request, exc: DedalusError) -> JSONResponse:
+        status, body = error_json(exc)
+        headers = {}
+        if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
+            headers["Retry-After"] = str(math.ceil(exc.retry_after))
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(ClientDisconnect)
     async def client_left(request: Request, exc: ClientDisconnect) -> Response:
         # nobody is there to read it; 499 is the customary "client closed request" in logs
         return Response(status_code=499)
 
-    @app.exception_handler(APIStatusError)
-    async def api_error(request: Request, exc: APIStatusError) -> JSONResponse:
-        status = exc.status if 400 <= exc.status < 500 else 502
-        return JSONResponse(
-            {"error": exc.error_code or "upstream", "detail": str(exc)}, status_code=status
-        )
-
     @app.post("/run")
     async def run(body: RunBody, session: SessionDep, request: Request) -> dict[str, Any]:
         """Run a command to its end; a client that leaves cancels the wait."""
+        job = execution_request(body)
 
         async def work() -> ExecutionResult:
             return await session.run(
-                body.machine_id,
-                body.command,
-                cwd=body.cwd,
-                env=body.env,
-                stdin=body.stdin,
-                timeout_ms=body.timeout_ms,
-                timeout=body.timeout,
+                job.machine_id,
+                job.command,
+                cwd=job.cwd,
+                env=job.env,
+                stdin=job.stdin,
+                timeout_ms=job.timeout_ms,
+                timeout=job.timeout,
                 cancel_remote=body.cancel_remote,
             )
 
@@ -179,13 +249,14 @@ def create_app(session_factory: SessionFactory = Session) -> FastAPI:
     @app.post("/start")
     async def start(body: RunBody, session: SessionDep) -> dict[str, Any]:
         """Start a command; answer at once with the reference to follow it by."""
+        job = execution_request(body)
         handle = await session.create_execution(
-            body.machine_id,
-            body.command,
-            cwd=body.cwd,
-            env=body.env,
-            stdin=body.stdin,
-            timeout_ms=body.timeout_ms,
+            job.machine_id,
+            job.command,
+            cwd=job.cwd,
+            env=job.env,
+            stdin=job.stdin,
+            timeout_ms=job.timeout_ms,
         )
         status = handle.last.status if handle.last is not None else None
         return {**handle.ref.to_dict(), "status": status}
@@ -195,13 +266,25 @@ def create_app(session_factory: SessionFactory = Session) -> FastAPI:
         machine_id: str, execution_id: str, session: SessionDep, cursor: str | None = None
     ) -> StreamingResponse:
         """The execution's events as server-sent events, until it ends."""
-        stream = session.iter_events(machine_id, execution_id, cursor=cursor, follow=True)
+        try:
+            handle = session.execution(machine_id, execution_id)
+        except (TypeError, ValueError) as exc:
+            raise refused(exc, "path", ("machine_id", "execution_id")) from exc
+        # Once the stream has started its status is sent: look the execution up first, so
+        # that a wrong ID is a 404 (or another error) the client can act on.
+        await handle.refresh()
+        stream = handle.events(cursor=cursor, follow=True)
 
         async def sse() -> AsyncIterator[str]:
             # Starlette stops iterating (cancels this) when the client disconnects
-            async for event in stream:
-                yield f"id: {event.sequence}\nevent: {event.type}\ndata: {_event_json(event)}\n\n"
-            yield "event: end\ndata: {}\n\n"
+            try:
+                async for event in stream:
+                    yield f"id: {event.sequence}\n" + _sse(event.type, _event_json(event))
+            except DedalusError as exc:
+                status, body = error_json(exc)
+                yield _sse("error", json.dumps({**body, "status": status}))
+                return
+            yield _sse("end", "{}")
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 

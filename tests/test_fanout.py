@@ -25,8 +25,7 @@ from dedalus_async import (
     SessionClosedError,
     WaitTimeout,
 )
-from dedalus_async.testing import FakeDedalus, Fault, Outcome, Phase, Script
-from dedalus_async.testing.pytest_plugin import FAKE_API_KEY
+from dedalus_async.testing import FAKE_API_KEY, FakeDedalus, Fault, Outcome, Phase, Script
 
 MACHINE = "dm-fdc9b75d-4376-5a2c-b60f-5e47cb0a68e1"  # the real form: "dm-" and a UUID
 
@@ -72,7 +71,7 @@ def _stuck_unless_fail(body: dict[str, Any]) -> Script:
     return Script.stuck(retry_after_ms=20)
 
 
-# The plugin's fake_dedalus and dedalus_session (real clock) play _short with quick polls.
+# The plugin's live_fake_dedalus and live_dedalus_session (real clock) play _short with quick polls.
 @pytest.fixture
 def dedalus_fake_options() -> dict[str, Any]:
     return {"script": _short}
@@ -125,16 +124,16 @@ async def test_two_thousand_executions_respect_limits_order_and_idempotency() ->
 
 
 async def test_results_come_back_in_input_order_not_finishing_order(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """Later requests finish first; the list is still in input order."""
-    fake_dedalus.set_script(
+    live_fake_dedalus.set_script(
         lambda body: Script(
             (Phase("running", 0.01 * (10 - _index_of(body)), 5),),
             Outcome(stdout=f"{_index_of(body)}\n"),
         )
     )
-    results = await dedalus_session.run_many(_requests(10), concurrency=10)
+    results = await live_dedalus_session.run_many(_requests(10), concurrency=10)
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(10)]
     completed = [r.execution.completed_at for r in results if r.execution.completed_at]
     assert len(completed) == 10
@@ -142,11 +141,11 @@ async def test_results_come_back_in_input_order_not_finishing_order(
 
 
 async def test_empty_input_sends_nothing(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """No requests: an empty list, no request sent."""
-    assert await dedalus_session.run_many([]) == []
-    assert fake_dedalus.requests == []
+    assert await live_dedalus_session.run_many([]) == []
+    assert live_fake_dedalus.requests == []
 
 
 # --- validation before anything is sent ----------------------------------------------------
@@ -229,31 +228,31 @@ def test_execution_request_is_frozen_hashable_and_keeps_secrets_out_of_repr() ->
     ],
 )
 async def test_bad_arguments_fail_before_any_request(
-    fake_dedalus: FakeDedalus,
-    dedalus_session: Session,
+    live_fake_dedalus: FakeDedalus,
+    live_dedalus_session: Session,
     requests: Any,
     kwargs: dict[str, Any],
     error: type[Exception],
 ) -> None:
     """A bad item or setting fails the whole call before the first request is sent."""
     with pytest.raises(error):
-        await dedalus_session.run_many(requests, **kwargs)
+        await live_dedalus_session.run_many(requests, **kwargs)
     if "fail_fast" not in kwargs:  # as_completed has no fail_fast: a failure ends its loop
         with pytest.raises(error):
-            dedalus_session.as_completed(requests, **kwargs)
-    assert fake_dedalus.requests == []
+            live_dedalus_session.as_completed(requests, **kwargs)
+    assert live_fake_dedalus.requests == []
 
 
-async def test_closed_session_fails_before_any_request(fake_dedalus: FakeDedalus) -> None:
+async def test_closed_session_fails_before_any_request(live_fake_dedalus: FakeDedalus) -> None:
     """A fan-out on a Session that is not open raises SessionClosedError at once."""
-    session = Session(api_key=FAKE_API_KEY, base_url=fake_dedalus.base_url)
+    session = Session(api_key=FAKE_API_KEY, base_url=live_fake_dedalus.base_url)
     with pytest.raises(SessionClosedError):
         await session.run_many(_requests(2))
-    assert fake_dedalus.requests == []
+    assert live_fake_dedalus.requests == []
 
 
 async def test_caller_keys_are_used_and_generated_keys_are_fresh(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """A request's own idempotency_key is sent; the others get distinct compact UUIDv7s."""
     requests = [
@@ -264,8 +263,8 @@ async def test_caller_keys_are_used_and_generated_keys_are_fresh(
             idempotency_key="mine",
         ),
     ]
-    results = await dedalus_session.run_many(requests)
-    keys = [p.idempotency_key for p in fake_dedalus.requests_for("POST")]
+    results = await live_dedalus_session.run_many(requests)
+    keys = [p.idempotency_key for p in live_fake_dedalus.requests_for("POST")]
     assert "mine" in keys
     assert len(set(keys)) == 4
     assert all(r.ok for r in results)
@@ -275,10 +274,10 @@ async def test_caller_keys_are_used_and_generated_keys_are_fresh(
 
 
 async def test_return_exceptions_puts_each_failure_in_its_place(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """Failures come back where their request was; the rest run to their end."""
-    fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
+    live_fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
     requests = [
         ExecutionRequest(machine_id=MACHINE, command=["echo", "0"]),
         ExecutionRequest(
@@ -287,7 +286,7 @@ async def test_return_exceptions_puts_each_failure_in_its_place(
         ExecutionRequest(machine_id=MACHINE, command=["false", "2"]),  # exit 1, check=True
         ExecutionRequest(machine_id=MACHINE, command=["echo", "3"]),
     ]
-    fake_dedalus.set_script(
+    live_fake_dedalus.set_script(
         lambda body: Script(
             (Phase("running", 0.01, 5),),
             Outcome(status="failed", exit_code=1)
@@ -295,7 +294,7 @@ async def test_return_exceptions_puts_each_failure_in_its_place(
             else Outcome(stdout=f"{_index_of(body)}\n"),
         )
     )
-    results = await dedalus_session.run_many(requests, return_exceptions=True, check=True)
+    results = await live_dedalus_session.run_many(requests, return_exceptions=True, check=True)
     assert isinstance(results[0], ExecutionResult)
     assert results[0].stdout == "0\n"
     assert isinstance(results[1], ConflictError)
@@ -307,10 +306,10 @@ async def test_return_exceptions_puts_each_failure_in_its_place(
 
 
 async def test_without_return_exceptions_failures_are_raised_together_at_the_end(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """Every request runs to its end; then all failures are raised as one group."""
-    fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
+    live_fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
     requests = [
         *_requests(5),
         ExecutionRequest(
@@ -321,19 +320,21 @@ async def test_without_return_exceptions_failures_are_raised_together_at_the_end
         ),
     ]
     with pytest.raises(ExceptionGroup) as caught:
-        await dedalus_session.run_many(requests)
+        await live_dedalus_session.run_many(requests)
     assert len(caught.value.exceptions) == 2
     assert all(isinstance(e, ConflictError) for e in caught.value.exceptions)
-    assert fake_dedalus.create_count == 5
-    assert all(fake_dedalus.get_record(id_).is_terminal for id_ in fake_dedalus.executions)
+    assert live_fake_dedalus.create_count == 5
+    assert all(
+        live_fake_dedalus.get_record(id_).is_terminal for id_ in live_fake_dedalus.executions
+    )
 
 
 @pytest.mark.parametrize("batch_refresh", [True, False])
 async def test_fail_fast_cancels_the_rest_and_deletes_them_remotely(
-    fake_dedalus: FakeDedalus, dedalus_session: Session, batch_refresh: bool
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session, batch_refresh: bool
 ) -> None:
     """fail_fast: the first failure cancels the others at once; cancel_remote deletes them."""
-    fake_dedalus.set_script(_stuck_unless_fail)
+    live_fake_dedalus.set_script(_stuck_unless_fail)
     requests = [
         *(ExecutionRequest(machine_id=MACHINE, command=["sleep", str(i)]) for i in range(8)),
         ExecutionRequest(machine_id=MACHINE, command=["false", "8"]),
@@ -341,7 +342,7 @@ async def test_fail_fast_cancels_the_rest_and_deletes_them_remotely(
     before = _our_tasks()
     started = time.monotonic()
     with pytest.raises(ExceptionGroup) as caught:
-        await dedalus_session.run_many(
+        await live_dedalus_session.run_many(
             requests,
             fail_fast=True,
             check=True,
@@ -351,34 +352,38 @@ async def test_fail_fast_cancels_the_rest_and_deletes_them_remotely(
     assert time.monotonic() - started < 5
     assert [type(e) for e in caught.value.exceptions] == [ExecutionFailed]
     assert _our_tasks() == before
-    assert fake_dedalus.create_count == 9
-    statuses = sorted(fake_dedalus.get_record(id_).status for id_ in fake_dedalus.executions)
+    assert live_fake_dedalus.create_count == 9
+    statuses = sorted(
+        live_fake_dedalus.get_record(id_).status for id_ in live_fake_dedalus.executions
+    )
     assert statuses == ["cancelled"] * 8 + ["failed"]
-    assert len(fake_dedalus.requests_for("DELETE")) == 8
+    assert len(live_fake_dedalus.requests_for("DELETE")) == 8
 
 
 async def test_fail_fast_without_cancel_remote_leaves_remote_work_running(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """Without cancel_remote, only the local waits stop: no DELETE is sent."""
-    fake_dedalus.set_script(_stuck_unless_fail)
+    live_fake_dedalus.set_script(_stuck_unless_fail)
     requests = [
         ExecutionRequest(machine_id=MACHINE, command=["sleep", "0"]),
         ExecutionRequest(machine_id=MACHINE, command=["false", "1"]),
     ]
     with pytest.raises(ExceptionGroup):
-        await dedalus_session.run_many(requests, fail_fast=True, check=True)
-    assert fake_dedalus.requests_for("DELETE") == []
-    statuses = sorted(fake_dedalus.get_record(id_).status for id_ in fake_dedalus.executions)
+        await live_dedalus_session.run_many(requests, fail_fast=True, check=True)
+    assert live_fake_dedalus.requests_for("DELETE") == []
+    statuses = sorted(
+        live_fake_dedalus.get_record(id_).status for id_ in live_fake_dedalus.executions
+    )
     assert statuses == ["failed", "running"]
 
 
 @pytest.mark.parametrize("batch_refresh", [True, False])
 async def test_wait_timeout_with_cancel_remote_deletes_the_execution(
-    fake_dedalus: FakeDedalus, dedalus_session: Session, batch_refresh: bool
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session, batch_refresh: bool
 ) -> None:
     """A request's own deadline ends its wait with WaitTimeout; cancel_remote deletes it."""
-    fake_dedalus.set_script(_stuck_unless_fail)
+    live_fake_dedalus.set_script(_stuck_unless_fail)
     requests = [
         ExecutionRequest(
             machine_id=MACHINE,
@@ -387,17 +392,18 @@ async def test_wait_timeout_with_cancel_remote_deletes_the_execution(
         )
         for i in range(5)
     ]
-    results = await dedalus_session.run_many(
+    results = await live_dedalus_session.run_many(
         requests, return_exceptions=True, cancel_remote=True, batch_refresh=batch_refresh
     )
     assert all(isinstance(r, WaitTimeout) for r in results)
     assert all(
-        fake_dedalus.get_record(id_).status == "cancelled" for id_ in fake_dedalus.executions
+        live_fake_dedalus.get_record(id_).status == "cancelled"
+        for id_ in live_fake_dedalus.executions
     )
 
 
 async def test_an_error_in_on_progress_stops_everything(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """A broken callback is a bug in the caller: it is raised, and nothing keeps running."""
     calls = 0
@@ -410,20 +416,20 @@ async def test_an_error_in_on_progress_stops_everything(
 
     before = _our_tasks()
     with pytest.raises(ExceptionGroup) as caught:
-        await dedalus_session.run_many(_requests(20), concurrency=4, on_progress=broken)
+        await live_dedalus_session.run_many(_requests(20), concurrency=4, on_progress=broken)
     assert caught.group_contains(RuntimeError, match="boom")
     assert _our_tasks() == before
-    assert fake_dedalus.create_count < 20
+    assert live_fake_dedalus.create_count < 20
 
 
 # --- as_completed ----------------------------------------------------------------------------
 
 
 async def test_as_completed_yields_each_result_as_it_finishes(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """Items come in finishing order, each naming its request and index."""
-    fake_dedalus.set_script(
+    live_fake_dedalus.set_script(
         lambda body: Script(
             (Phase("running", 0.03 * (5 - _index_of(body)), 5),),
             Outcome(stdout=f"{_index_of(body)}\n"),
@@ -431,7 +437,7 @@ async def test_as_completed_yields_each_result_as_it_finishes(
     )
     requests = _requests(5)
     order: list[int] = []
-    async with dedalus_session.as_completed(requests, concurrency=5) as results:
+    async with live_dedalus_session.as_completed(requests, concurrency=5) as results:
         async for done in results:
             assert isinstance(done, Completed)
             assert done.request is requests[done.index]
@@ -443,55 +449,57 @@ async def test_as_completed_yields_each_result_as_it_finishes(
 
 @pytest.mark.parametrize("batch_refresh", [True, False])
 async def test_leaving_as_completed_early_stops_local_waits_only(
-    fake_dedalus: FakeDedalus, dedalus_session: Session, batch_refresh: bool
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session, batch_refresh: bool
 ) -> None:
     """Breaking out cancels the waits at once; without cancel_remote nothing is deleted."""
-    fake_dedalus.set_script(_stuck_unless_fail)
+    live_fake_dedalus.set_script(_stuck_unless_fail)
     requests = [
         ExecutionRequest(machine_id=MACHINE, command=["false", "0"]),
         *(ExecutionRequest(machine_id=MACHINE, command=["sleep", str(i)]) for i in range(1, 6)),
     ]
     before = _our_tasks()
-    async with dedalus_session.as_completed(requests, batch_refresh=batch_refresh) as results:
+    async with live_dedalus_session.as_completed(requests, batch_refresh=batch_refresh) as results:
         async for done in results:
             assert done.index == 0
             break
     assert _our_tasks() == before
-    assert fake_dedalus.requests_for("DELETE") == []
+    assert live_fake_dedalus.requests_for("DELETE") == []
     running = [
-        r for r in map(fake_dedalus.get_record, fake_dedalus.executions) if r.status == "running"
+        r
+        for r in map(live_fake_dedalus.get_record, live_fake_dedalus.executions)
+        if r.status == "running"
     ]
     assert len(running) == 5
 
 
 @pytest.mark.parametrize("batch_refresh", [True, False])
 async def test_leaving_as_completed_early_with_cancel_remote_deletes_the_rest(
-    fake_dedalus: FakeDedalus, dedalus_session: Session, batch_refresh: bool
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session, batch_refresh: bool
 ) -> None:
     """With cancel_remote, every execution still running when the block is left is
     deleted before the block exits."""
-    fake_dedalus.set_script(_stuck_unless_fail)
+    live_fake_dedalus.set_script(_stuck_unless_fail)
     requests = [
         ExecutionRequest(machine_id=MACHINE, command=["false", "0"]),
         *(ExecutionRequest(machine_id=MACHINE, command=["sleep", str(i)]) for i in range(1, 6)),
     ]
-    async with dedalus_session.as_completed(
+    async with live_dedalus_session.as_completed(
         requests, cancel_remote=True, batch_refresh=batch_refresh
     ) as results:
         async for done in results:
             assert done.result.exit_code == 1
             break
-    deleted = {r.path.rsplit("/", 1)[1] for r in fake_dedalus.requests_for("DELETE")}
+    deleted = {r.path.rsplit("/", 1)[1] for r in live_fake_dedalus.requests_for("DELETE")}
     assert len(deleted) == 5
     for execution_id in deleted:
-        assert fake_dedalus.get_record(execution_id).status == "cancelled"
+        assert live_fake_dedalus.get_record(execution_id).status == "cancelled"
 
 
 async def test_as_completed_raises_a_failure_unless_return_exceptions(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """A failure ends the loop with its exception; return_exceptions yields it instead."""
-    fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
+    live_fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
     requests = [
         ExecutionRequest(
             machine_id="dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87", command=["echo", "0"]
@@ -499,11 +507,11 @@ async def test_as_completed_raises_a_failure_unless_return_exceptions(
         *_requests(3),
     ]
     with pytest.raises(ConflictError):
-        async with dedalus_session.as_completed(requests, concurrency=1) as results:
+        async with live_dedalus_session.as_completed(requests, concurrency=1) as results:
             async for _ in results:
                 pass
     failed: list[Completed] = []
-    async with dedalus_session.as_completed(requests, return_exceptions=True) as results:
+    async with live_dedalus_session.as_completed(requests, return_exceptions=True) as results:
         async for done in results:
             if done.error is not None:
                 failed.append(done)
@@ -514,13 +522,13 @@ async def test_as_completed_raises_a_failure_unless_return_exceptions(
 
 
 async def test_an_exception_in_the_block_cancels_the_fan_out(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """The caller's own exception propagates unchanged, after everything is cleaned up."""
-    fake_dedalus.set_script(_stuck_unless_fail)
+    live_fake_dedalus.set_script(_stuck_unless_fail)
     before = _our_tasks()
     with pytest.raises(KeyError):
-        async with dedalus_session.as_completed(_requests(3, program="sleep")):
+        async with live_dedalus_session.as_completed(_requests(3, program="sleep")):
             await asyncio.sleep(0.05)
             raise KeyError("mine")
     assert _our_tasks() == before
@@ -681,17 +689,17 @@ async def test_batch_refresh_never_polls_before_any_hint(n: int, concurrency: in
 
 
 async def test_batch_refresh_falls_back_to_gets_when_listing_fails(
-    fake_dedalus: FakeDedalus, dedalus_session: Session
+    live_fake_dedalus: FakeDedalus, live_dedalus_session: Session
 ) -> None:
     """A server that refuses the list: its waiters poll one by one and still finish."""
-    fake_dedalus.set_script(_long)
-    lists = fake_dedalus.add_fault(
+    live_fake_dedalus.set_script(_long)
+    lists = live_fake_dedalus.add_fault(
         Fault(method="GET", path=r"/executions$", status=400, times=None)
     )
-    results = await dedalus_session.run_many(_requests(40, machines=1), concurrency=40)
+    results = await live_dedalus_session.run_many(_requests(40, machines=1), concurrency=40)
     assert [r.stdout for r in results] == [f"out {i}\n" for i in range(40)]
     assert lists.hits == 1  # a refused list is not asked for again
-    polls = [r for r in fake_dedalus.requests_for("GET") if "/executions/exe-" in r.path]
+    polls = [r for r in live_fake_dedalus.requests_for("GET") if "/executions/exe-" in r.path]
     assert len(polls) > 40
 
 

@@ -22,9 +22,8 @@ import pytest
 from fastapi import FastAPI
 from starlette.types import Message, Scope
 
-from dedalus_async import PollPolicy, Session
-from dedalus_async.testing import FakeDedalus, Outcome, Phase, Script
-from dedalus_async.testing.pytest_plugin import FAKE_API_KEY
+from dedalus_async import PollPolicy, RetryPolicy, Session
+from dedalus_async.testing import FAKE_API_KEY, FakeDedalus, Fault, Outcome, Phase, Script
 
 from .fastapi_app import create_app
 
@@ -36,7 +35,7 @@ QUICK = Script((Phase("running", 0.03, 10),), Outcome(stdout="hi\n"))
 
 @pytest.fixture
 def dedalus_fake_options() -> dict[str, Any]:
-    """The plugin's fake_dedalus (real clock) plays QUICK."""
+    """The plugin's live_fake_dedalus (real clock) plays QUICK."""
     return {"script": QUICK}
 
 
@@ -98,9 +97,9 @@ async def _until(condition: Any, seconds: float = 5.0) -> None:
             await anyio.sleep(0.01)
 
 
-async def test_run_returns_the_result(fake_dedalus: FakeDedalus) -> None:
+async def test_run_returns_the_result(live_fake_dedalus: FakeDedalus) -> None:
     """POST /run runs the command to its end and answers with its result."""
-    async with running(_app_for(fake_dedalus)) as client:
+    async with running(_app_for(live_fake_dedalus)) as client:
         response = await client.post(
             "/run",
             json={"machine_id": MACHINE, "command": ["echo"]},
@@ -111,14 +110,14 @@ async def test_run_returns_the_result(fake_dedalus: FakeDedalus) -> None:
     assert body["exit_code"] == 0
     assert body["ok"] is True
     assert body["stdout"] == "hi\n"
-    assert fake_dedalus.create_count == 1
+    assert live_fake_dedalus.create_count == 1
 
 
 async def test_start_answers_at_once_and_events_stream_until_the_end(
-    fake_dedalus: FakeDedalus,
+    live_fake_dedalus: FakeDedalus,
 ) -> None:
     """POST /start returns the reference; GET .../events streams SSE until terminal."""
-    fake_dedalus.set_script(
+    live_fake_dedalus.set_script(
         Script(
             (
                 Phase("queued", 0.03, 10),
@@ -128,7 +127,7 @@ async def test_start_answers_at_once_and_events_stream_until_the_end(
             Outcome(stdout="three\n"),
         )
     )
-    async with running(_app_for(fake_dedalus)) as client:
+    async with running(_app_for(live_fake_dedalus)) as client:
         started = await client.post(
             "/start",
             json={"machine_id": MACHINE, "command": ["x"]},
@@ -149,14 +148,14 @@ async def test_start_answers_at_once_and_events_stream_until_the_end(
     assert events[-1] == {**events[-1], "type": "lifecycle", "status": "succeeded"}
 
 
-async def test_errors_map_to_http_statuses(fake_dedalus: FakeDedalus) -> None:
+async def test_errors_map_to_http_statuses(live_fake_dedalus: FakeDedalus) -> None:
     """The server's 409 stays a 409; a wait past its deadline is a 504 with the ref."""
-    fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
-    async with running(_app_for(fake_dedalus)) as client:
+    live_fake_dedalus.destroy_machine("dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87")
+    async with running(_app_for(live_fake_dedalus)) as client:
         gone = await client.post(
             "/run", json={"machine_id": "dm-bac2569c-cae0-5eb3-abfd-591bc9fd6d87", "command": ["x"]}
         )
-        fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
+        live_fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
         slow = await client.post(
             "/run",
             json={
@@ -173,7 +172,7 @@ async def test_errors_map_to_http_statuses(fake_dedalus: FakeDedalus) -> None:
 
 
 async def test_concurrent_requests_share_one_session_and_its_pool(
-    fake_dedalus: FakeDedalus,
+    live_fake_dedalus: FakeDedalus,
 ) -> None:
     """20 concurrent runs: one Session made, at most 4 connections opened (its pool)."""
     made: list[Session] = []
@@ -192,7 +191,7 @@ async def test_concurrent_requests_share_one_session_and_its_pool(
             clients.append(client)
             session = Session(
                 api_key=FAKE_API_KEY,
-                base_url=fake_dedalus.base_url,
+                base_url=live_fake_dedalus.base_url,
                 poll=FAST_POLL,
                 client_session=client,
             )
@@ -215,7 +214,7 @@ async def test_concurrent_requests_share_one_session_and_its_pool(
             )
         )
     assert [r.status_code for r in responses] == [200] * 20
-    assert fake_dedalus.create_count == 20
+    assert live_fake_dedalus.create_count == 20
     assert len(made) == 1
     assert 1 <= connections <= 4
     assert clients[0].closed  # closed by the lifespan's exit
@@ -223,12 +222,12 @@ async def test_concurrent_requests_share_one_session_and_its_pool(
 
 @pytest.mark.parametrize("cancel_remote", [True, False])
 async def test_a_client_that_disconnects_cancels_the_wait(
-    fake_dedalus: FakeDedalus, cancel_remote: bool
+    live_fake_dedalus: FakeDedalus, cancel_remote: bool
 ) -> None:
     """The client leaves mid-wait: the wait stops at once; with cancel_remote the fake
     sees the DELETE, without it the execution keeps running."""
-    fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
-    app = _app_for(fake_dedalus)
+    live_fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
+    app = _app_for(live_fake_dedalus)
     disconnect = anyio.Event()
     body = {
         "machine_id": MACHINE,
@@ -244,28 +243,30 @@ async def test_a_client_that_disconnects_cancels_the_wait(
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
             # wait until the run is well into its wait (created and polled)
-            await _until(lambda: len(fake_dedalus.requests_for("GET")) >= 2)
+            await _until(lambda: len(live_fake_dedalus.requests_for("GET")) >= 2)
             disconnect.set()
             with anyio.fail_after(2):
                 await _until(lambda: bool(sent))
-        gets_after = len(fake_dedalus.requests_for("GET"))
+        gets_after = len(live_fake_dedalus.requests_for("GET"))
         await anyio.sleep(0.1)
-        assert len(fake_dedalus.requests_for("GET")) == gets_after  # nobody polls any more
+        assert len(live_fake_dedalus.requests_for("GET")) == gets_after  # nobody polls any more
     assert sent[0][0]["status"] == 499
-    (execution_id,) = fake_dedalus.executions
+    (execution_id,) = live_fake_dedalus.executions
     if cancel_remote:
-        assert len(fake_dedalus.requests_for("DELETE")) == 1
-        assert fake_dedalus.get_record(execution_id).status == "cancelled"
+        assert len(live_fake_dedalus.requests_for("DELETE")) == 1
+        assert live_fake_dedalus.get_record(execution_id).status == "cancelled"
     else:
-        assert fake_dedalus.requests_for("DELETE") == []
-        assert fake_dedalus.get_record(execution_id).status == "running"
+        assert live_fake_dedalus.requests_for("DELETE") == []
+        assert live_fake_dedalus.get_record(execution_id).status == "running"
 
 
-async def test_a_cancelled_client_request_cancels_the_handler(fake_dedalus: FakeDedalus) -> None:
+async def test_a_cancelled_client_request_cancels_the_handler(
+    live_fake_dedalus: FakeDedalus,
+) -> None:
     """In-process, the client's cancellation reaches the handler (same task): with
     cancel_remote the execution is deleted before the cancellation completes."""
-    fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
-    async with running(_app_for(fake_dedalus)) as client:
+    live_fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
+    async with running(_app_for(live_fake_dedalus)) as client:
         body = {
             "machine_id": MACHINE,
             "command": ["x"],
@@ -273,13 +274,13 @@ async def test_a_cancelled_client_request_cancels_the_handler(fake_dedalus: Fake
         }
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(client.post("/run", json=body), 0.2)
-        assert len(fake_dedalus.requests_for("DELETE")) == 1
+        assert len(live_fake_dedalus.requests_for("DELETE")) == 1
 
 
-async def test_shutdown_closes_everything(fake_dedalus: FakeDedalus) -> None:
+async def test_shutdown_closes_everything(live_fake_dedalus: FakeDedalus) -> None:
     """After the lifespan: the Session is closed, the app refuses work (503), and
     collecting the Session warns about nothing."""
-    app = _app_for(fake_dedalus)
+    app = _app_for(live_fake_dedalus)
     async with running(app) as client:
         assert (
             await client.post(
@@ -301,3 +302,106 @@ async def test_shutdown_closes_everything(fake_dedalus: FakeDedalus) -> None:
         del session
         gc.collect()
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+# --- what a client gets when something goes wrong ---------------------------------------
+
+LONG_ID = "dm-" + "a" * 300
+
+
+@pytest.mark.parametrize("path", ["/run", "/start"])
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"machine_id": "a/b"}, "machine_id", "machine_id must not contain '/'"),
+        ({"machine_id": ".."}, "machine_id", "machine_id '..' is not an ID"),
+        ({"machine_id": LONG_ID}, "machine_id", "machine_id is 303 characters long"),
+        ({"command": [""]}, "command", "command[0] must name the program to run"),
+        ({"env": {"A=B": "1"}}, "env", "env key 'A=B' is not a valid variable name"),
+        ({"timeout_ms": 2**53}, "timeout_ms", "timeout_ms must be at most 9007199254740991"),
+    ],
+)
+async def test_input_the_library_refuses_is_a_422_naming_the_field(
+    live_fake_dedalus: FakeDedalus, path: str, fields: dict[str, Any], field: str, message: str
+) -> None:
+    """Checked by the library's own rules before anything is sent (it used to be a 500);
+    the answer has FastAPI's shape for invalid input, located at the field."""
+    async with running(_app_for(live_fake_dedalus)) as client:
+        response = await client.post(path, json={"machine_id": MACHINE, "command": ["x"], **fields})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", field]
+    assert error["msg"].startswith(message)
+    assert live_fake_dedalus.requests == []
+
+
+async def test_events_of_an_unknown_execution_are_a_404_before_any_stream(
+    live_fake_dedalus: FakeDedalus,
+) -> None:
+    """Not a 200 with an empty body (and an error in the server) as it used to be."""
+    async with running(_app_for(live_fake_dedalus)) as client:
+        response = await client.get(f"/executions/{MACHINE}/exe-0123456789abcdef/events")
+        bad_id = await client.get(f"/executions/{MACHINE}/exe%0A1/events")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == "NOT_FOUND"
+    assert bad_id.status_code == 422
+    (error,) = bad_id.json()["detail"]
+    assert error["loc"] == ["path", "execution_id"]
+    assert "control characters" in error["msg"]
+
+
+async def test_an_error_once_the_stream_has_started_ends_it_with_an_error_event(
+    live_fake_dedalus: FakeDedalus,
+) -> None:
+    """The status is sent with the stream's start; a later failure is an ``error`` event."""
+    live_fake_dedalus.set_script(Script.stuck(retry_after_ms=20))
+    async with running(_app_for(live_fake_dedalus)) as client:
+        started = await client.post("/start", json={"machine_id": MACHINE, "command": ["x"]})
+        ref = started.json()
+        live_fake_dedalus.add_fault(Fault(method="GET", path=r"/events$", status=404))
+        path = f"/executions/{MACHINE}/{ref['execution_id']}/events"
+        async with client.stream("GET", path) as response:
+            assert response.status_code == 200
+            text = (await response.aread()).decode()
+    assert text.startswith("event: error\ndata: ")
+    error = json.loads(text.split("data: ", 1)[1])
+    assert (error["status"], error["error"]) == (404, "NOT_FOUND")
+
+
+async def test_the_api_refusing_the_apps_own_key_is_a_502_without_the_key(
+    live_fake_dedalus: FakeDedalus,
+) -> None:
+    """A 401 is the app's trouble with the API, not the client's: 502."""
+    key = "wrong-key-0123456789-SECRET"
+    app = create_app(lambda: Session(api_key=key, base_url=live_fake_dedalus.base_url))
+    async with running(app) as client:
+        response = await client.post("/run", json={"machine_id": MACHINE, "command": ["x"]})
+    assert response.status_code == 502
+    assert response.json()["error"] == "upstream"
+    assert key not in response.text
+
+
+async def test_an_api_that_keeps_failing_or_is_gone_is_a_502(
+    live_fake_dedalus: FakeDedalus,
+) -> None:
+    live_fake_dedalus.add_fault(Fault(method="POST", status=503, times=None))
+    retry = RetryPolicy(initial_backoff=0.01, max_backoff=0.02)
+    app = create_app(lambda: live_fake_dedalus.session(retry=retry))
+    async with running(app) as client:
+        failing = await client.post("/run", json={"machine_id": MACHINE, "command": ["x"]})
+    await live_fake_dedalus.close()
+    async with running(app) as client:
+        gone = await client.post("/start", json={"machine_id": MACHINE, "command": ["x"]})
+    assert (failing.status_code, failing.json()["error"]) == (502, "upstream")
+    assert (gone.status_code, gone.json()["error"]) == (502, "upstream")
+
+
+async def test_a_rate_limit_passes_on_with_its_retry_after(live_fake_dedalus: FakeDedalus) -> None:
+    """A pause longer than the Session waits out is the client's to wait: 429 and when."""
+    live_fake_dedalus.add_fault(Fault(method="POST", status=429, headers={"Retry-After": "3600"}))
+    async with running(_app_for(live_fake_dedalus)) as client:
+        response = await client.post("/run", json={"machine_id": MACHINE, "command": ["x"]})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3600"
+    assert response.json()["error"] == "RATE_LIMITED"

@@ -4,8 +4,10 @@ run for all blocks), and the README's shell commands that can run here run.
 Python blocks are of three kinds, told apart by their code:
 
 * a **pytest file** defines ``test_*`` functions: it is written to a fresh project (split
-  into files at ``# name.py`` comment lines) whose only setting is the one the README names
-  (``asyncio_mode = "auto"``), and run by pytest in a subprocess, as a reader would;
+  into files at ``# name.py`` comment lines; a block without a ``conftest.py`` gets the one
+  an earlier block showed, which a reader has already) whose ``pyproject.toml`` is the
+  README's ``# pyproject.toml`` block, and run by pytest in a subprocess, as a reader would
+  (tests/test_plugin_project.py runs them all again on the package installed from a wheel);
 * a **fragment** has a top-level ``await`` or imports nothing (a piece of a program): it
   runs as the body of ``async def readme_fragment(session, handle)`` under
   :data:`FRAGMENT_PRELUDE`, the setup a reader adds (imports, ``MACHINE_ID``, an open
@@ -83,8 +85,6 @@ MACHINE_ID = "{MACHINE_ID}"
 #: The fragment is the body of this function (its line stands right above the block's).
 FRAGMENT_WRAPPER = "async def readme_fragment(session: Session, handle: ExecutionHandle) -> None:\n"
 
-#: The one setting the README tells a pytest user to add (checked to be in the README).
-PYTEST_SETTING = 'asyncio_mode = "auto"'
 
 MARKER = re.compile(r"<!-- not run: (?P<reason>\S.*?) -->")
 SHELL_LANGUAGES = {"console", "shell", "sh", "bash"}
@@ -175,6 +175,47 @@ def readme_blocks(text: str) -> list[Block]:
 
 BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
 PYTHON_BLOCKS = [block for block in BLOCKS if block.language == "python"]
+PYTEST_BLOCKS = [block for block in PYTHON_BLOCKS if block.kind == "pytest"]
+
+
+def pytest_settings(blocks: list[Block]) -> str:
+    """The ``pyproject.toml`` the README tells a pytest user to write: its one ``toml``
+    block that starts with a ``# pyproject.toml`` line."""
+    found = [
+        block.source
+        for block in blocks
+        if block.language == "toml" and block.source.startswith("# pyproject.toml\n")
+    ]
+    assert len(found) == 1, f"README.md has {len(found)} '# pyproject.toml' blocks, not 1"
+    return found[0]
+
+
+def pytest_files(block: Block) -> dict[str, str]:
+    """A pytest block's files: a ``# name.py`` comment line starts each; before any, the
+    code is one test module, named after the block's line. Without a ``conftest.py`` of its
+    own, the block gets the one of the nearest pytest block above it that has one."""
+    files: dict[str, list[str]] = {}
+    current = f"test_readme_L{block.line}.py"
+    for line in block.source.splitlines(keepends=True):
+        header = re.fullmatch(r"# (\w+\.py)\s*", line)
+        if header:
+            current = header.group(1)
+            continue
+        files.setdefault(current, []).append(line)
+    out = {name: "".join(lines) for name, lines in files.items()}
+    if "conftest.py" not in out:
+        earlier = [b for b in PYTEST_BLOCKS if b.line < block.line and "# conftest.py" in b.source]
+        if earlier:
+            out["conftest.py"] = pytest_files(earlier[-1])["conftest.py"]
+    return out
+
+
+def count_tests(block: Block) -> int:
+    """How many ``test_*`` functions a pytest block defines."""
+    return sum(
+        isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test_")
+        for node in ast.parse(block.source).body
+    )
 
 
 def shell_commands(block: Block) -> list[str]:
@@ -217,17 +258,27 @@ def readme_env(readme_fake: FakeDedalus, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 async def _post_run_to_the_app(namespace: dict[str, Any], fake: FakeDedalus) -> None:
-    """What a reader does with the FastAPI snippet: start the app, POST /run."""
+    """What a reader does with the FastAPI snippet: start the app, POST /run; and what the
+    README says of its errors: input the library refuses is a 422 naming the field, before
+    anything is sent; the API's own answer about the request (a 409) passes on."""
     app = namespace["app"]
     assert isinstance(app, FastAPI)
+    destroyed = "dm-5d1e9a77-0b3c-4e2f-8a6d-9c4b2e7f1a05"
+    fake.destroy_machine(destroyed)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             body = {"machine_id": MACHINE_ID, "command": ["echo", "hi"]}
             response = await client.post("/run", json=body)
+            refused = await client.post("/run", json={**body, "machine_id": "a/b"})
+            conflict = await client.post("/run", json={**body, "machine_id": destroyed})
     assert response.status_code == 200, response.text
     assert response.json() == {"exit_code": 0, "stdout": "hello\nworld\n"}
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"].startswith("machine_id must not contain '/'")
+    assert (conflict.status_code, conflict.json()["error"]) == (409, "ConflictError")
     assert fake.create_count == 1
+    assert len(fake.requests_for("POST")) == 2  # the refused one was never sent
 
 
 #: After a program block runs, keyed by its README section: what a reader does next.
@@ -236,32 +287,15 @@ AFTER_PROGRAM: dict[str, Callable[[dict[str, Any], FakeDedalus], Awaitable[None]
 }
 
 
-def _split_into_files(source: str) -> dict[str, str]:
-    """A pytest block's files: a ``# name.py`` comment line starts each; before any, the
-    code is one test module."""
-    files: dict[str, list[str]] = {}
-    current = "test_readme_example.py"
-    for line in source.splitlines(keepends=True):
-        header = re.fullmatch(r"# (\w+\.py)\s*", line)
-        if header:
-            current = header.group(1)
-            continue
-        files.setdefault(current, []).append(line)
-    return {name: "".join(lines) for name, lines in files.items()}
-
-
 def _without_dedalus_settings(env: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in env.items() if not name.startswith("DEDALUS_")}
 
 
 def _run_pytest_block(block: Block, project: Path) -> None:
-    tests = sum(
-        isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test_")
-        for node in ast.parse(block.source).body
-    )
-    for name, code in _split_into_files(block.source).items():
+    tests = count_tests(block)
+    for name, code in pytest_files(block).items():
         (project / name).write_text(code)
-    (project / "pyproject.toml").write_text(f"[tool.pytest.ini_options]\n{PYTEST_SETTING}\n")
+    (project / "pyproject.toml").write_text(pytest_settings(BLOCKS))
     completed = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(project)],
         cwd=project,
@@ -275,6 +309,9 @@ def _run_pytest_block(block: Block, project: Path) -> None:
     assert completed.returncode == 0, f"{block}: pytest failed\n{output}"
     # every test passed: none skipped (an async test pytest-asyncio did not take is skipped)
     assert re.search(rf"^{tests} passed in ", completed.stdout, re.M), f"{block}:\n{output}"
+    # and nothing warned, in the summary or before it (pytest-asyncio warns about its
+    # settings on stderr, while pytest starts)
+    assert "Warning" not in output, f"{block}:\n{output}"
 
 
 # --- the Python blocks ------------------------------------------------------------------
@@ -340,7 +377,9 @@ def test_every_python_block_runs_or_says_why_not() -> None:
 
 
 def test_the_readme_names_what_its_pytest_blocks_run_with() -> None:
-    assert PYTEST_SETTING in README.read_text(encoding="utf-8")
+    """The settings block is there, and it is pytest's (a stray block would be refused by
+    pytest_settings itself)."""
+    assert "[tool.pytest.ini_options]\n" in pytest_settings(BLOCKS)
 
 
 def test_every_follow_up_names_a_section_with_a_program() -> None:
@@ -394,6 +433,11 @@ SHELL_NOT_RUN: dict[str, str] = {
     ),
     "python -m pip install nox && python -m nox": "the whole suite, this test included",
     "python -m pip install nox": "installs into the interpreter running the tests",
+    'python -m pip install "dedalus-async[pytest]"': (
+        "installs into the interpreter running the tests; tests/test_plugin_project.py "
+        "installs the built wheel into a fresh environment and runs the README's pytest "
+        "examples there"
+    ),
     "python -m nox": "the whole suite, this test included",
     "python -m nox -s tests -- -k wait": "a part of the suite",
     "dedalus-async run --machine-id dm-0199a8f2-6c1e-7d3a-9b42-5e8f1a2b3c4d --env A=1 --cwd src"

@@ -36,6 +36,14 @@ Latency
     ``latency`` (seconds) adds a real sleep to every request, before faults and the
     server's answer, for concurrency-limit tests.
 
+Machines
+    The server's machines (``fake.machines``; rules in
+    :mod:`dedalus_async._machine_records`) move on the fake's clock;
+    ``fake.machine_timings`` sets how long each phase lasts for machines created from then
+    on, :meth:`~dedalus_async._server.ExecutionsServer.add_machine` makes one without a
+    request, and :meth:`FakeDedalus.fail_machine` makes one fail (now, or at its next
+    start or wake).
+
 The controls wrap the server's handler; the server's rules never see them.
 """
 
@@ -48,7 +56,7 @@ import re
 from collections.abc import Mapping
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import attrs
 from aiohttp import web
@@ -56,12 +64,16 @@ from aiohttp import web
 from dedalus_async import Session
 from dedalus_async._clock import Clock, SystemClock
 from dedalus_async._http_server import HTTPServer, to_web_response
+from dedalus_async._machine_records import FailWhen
 from dedalus_async._records import Runner
 from dedalus_async._server import APIRequest, ExecutionsServer
 
 from ._fake_script import Script, ScriptedRunner, ScriptFactory
 
-__all__ = ["FakeDedalus", "Fault", "RecordedRequest"]
+__all__ = ["FAKE_API_KEY", "FakeDedalus", "Fault", "RecordedRequest"]
+
+#: The API key a :class:`FakeDedalus` accepts unless given another: a test key, not a secret.
+FAKE_API_KEY: Final = "test-key"
 
 _SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
 
@@ -218,7 +230,7 @@ class FakeDedalus(ExecutionsServer):
     def __init__(
         self,
         *,
-        api_key: str = "test-key",
+        api_key: str = FAKE_API_KEY,
         clock: Clock | None = None,
         runner: Runner | None = None,
         script: Script | ScriptFactory | None = None,
@@ -326,6 +338,17 @@ class FakeDedalus(ExecutionsServer):
         if not isinstance(self.runner, ScriptedRunner):
             raise TypeError(f"set_script needs a ScriptedRunner, this fake runs {self.runner!r}")
         self.runner.set_script(script)
+
+    def fail_machine(
+        self, machine_id: str, error: str = "injected failure", *, when: FailWhen | None = None
+    ) -> None:
+        """Make a machine fail: at once (``when=None``), or at the end of its next
+        ``"wake"``, ``"start"`` or either (``"any"``) instead of running (rule S5)."""
+        machine = self.get_machine_record(machine_id)
+        if when is None:
+            machine.fail_now(error, self.clock.monotonic())
+        else:
+            machine.fail_next(error, when)
 
     def add_fault(self, fault: Fault) -> Fault:
         """Queue ``fault`` behind the ones already added; returns it (to read ``hits``)."""

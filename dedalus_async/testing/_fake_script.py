@@ -7,7 +7,8 @@ replays whatever the script says happened between the last look and
 ``clock.monotonic() - record.created_mono``. Fifty thousand idle executions cost nothing,
 and a :class:`~dedalus_async.testing.FakeClock` shared with the client moves them exactly.
 
-Timeline of one execution (offsets from ``created_at``):
+Timeline of one execution (offsets from ``created_at``; for an execution created on a
+sleeping machine, from the moment the machine's wake ended, ``record.ready``):
 
 * phase *i* is entered at the sum of the durations before it, with a ``lifecycle``
   event at that exact moment; while in it, ``retry_after_ms`` is the phase's hint.
@@ -33,7 +34,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
@@ -210,6 +211,9 @@ class _Progress:
     # offsets[i] = seconds from creation at which phase i begins
     offsets: tuple[float, ...]
     total: float
+    #: where the script's time starts: creation, or the end of the machine's wake
+    origin_mono: float
+    origin_at: datetime
     next_phase: int = 0
     # The earliest moment the outcome is pre-empted (expiry or timeout), if it is.
     cutoff: float | None = None
@@ -264,14 +268,15 @@ class ScriptedRunner:
                 run_start = elapsed
             elapsed += phase.duration
         total = script.total_duration
-        progress = _Progress(script, tuple(offsets), total)
+        origin_mono, origin_at = record.ready or (record.created_mono, record.created_at)
+        progress = _Progress(script, tuple(offsets), total, origin_mono, origin_at)
         candidates: list[tuple[float, str]] = []
         if run_start is not None and record.timeout_ms is not None:
             deadline = run_start + record.timeout_ms / 1000
             if deadline < total:
                 candidates.append((deadline, "timeout"))
         if script.expires_after is not None:
-            record.expires_at = record.created_at + timedelta(seconds=script.expires_after)
+            record.expires_at = origin_at + timedelta(seconds=script.expires_after)
             if script.expires_after < total:
                 candidates.append((script.expires_after, "expired"))
         if candidates:
@@ -289,7 +294,7 @@ class ScriptedRunner:
             return
         # The nanosecond of slack absorbs float rounding, so that advancing a fake clock by
         # exactly a phase's duration reliably reaches the next phase.
-        elapsed = self.clock.monotonic() - record.created_mono + 1e-9
+        elapsed = self.clock.monotonic() - progress.origin_mono + 1e-9
         cutoff = progress.cutoff
         cut = cutoff is not None and elapsed >= cutoff
         phases = progress.script.phases
@@ -304,7 +309,7 @@ class ScriptedRunner:
             phase = phases[index]
             if phase.duration <= 0:
                 continue
-            at = record.created_at + timedelta(seconds=begin)
+            at = progress.origin_at + timedelta(seconds=begin)
             if phase.status == last_status:
                 record.retry_after_ms = phase.retry_after_ms
             else:
@@ -313,7 +318,7 @@ class ScriptedRunner:
             record.append_output("stdout", phase.stdout, at)
             record.append_output("stderr", phase.stderr, at)
         if cut and cutoff is not None:
-            at = record.created_at + timedelta(seconds=cutoff)
+            at = progress.origin_at + timedelta(seconds=cutoff)
             if progress.cutoff_kind == "timeout":
                 record.finish(
                     "failed",
@@ -330,10 +335,11 @@ class ScriptedRunner:
                     error_message="execution expired before it finished",
                 )
         elif elapsed >= progress.total:
-            self._complete(record, progress.script.outcome, progress.total)
+            self._complete(record, progress, progress.total)
 
-    def _complete(self, record: ExecutionRecord, outcome: Outcome, offset: float) -> None:
-        at = record.created_at + timedelta(seconds=offset)
+    def _complete(self, record: ExecutionRecord, progress: _Progress, offset: float) -> None:
+        outcome = progress.script.outcome
+        at = progress.origin_at + timedelta(seconds=offset)
         record.append_output("stdout", outcome.stdout, at)
         record.append_output("stderr", outcome.stderr, at)
         if outcome.artifacts:
