@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 import dedalus_async
 from dedalus_async import Execution, ExecutionEvent, ExecutionOutput
@@ -38,6 +40,8 @@ from dedalus_async._cli._commands import COMMANDS
 from dedalus_async._cli._parser import NUMERIC_TYPES
 from dedalus_async._convert import structure
 from dedalus_async._local import machine_dirname
+
+from .serving import serving
 
 REPO = Path(dedalus_async.__file__).resolve().parent.parent
 LOCAL_NOTE = "running locally as user"
@@ -1496,3 +1500,44 @@ def test_arguments_that_are_not_utf8_get_command_line_advice(home: Path) -> None
         (error,) = [n for n in _notes(proc.stderr) if "error:" in n]
         assert "give it as UTF-8 text" in error
         assert "errors=" not in error
+
+
+async def test_an_error_while_reading_events_prints_where_to_read_on(home: Path) -> None:
+    """A server that fails after the first page: exit 125, and the command to read on
+    names the cursor after the last event printed; a failure before any, no such line."""
+
+    async def events(request: web.Request) -> web.Response:
+        if request.query.get("cursor") == "page-2":
+            return web.json_response(
+                {"error_code": "NOT_FOUND", "message": "gone", "retryable": False}, status=404
+            )
+        items = [
+            {"at": "2026-01-01T00:00:00.000Z", "sequence": n, "type": "stdout", "chunk": "x"}
+            for n in (1, 2)
+        ]
+        return web.json_response({"items": items, "next_cursor": "page-2"})
+
+    app = web.Application()
+    app.router.add_get("/v1/machines/{m}/executions/{e}/events", events)
+    async with serving(app) as url:
+        env = {**_base_env(home), "DEDALUS_BASE_URL": url, "DEDALUS_X_API_KEY": "k-123456"}
+        for execution_id, printed in (("exe-1", 2), ("exe-2", 0)):
+            argv = ["events", "dm-1", execution_id]
+            if printed == 0:
+                argv += ["--cursor", "0:page-2"]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dedalus_async", *argv,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=home.parent,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == EXIT_API_ERROR
+            assert len(out.splitlines()) == printed
+            notes = [n for n in _notes(err) if "to read on" in n]
+            if printed:
+                (note,) = notes
+                assert note.endswith(
+                    "reading stopped; to read on: dedalus-async events --follow dm-1 exe-1 "
+                    "--cursor 2:page-2"
+                )
+            else:
+                assert notes == []

@@ -356,10 +356,12 @@ async def events(args: argparse.Namespace, ctx: Context) -> int:
                     '"cursor" of a line of `events --json`, or the --cursor of the command '
                     "it printed to continue)"
                 ) from None
-            _continue_note(ctx, args, last, "reading stopped")
+            if last is not given:
+                _continue_note(ctx, args, last, "reading stopped")
             raise
         except DedalusError:
-            _continue_note(ctx, args, last, "reading stopped")
+            if last is not given:  # events were printed: where they stopped matters
+                _continue_note(ctx, args, last, "reading stopped")
             raise
     if not ended:
         _continue_note(ctx, args, last, "the execution has not ended")
