@@ -113,7 +113,9 @@ def _check_header_value(name: str, value: str) -> None:
     # a line break in a header value would let the caller inject headers; the value itself
     # is never shown (it may be the key)
     if any(c in value for c in "\r\n\x00"):
-        raise ConfigurationError(f"{name} must not contain line breaks or NUL characters")
+        raise ConfigurationError(
+            f"{name} must not contain line breaks or NUL characters", field=name
+        )
 
 
 def _is_loopback(host: str) -> bool:
@@ -133,15 +135,19 @@ def _check_base_url(base_url: str, allow_insecure_http: bool) -> str:
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(
-            f"base_url must be an http(s) URL like {DEFAULT_BASE_URL!r}, got {base_url!r}"
+            f"base_url must be an http(s) URL like {DEFAULT_BASE_URL!r}, got {base_url!r}",
+            field="base_url",
         )
     if parts.username or parts.password:
-        raise ConfigurationError("base_url must not carry credentials; pass api_key instead")
+        raise ConfigurationError(
+            "base_url must not carry credentials; pass api_key instead", field="base_url"
+        )
     if parts.query or parts.fragment:
-        raise ConfigurationError("base_url must not have a query or fragment")
+        raise ConfigurationError("base_url must not have a query or fragment", field="base_url")
     if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
         raise ConfigurationError(
             f"refusing plain http to {parts.hostname}: the API key would travel in clear "
-            "text; use https, or pass allow_insecure_http=True if you really mean it"
+            "text; use https, or pass allow_insecure_http=True if you really mean it",
+            field="base_url",
         )
     return base_url.rstrip("/")

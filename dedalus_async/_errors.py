@@ -81,7 +81,16 @@ class DedalusError(Exception):
 
 
 class ConfigurationError(DedalusError, ValueError):
-    """The Session was given (or found in the environment) settings it cannot use."""
+    """The Session was given (or found in the environment) settings it cannot use.
+
+    ``field`` names the setting at fault as the Session's argument (``"base_url"``,
+    ``"org_id"``, ...), or is ``None``: a caller that takes the setting some other way (the
+    command line: a flag, an environment variable) can say it in its own words.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class SessionClosedError(DedalusError, RuntimeError):

@@ -95,6 +95,19 @@ Logs
 Cancel
     DELETE of an execution that has not ended kills its process group with SIGKILL and
     reports ``cancelled`` at once (``signal=9`` when a process was killed).
+Records
+    Every execution's record is kept on disk under ``<data_dir>/executions/``
+    (:mod:`dedalus_async._store` has the rules): any later backend on the same
+    ``data_dir``, in any process, answers for it (``dedalus-async get --local`` after a
+    ``run --local``), and two processes on one ``data_dir`` at once see each other's
+    executions without writing each other's files. A record is saved on create, on each
+    status change, every 0.25 s while output arrives (a save counts as a read of the
+    execution: the output gathered is logged first) and at the end. An execution whose
+    process died before it ended reads as ``failed`` with ``error_code``
+    ``execution_runner_interrupted``. A DELETE of another live process's unfinished
+    execution is carried out by that process within 0.1 s. Sleep and wake, idempotency
+    keys and the ``stdin`` and ``env`` values of a request stay in the memory of the
+    process that took it.
 Time
     Every time the runner reads or waits for comes from its :class:`~dedalus_async.Clock`
     (real by default): timestamps, idle time, the wake, the running hint and
@@ -136,6 +149,7 @@ from ._http_server import HTTPServer
 from ._records import ExecutionRecord, to_millis
 from ._server import ExecutionsServer
 from ._session import Session
+from ._store import SAVE_EVERY, WATCH_EVERY, ExecutionStore
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
@@ -364,7 +378,8 @@ class SubprocessRunner:
     Semantics (environment, working directory, caps, signals, timeouts, sleep and wake,
     time) are described in :mod:`dedalus_async._local`. Every execution is driven by its
     own task on the event loop; :meth:`aclose` kills and awaits them all. ``clock`` is
-    read for every timestamp, idle time, wake and timeout (real time by default).
+    read for every timestamp, idle time, wake and timeout (real time by default). With a
+    ``store``, every record is saved there as it changes ("Records" in the module doc).
     """
 
     def __init__(
@@ -377,8 +392,11 @@ class SubprocessRunner:
         max_concurrency: int = 32,
         max_events: int = DEFAULT_MAX_EVENTS,
         clock: Clock | None = None,
+        store: ExecutionStore | None = None,
     ) -> None:
         self.machines_dir = Path(machines_dir)
+        #: where records are saved for other processes (None: memory only)
+        self.store = store
         self.output_cap = check_count("output_cap", output_cap, minimum=0)
         # math.inf: a machine never falls asleep once it has run something
         self.idle_timeout = _check_delay("idle_timeout", idle_timeout, infinite_ok=True)
@@ -415,10 +433,13 @@ class SubprocessRunner:
         """Decide wake or not, log the first status, and start the execution's task."""
         # output is kept in /output and /events only: there is no log stream to publish
         record.log_capture = dict(LOG_CAPTURE)
+        if self.store is not None:
+            self.store.claim(record)
         if self._closed:
             record.finish(
                 "failed", self._stamp(), error_code="BACKEND_CLOSED", error_message="closed"
             )
+            self._save(record)
             return
         loop = asyncio.get_running_loop()
         machine = self._machine(record.machine_id)
@@ -439,6 +460,7 @@ class SubprocessRunner:
         job = _Job(record, machine, wake_ends=machine.wake_ends)
         record.runner_state = job
         self._jobs[record.execution_id] = job
+        self._save(record)
         job.task = loop.create_task(self._play(job), name=f"dedalus-local-{record.execution_id}")
 
     def refresh(self, record: ExecutionRecord) -> None:
@@ -451,8 +473,14 @@ class SubprocessRunner:
             record.retry_after_ms = _running_hint_ms(ran)
 
     def cancel(self, record: ExecutionRecord) -> None:
-        """Kill the execution's process group (if it runs) and mark it ``cancelled`` now."""
+        """Kill the execution's process group (if it runs) and mark it ``cancelled`` now;
+        another process's execution is cancelled by that process (S5 of ``_store``)."""
         job = self._jobs.get(record.execution_id)
+        store = self.store
+        if job is None and store is not None and not store.owns(record):
+            store.request_cancel(record)
+            record.finish("cancelled", self._stamp(), error_message="cancelled by DELETE")
+            return
         killed = job is not None and job.kill()
         if job is not None:
             job.end_output()
@@ -462,6 +490,7 @@ class SubprocessRunner:
             signal=int(signal.SIGKILL) if killed else None,
             error_message="cancelled by DELETE",
         )
+        self._save(record)
 
     async def aclose(self) -> None:
         """Kill every running command and wait for the executions' tasks to end."""
@@ -475,6 +504,7 @@ class SubprocessRunner:
                 error_code="BACKEND_CLOSED",
                 error_message="the local backend shut down",
             )
+            self._save(job.record)
             job.kill()
         tasks = [job.task for job in jobs if job.task is not None]
         if tasks:
@@ -490,6 +520,9 @@ class SubprocessRunner:
     async def _play(self, job: _Job) -> None:
         record = job.record
         machine = job.machine
+        watch = None
+        if self.store is not None:
+            watch = asyncio.create_task(self._watch(job, self.store))
         try:
             await self._wake(job)
             if self._slots is None:
@@ -514,9 +547,42 @@ class SubprocessRunner:
             machine.busy -= 1
             machine.last_active = self.clock.monotonic()
             self._jobs.pop(record.execution_id, None)
+            self._save(record)
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
 
     def _stamp(self) -> datetime:
         return _wire_now(self.clock)
+
+    def _save(self, record: ExecutionRecord) -> None:
+        if self.store is not None:
+            job = self._jobs.get(record.execution_id)
+            self.store.save(record, pid=None if job is None else job.pid)
+
+    async def _watch(self, job: _Job, store: ExecutionStore) -> None:
+        """Save the record as it changes and carry out a DELETE asked by another process
+        (S3, S5 of ``_store``); real time, like the gathering window: it is about the disk
+        and other processes, not the API's rules."""
+        record = job.record
+        saved = (record.status, len(record.events), job.pid)
+        last = time.monotonic()
+        while not record.is_terminal:
+            await asyncio.sleep(WATCH_EVERY)
+            if store.cancel_requested(record):
+                self.cancel(record)
+                return
+            now = time.monotonic()
+            if now - last >= SAVE_EVERY and job.protocol is not None:
+                job.protocol.log_output()  # a save reads the execution like a GET
+            current = (record.status, len(record.events), job.pid)
+            if (
+                current[0] != saved[0]
+                or current[2] != saved[2]
+                or (current != saved and now - last >= SAVE_EVERY)
+            ):
+                self._save(record)
+                saved, last = current, now
 
     async def _wake(self, job: _Job) -> None:
         if job.wake_ends is not None:
@@ -604,6 +670,7 @@ class SubprocessRunner:
         transport, protocol = spawned
         job.pid = transport.get_pid()
         job.protocol = protocol
+        self._save(record)  # running, with the process group S4 of _store may have to kill
         timed_out = False
         try:
             if record.is_terminal:  # cancelled while the process was being started
@@ -862,6 +929,10 @@ class LocalBackend:
         self.data_dir: Path = Path(data_dir) if data_dir is not None else default_data_dir()
         self.machines_dir: Path = self.data_dir / "machines"
         self.clock: Clock = clock if clock is not None else SystemClock()
+        #: the records on disk, shared with every backend on the same ``data_dir``
+        self.store = ExecutionStore(
+            self.data_dir, dirname=machine_dirname, output_cap=output_cap, clock=self.clock
+        )
         self.runner = SubprocessRunner(
             self.machines_dir,
             output_cap=output_cap,
@@ -870,6 +941,7 @@ class LocalBackend:
             max_concurrency=max_concurrency,
             max_events=max_events,
             clock=self.clock,
+            store=self.store,
         )
         self._api_key = secrets.token_urlsafe(32)
         self.announce = announce
@@ -880,6 +952,7 @@ class LocalBackend:
             clock=self.clock,
             output_cap=output_cap,
             name="LocalBackend",
+            store=self.store,
         )
         #: :attr:`server` on ``127.0.0.1:port``.
         self.http = HTTPServer(
@@ -923,7 +996,12 @@ class LocalBackend:
     async def start(self) -> None:
         """Create the data directory and start serving (``async with`` does this)."""
         self.machines_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await self.http.start()
+        self.store.open()
+        try:
+            await self.http.start()
+        except BaseException:
+            self.store.close()
+            raise
         if self.announce:
             logger.warning(
                 "dedalus-async local backend at %s runs commands as user %r on this computer, "
@@ -935,7 +1013,10 @@ class LocalBackend:
 
     async def close(self) -> None:
         """Stop serving and kill every command still running. Safe to call twice."""
-        await self.http.close()
+        try:
+            await self.http.close()  # the runner saves every record it ends
+        finally:
+            self.store.close()
 
     async def __aenter__(self) -> LocalBackend:
         await self.start()

@@ -25,8 +25,10 @@ from dedalus_async._models import TERMINAL_STATUSES
 __all__ = [
     "EventRecord",
     "ExecutionRecord",
+    "RecordStore",
     "Runner",
     "format_time",
+    "parse_time",
     "to_millis",
 ]
 
@@ -36,6 +38,14 @@ def format_time(dt: datetime) -> str:
     if dt.utcoffset():
         dt = dt.astimezone(UTC)
     return f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> datetime:
+    """The aware datetime :func:`format_time` wrote (any RFC 3339 offset is read)."""
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        raise ValueError(f"a timestamp without a time zone: {text!r}")
+    return dt.astimezone(UTC)
 
 
 def to_millis(dt: datetime) -> datetime:
@@ -97,6 +107,16 @@ class EventRecord:
         _put_present(out, self, _EVENT_OPTIONAL)
         return out
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EventRecord:
+        """The event :meth:`to_json` wrote (a store reads its records back with it)."""
+        return cls(
+            parse_time(data["at"]),
+            data["sequence"],
+            data["type"],
+            **{name: data[name] for name in _EVENT_OPTIONAL if name in data},
+        )
+
 
 @attrs.define(eq=False)
 class ExecutionRecord:
@@ -134,6 +154,10 @@ class ExecutionRecord:
     retry_after_ms: int | None = None
     expires_at: datetime | None = None
     artifacts: list[dict[str, str]] | None = None
+    #: the cap its output was kept under, when it differs from the serving server's (a
+    #: record another process ran, read back from a :class:`RecordStore`); ``None``: the
+    #: server's own
+    output_cap: int | None = None
     events: list[EventRecord] = attrs.field(factory=list, repr=False)
     #: when the machine was ready to run it, for an execution that waited for a wake
     #: (monotonic, wall clock); ``None``: ready at creation. A runner starts its clock here.
@@ -146,6 +170,23 @@ class ExecutionRecord:
     # the events'); ``str +=`` instead would copy the whole output on every append.
     _stdout_parts: list[str] = attrs.field(factory=list, init=False, repr=False)
     _stderr_parts: list[str] = attrs.field(factory=list, init=False, repr=False)
+
+    @classmethod
+    def restore(
+        cls, *, events: list[EventRecord], stdout_bytes: int, stderr_bytes: int, **fields: Any
+    ) -> ExecutionRecord:
+        """A record rebuilt from what a :class:`RecordStore` kept: ``fields`` as saved, the
+        output from its events' chunks (stored once, as in a live record)."""
+        record = cls(events=list(events), **fields)
+        for event in record.events:
+            if event.chunk is not None:
+                if event.type == "stdout":
+                    record._stdout_parts.append(event.chunk)
+                elif event.type == "stderr":
+                    record._stderr_parts.append(event.chunk)
+        record.stdout_bytes = stdout_bytes
+        record.stderr_bytes = stderr_bytes
+        return record
 
     @property
     def is_terminal(self) -> bool:
@@ -262,6 +303,8 @@ class ExecutionRecord:
         Output sizes appear once the command started (or the record is terminal);
         ``expires_at`` only while the record is not terminal.
         """
+        if self.output_cap is not None:
+            output_cap = self.output_cap
         out: dict[str, Any] = {
             "execution_id": self.execution_id,
             "machine_id": self.machine_id,
@@ -309,6 +352,8 @@ class ExecutionRecord:
 
         ``*_bytes`` is the full size before the cap; the kept part is the head.
         """
+        if self.output_cap is not None:
+            output_cap = self.output_cap
         return {
             "execution_id": self.execution_id,
             "stdout": _cap_utf8(self.stdout, output_cap),
@@ -318,6 +363,27 @@ class ExecutionRecord:
             "stdout_truncated": self.stdout_bytes > output_cap,
             "stderr_truncated": self.stderr_bytes > output_cap,
         }
+
+
+class RecordStore(Protocol):
+    """Where a server finds records it does not hold in memory: those another process ran
+    and kept (the local backend's records on disk, :mod:`dedalus_async._store`).
+
+    The server asks it only for what its memory lacks, and tells it what it deletes; the
+    runner, which knows when a record changes, is the one that saves.
+    """
+
+    def find(self, machine_id: str, execution_id: str) -> ExecutionRecord | None:
+        """The stored record of that execution on that machine, or ``None``."""
+        ...
+
+    def machine_records(self, machine_id: str) -> list[ExecutionRecord]:
+        """The stored records of the machine the server's memory may lack, oldest first."""
+        ...
+
+    def remove(self, record: ExecutionRecord) -> None:
+        """Forget a deleted execution (it must not come back)."""
+        ...
 
 
 @runtime_checkable

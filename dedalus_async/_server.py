@@ -73,6 +73,14 @@ Delete
     returns its last state; afterwards it is 404 everywhere. So "DELETE twice" is "cancel,
     then forget".
 
+Stored records
+    A server given a :class:`~dedalus_async._records.RecordStore` (the local backend's
+    records on disk) also answers for the executions the store holds and its memory does
+    not (another process ran them): a read, a DELETE and a list find them there. Such a
+    machine's list is every record of the store and of memory, oldest first, and a cursor
+    is a position in it (a delete meanwhile may shift it by one: the list is read anew on
+    every page). Deleting a terminal execution removes it from the store too.
+
 Destroyed machines
     After :meth:`ExecutionsServer.destroy_machine`, create on it is 409 ``INVALID_STATE``
     and every read of its executions (list included) is 404 ``NOT_FOUND``; its running
@@ -123,7 +131,7 @@ import attrs
 from ._checks import is_int
 from ._clock import Clock, SystemClock
 from ._machine_records import MachineRecord, MachineTimings, parse_autosleep
-from ._records import ExecutionRecord, Runner, format_time, to_millis
+from ._records import ExecutionRecord, RecordStore, Runner, format_time, to_millis
 
 __all__ = ["APIRequest", "APIResponse", "ExecutionsServer", "parse_json"]
 
@@ -299,6 +307,7 @@ class ExecutionsServer:
     date lazily (by the runner's ``refresh``), so use :meth:`get_record` to read a current
     one. ``name`` appears in logs and in the repr. ``public_url`` is where clients reach
     the server (the HTTP layer sets it when it starts); log tokens point below it.
+    ``store``: where to look for executions memory lacks (see "Stored records").
     """
 
     def __init__(
@@ -313,6 +322,7 @@ class ExecutionsServer:
         require_idempotency_key: bool = True,
         strict_idempotency_keys: bool = False,
         name: str = "ExecutionsServer",
+        store: RecordStore | None = None,
     ) -> None:
         if not 1 <= page_size <= max_page_size:
             raise ValueError("need 1 <= page_size <= max_page_size")
@@ -327,6 +337,7 @@ class ExecutionsServer:
         self.strict_idempotency_keys = strict_idempotency_keys
         self.name = name
         self.public_url: str | None = None
+        self.store = store
 
         self.executions: dict[str, ExecutionRecord] = {}
         self.create_count = 0
@@ -523,6 +534,8 @@ class ExecutionsServer:
 
     def _lookup(self, machine_id: str, execution_id: str) -> ExecutionRecord | APIResponse:
         record = self.executions.get(execution_id)
+        if record is None and self.store is not None:
+            record = self.store.find(machine_id, execution_id)
         if (
             record is None
             or record.machine_id != machine_id
@@ -642,7 +655,9 @@ class ExecutionsServer:
         if not found.is_terminal:
             self.runner.cancel(found)
             return _json_response(found.to_json(self.output_cap))
-        del self.executions[execution_id]
+        self.executions.pop(execution_id, None)  # a stored record is not in memory
+        if self.store is not None:
+            self.store.remove(found)
         key = found.idempotency_key
         if key is not None:
             seen = self._idempotency.get((machine_id, key))
@@ -725,6 +740,8 @@ class ExecutionsServer:
     def _list(self, request: APIRequest, machine_id: str) -> APIResponse:
         if machine_id in self.destroyed_machines:
             return _not_found(f"machine {machine_id} not found")
+        if self.store is not None:
+            return self._list_stored(request, machine_id, self.store)
         ids = self._by_machine.get(machine_id, [])
         args = self._page_args(request, len(ids))
         if isinstance(args, APIResponse):
@@ -747,6 +764,29 @@ class ExecutionsServer:
             more += 1
         next_cursor = f"c{index}" if more < end else None
         return _json_response({"items": items, "next_cursor": next_cursor})
+
+    def _list_stored(self, request: APIRequest, machine_id: str, store: RecordStore) -> APIResponse:
+        """A machine's list with a store: memory's records and the store's, oldest first."""
+        merged = {r.execution_id: r for r in store.machine_records(machine_id)}
+        for execution_id in self._by_machine.get(machine_id, ()):
+            record = self.executions.get(execution_id)
+            if record is not None:
+                merged[execution_id] = record  # memory is fresher than the store
+        records = sorted(merged.values(), key=lambda r: (r.created_at, r.execution_id))
+        args = self._page_args(request, len(records))
+        if isinstance(args, APIResponse):
+            return args
+        limit, index = args
+        page = records[index : index + limit]
+        for record in page:
+            self._refresh(record)
+        stop = index + len(page)
+        return _json_response(
+            {
+                "items": [record.to_json(self.output_cap) for record in page],
+                "next_cursor": f"c{stop}" if stop < len(records) else None,
+            }
+        )
 
     def _events(self, request: APIRequest, machine_id: str, execution_id: str) -> APIResponse:
         found = self._lookup(machine_id, execution_id)

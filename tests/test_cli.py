@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import pty
 import selectors
+import shlex
 import signal
 import socket
 import subprocess
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 import dedalus_async
 from dedalus_async import Execution, ExecutionEvent, ExecutionOutput
@@ -34,8 +37,11 @@ from dedalus_async._cli import (
     main,
 )
 from dedalus_async._cli._commands import COMMANDS
+from dedalus_async._cli._parser import NUMERIC_TYPES
 from dedalus_async._convert import structure
 from dedalus_async._local import machine_dirname
+
+from .serving import serving
 
 REPO = Path(dedalus_async.__file__).resolve().parent.parent
 LOCAL_NOTE = "running locally as user"
@@ -467,16 +473,18 @@ def test_serve_local_prints_settings_serves_and_stops(home: Path) -> None:
         pass
 
 
-def _lookups(home: Path, machine: str, execution_id: str, env: dict[str, str]) -> list[list[Any]]:
-    """What get, output, events and list print (JSON lines), run side by side."""
+def _lookups(
+    home: Path, machine: str, execution_id: str, env: dict[str, str], *flags: str
+) -> list[list[Any]]:
+    """What get, output, events --json and list print (JSON lines), run side by side."""
     return [
         [json.loads(line) for line in proc.stdout.splitlines()]
         for proc in _cli_parallel(
             home,
-            ["get", machine, execution_id],
-            ["output", machine, execution_id],
-            ["events", machine, execution_id],
-            ["list", machine],
+            ["get", *flags, machine, execution_id],
+            ["output", *flags, machine, execution_id],
+            ["events", "--json", *flags, machine, execution_id],
+            ["list", *flags, machine],
             env=env,
         )
     ]
@@ -731,7 +739,7 @@ def test_main_run_many_to_stdout(
     [
         ("not json\n", "not JSON"),
         ("[1]\n", "must be a JSON object"),
-        ('{"command": "echo hi"}\n', "command must be a list"),
+        ('{"command": "echo hi"}\n', "command must be an array of strings"),
         ('{"command": []}\n', "must not be empty"),
         ('{"command": ["x"], "env": {"A": 1}}\n', "env"),
         ('{"command": ["x"], "timeout": -1}\n', "timeout"),
@@ -794,7 +802,12 @@ def test_main_against_a_server(
     )
     assert (code, json.loads(out)["status"]) == (0, "cancelled")
     code, out, _ = _main(
-        capsysbinary, "events", "--follow", "dm-c2a40383-8856-5fb0-84aa-c0dcf1fa2d6d", execution_id
+        capsysbinary,
+        "events",
+        "--follow",
+        "--json",
+        "dm-c2a40383-8856-5fb0-84aa-c0dcf1fa2d6d",
+        execution_id,
     )
     events = [json.loads(line) for line in out.splitlines()]
     assert code == 0
@@ -1020,3 +1033,512 @@ def test_main_input_problems_are_usage_errors(
     code, out, err = _main(capsysbinary, "run-many", str(source))
     assert (code, out) == (2, b"")
     assert f"{source}:1: no machine_id, and no --machine-id was given" in err
+
+
+# --- the local backend's records, across processes ---------------------------------------
+
+
+def test_ids_run_printed_locally_are_looked_at_by_later_processes(home: Path) -> None:
+    """run --local prints an ID; get/output/events/list/cancel/delete --local find it later."""
+    proc = _cli(home, "run", "--local", "--json", "--", "sh", "-c", "echo x; echo y >&2; exit 3")
+    execution = json.loads(proc.stdout)["execution"]
+    machine, execution_id = execution["machine_id"], execution["execution_id"]
+    assert machine == "dm-local"
+    got, output, events, listed = _lookups(home, machine, execution_id, {}, "--local")
+    assert got == [execution]
+    assert (output[0]["stdout"], output[0]["stderr"]) == ("x\n", "y\n")
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert (events[-1]["status"], events[-1]["exit_code"]) == ("failed", 3)
+    assert listed == [execution]
+    cancelled = _cli(home, "cancel", "--local", machine, execution_id)
+    assert (cancelled.returncode, json.loads(cancelled.stdout)) == (0, execution)
+    deleted = _cli(home, "delete", "--local", machine, execution_id)
+    assert deleted.returncode == 0
+    gone = _cli(home, "get", "--local", machine, execution_id)
+    assert gone.returncode == EXIT_API_ERROR
+    assert "404" in _notes(gone.stderr)[0]
+    # without --local (and without a key) the message says what to add
+    keyless = _cli(home, "get", machine, execution_id)
+    assert keyless.returncode == 2
+    assert "add --local" in _notes(keyless.stderr)[0]
+
+
+def test_a_run_killed_outright_reads_failed_and_its_command_is_stopped(home: Path) -> None:
+    """SIGKILL leaves no chance to clean up: the next reader ends the record and the
+    orphaned command."""
+    with _start(home, "run", "--local", "--", "sh", "-c", "echo $$; sleep 30") as proc:
+        pid = int(_read_line(proc))
+        proc.kill()
+        proc.wait(timeout=10)
+    assert _alive(pid)  # the command outlived its owner...
+    listed = _cli(home, "list", "--local", "dm-local")
+    (execution,) = (json.loads(line) for line in listed.stdout.splitlines())
+    assert (execution["status"], execution["error_code"]) == (
+        "failed",
+        "execution_runner_interrupted",
+    )
+    assert f"process group {pid}) was killed" in execution["error_message"]
+    assert _wait_dead(pid)  # ...until the next look at it
+    again = _cli(home, "get", "--local", "dm-local", execution["execution_id"])
+    assert json.loads(again.stdout) == execution  # written back: every reader agrees
+
+
+def test_serve_local_and_run_local_share_one_data_dir(home: Path) -> None:
+    """At once: serve-local answers for run --local's execution and cancels it; --local
+    lookups list serve-local's executions."""
+    machine = "dm-3b1f07c2-95d4-5e8a-b6c1-7f2e9d4a8c05"
+    with _serving(home) as (_, settings):
+        argv = ["run", "--local", "--machine-id", machine, "--", "sh", "-c", "echo $$; sleep 30"]
+        with _start(home, *argv) as runner:
+            pid = int(_read_line(runner))
+            served = _cli(
+                home, "run", "--json", "--machine-id", machine, "--", "true", env=settings
+            )
+            served_id = json.loads(served.stdout)["execution"]["execution_id"]
+            listed = [
+                json.loads(line)
+                for line in _cli(home, "list", "--local", machine).stdout.splitlines()
+            ]
+            assert [e["status"] for e in listed] == ["running", "succeeded"]
+            assert listed[1]["execution_id"] == served_id
+            running_id = listed[0]["execution_id"]
+            through_server = _cli(home, "get", machine, running_id, env=settings)
+            assert json.loads(through_server.stdout)["status"] == "running"
+            cancel = _cli(home, "cancel", machine, running_id, env=settings)
+            assert json.loads(cancel.stdout)["status"] == "cancelled"
+            _, stderr = runner.communicate(timeout=10)
+        assert runner.returncode == EXIT_CANCELLED, stderr
+        assert _wait_dead(pid)
+        final = _cli(home, "get", "--local", machine, running_id)
+        assert (json.loads(final.stdout)["status"], json.loads(final.stdout)["signal"]) == (
+            "cancelled",
+            9,
+        )
+
+
+def test_local_lookups_refuse_a_base_url(in_process: Path, capsysbinary: Any) -> None:
+    code, out, err = _main(capsysbinary, "get", "--local", "--base-url", "https://x", "dm-1", "e")
+    assert (code, out) == (2, b"")
+    assert "--base-url and --local do not go together" in err
+
+
+# --- event cursors ------------------------------------------------------------------------
+
+
+def _events_json(capsys: pytest.CaptureFixture[bytes], *args: str) -> list[dict[str, Any]]:
+    code, out, err = _main(capsys, "events", "--json", "--local", *args)
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_each_event_cursor_resumes_right_after_it(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """Over several pages (the server's page is 50), --cursor of event k gives k+1 on, once."""
+    # the streams take turns, so each write is an event of its own
+    script = (
+        "import sys, time\n"
+        "for i in range(150):\n"
+        "    for s in (sys.stdout, sys.stderr): s.write(f'{i}\\n'); s.flush(); time.sleep(0.002)\n"
+    )
+    code, out, _ = _main(capsysbinary, "run", "--json", "--", sys.executable, "-c", script)
+    assert code == 0
+    execution_id = json.loads(out)["execution"]["execution_id"]
+    every = _events_json(capsysbinary, "dm-local", execution_id)
+    assert len(every) > 60  # two pages at least (the writes of a busy machine bunch up)
+    assert all(e["cursor"] == f"{e['sequence']}:{e['cursor'].split(':', 1)[1]}" for e in every)
+    for k in (0, 1, 48, 49, 50, 51, len(every) - 2, len(every) - 1):
+        after = _events_json(capsysbinary, "--cursor", every[k]["cursor"], "dm-local", execution_id)
+        assert [e["sequence"] for e in after] == [e["sequence"] for e in every[k + 1 :]], k
+    # the text form: one line per event, a chunk as a JSON string
+    code, out, err = _main(capsysbinary, "events", "--local", "dm-local", execution_id)
+    lines = out.decode().splitlines()
+    assert len(lines) == len(every)
+    assert lines[0].startswith("#1 ")
+    assert lines[0].endswith(" lifecycle queued")
+    assert lines[-1].endswith(" lifecycle succeeded exit_code=0")
+    assert err == ""  # a finished execution: nothing to continue
+
+
+@pytest.mark.parametrize(
+    ("cursor", "expected"),
+    [
+        ("", "argument --cursor: not a cursor: ''"),
+        ("a b", "argument --cursor: not a cursor"),
+        ("7:\x01", "argument --cursor: not a cursor"),
+        ("x" * 3000, "argument --cursor: not a cursor"),
+        ("c999", "--cursor 'c999' is not a cursor of this execution's events"),
+        ("3:nope", "--cursor '3:nope' is not a cursor of this execution's events"),
+    ],
+)
+def test_a_bad_cursor_is_a_usage_error_naming_the_flag(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes], cursor: str, expected: str
+) -> None:
+    code, out, _ = _main(capsysbinary, "run", "--json", "--", "true")
+    execution_id = json.loads(out)["execution"]["execution_id"]
+    try:
+        code, out, err = _main(
+            capsysbinary, "events", "--local", "--cursor", cursor, "dm-local", execution_id
+        )
+    except SystemExit as exc:  # refused by the parser
+        code, err = int(str(exc.code)), capsysbinary.readouterr().err.decode()
+    assert code == 2
+    assert expected in err
+    assert "SEQUENCE:SERVER_CURSOR" in err
+
+
+def test_events_help_states_the_cursor_format() -> None:
+    parser = build_parser()
+    (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = subparsers.choices["events"].format_help()
+    assert "SEQUENCE:SERVER_CURSOR" in " ".join(text.split())
+    assert "events --json" in text
+
+
+def test_ctrl_c_on_events_follow_prints_the_command_to_read_on(
+    home: Path, server: dict[str, str]
+) -> None:
+    """The printed command continues after the last event shown, to the end."""
+    env = _remote(server)
+    machine = "dm-6a2d9e14-3c7b-5f08-a1e5-9d4c2b7f3e60"
+    run = _cli(
+        home, "run", "--json", "--timeout", "1", "--machine-id", machine, "--",
+        "sh", "-c", "echo first; sleep 30", env=env,
+    )  # fmt: skip
+    execution_id = json.loads(run.stdout)["execution"]["execution_id"]
+    with _start(home, "events", "--follow", machine, execution_id, env=env) as proc:
+        shown: list[str] = []
+        while not shown or '"first\\n"' not in shown[-1]:
+            shown.append(_read_line(proc).decode())
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    (resume,) = [n for n in _notes(stderr) if "to read on:" in n]
+    assert "interrupted: the execution keeps running" in resume
+    argv = shlex.split(resume.split("to read on: ", 1)[1])
+    last_sequence = int(shown[-1].split()[0].lstrip("#"))
+    assert argv[:3] == ["dedalus-async", "events", "--follow"]
+    assert argv[-2] == "--cursor"
+    assert argv[-1].startswith(f"{last_sequence}:")
+    _cli(home, "cancel", machine, execution_id, env=env)
+    rest = _cli(home, *argv[1:], env=env)
+    assert rest.returncode == 0
+    lines = rest.stdout.decode().splitlines()
+    assert lines[0].startswith(f"#{last_sequence + 1} ")
+    assert lines[-1].split()[2:4] == ["lifecycle", "cancelled"]
+
+
+def test_events_of_an_unfinished_execution_say_how_to_read_on(
+    home: Path, server: dict[str, str]
+) -> None:
+    env = _remote(server)
+    machine = "dm-6a2d9e14-3c7b-5f08-a1e5-9d4c2b7f3e60"
+    run = _cli(
+        home, "run", "--json", "--timeout", "0.5", "--machine-id", machine, "--",
+        "sleep", "30", env=env,
+    )  # fmt: skip
+    execution_id = json.loads(run.stdout)["execution"]["execution_id"]
+    proc = _cli(home, "events", "--json", machine, execution_id, env=env)
+    _cli(home, "cancel", machine, execution_id, env=env)
+    last = json.loads(proc.stdout.splitlines()[-1])
+    (note,) = _notes(proc.stderr)
+    assert "the execution has not ended; to read on: dedalus-async events --follow" in note
+    assert note.endswith(f"--cursor {last['cursor']}")
+
+
+# --- every numeric flag -----------------------------------------------------------------
+
+_NOT_NUMBERS = ["", "abc", "1,5", "0x10"]
+_ALWAYS_BAD = ["-1", "nan", "inf", "-inf", "1e999", "9" * 30, *_NOT_NUMBERS]
+#: (subcommand and what it needs, flag, values it refuses besides _ALWAYS_BAD, largest valid)
+NUMERIC_FLAGS: list[tuple[list[str], str, list[str], str]] = [
+    (["run"], "--timeout", ["0", "31622401"], "31622400"),
+    (["run"], "--timeout-ms", ["0", "1.5", "1e3", "31622400001"], "31622400000"),
+    (["run-many", "f.jsonl"], "--timeout", ["0", "31622401"], "31622400"),
+    (["run-many", "f.jsonl"], "--concurrency", ["0", "2.5", "10001"], "10000"),
+    (["run-many", "f.jsonl"], "--reservation-max-age", ["0", "31622401"], "31622400"),
+    (["list", "dm-1"], "--limit", ["0", "1.0", "1001"], "1000"),
+    (["serve-local"], "--port", ["65536", "8080.0"], "65535"),
+    (["serve-local"], "--output-cap", ["0", "1073741825"], "1073741824"),
+    (["serve-local"], "--idle-timeout", ["0", "31622401"], "31622400"),
+]
+
+
+def test_the_table_covers_every_numeric_flag() -> None:
+    """A numeric option added to the parser must be added to NUMERIC_FLAGS too."""
+    parser = build_parser()
+    (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    numeric = {
+        (name, action.option_strings[-1])
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if action.type in NUMERIC_TYPES
+    }
+    assert numeric == {(args[0], flag) for args, flag, _, _ in NUMERIC_FLAGS}
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "value"),
+    [
+        pytest.param(args, flag, value, id=f"{args[0]} {flag} {value[:12]!r}")
+        for args, flag, bad, _ in NUMERIC_FLAGS
+        for value in [*bad, *_ALWAYS_BAD]
+    ],
+)
+def test_a_bad_number_is_a_usage_error_naming_the_flag(
+    capsysbinary: pytest.CaptureFixture[bytes], args: list[str], flag: str, value: str
+) -> None:
+    """Zero, negative, NaN, infinite, absurdly large or not a number: exit 2, one line."""
+    with pytest.raises(SystemExit) as exc:
+        main([*args, f"{flag}={value}"])
+    assert exc.value.code == 2
+    err = capsysbinary.readouterr().err.decode()
+    assert err.count("\n") == 1
+    assert f"argument {flag}: " in err
+    assert "--help" in err
+
+
+@pytest.mark.parametrize(("args", "flag", "largest"), [(a, f, v) for a, f, _, v in NUMERIC_FLAGS])
+def test_the_largest_value_of_each_numeric_flag_is_taken(
+    args: list[str], flag: str, largest: str
+) -> None:
+    parsed = build_parser().parse_args([*args, flag, largest])
+    assert float(getattr(parsed, flag.lstrip("-").replace("-", "_"))) == float(largest)
+
+
+# --- the command line's words, not Python's ------------------------------------------------
+
+_PYTHON_WORDS = ("Session(", "allow_insecure_http", "session.", "None", "api_key=", "int(", "['")
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "expected", "hidden"),
+    [
+        (
+            {"DEDALUS_BASE_URL": "http://example.com"},
+            ["get", "dm-1", "exe-1"],
+            "DEDALUS_BASE_URL=http://example.com: plain http to example.com",
+            None,
+        ),
+        (
+            {},
+            ["list", "--base-url", "http://10.1.2.3:8080", "dm-1"],
+            "--base-url=http://10.1.2.3:8080: plain http to 10.1.2.3",
+            None,
+        ),
+        (
+            {"DEDALUS_BASE_URL": "https://user:hunter2@example.com"},
+            ["get", "dm-1", "exe-1"],
+            "DEDALUS_BASE_URL must not carry credentials",
+            "hunter2",
+        ),
+        (
+            {},
+            ["get", "--base-url", "ftp://example.com", "dm-1", "exe-1"],
+            "--base-url='ftp://example.com' is not an http(s) URL",
+            None,
+        ),
+        (
+            {"DEDALUS_BASE_URL": "https://example.com/?x=1"},
+            ["get", "dm-1", "exe-1"],
+            "a base URL has no query or fragment",
+            None,
+        ),
+        (
+            {"DEDALUS_ORG_ID": "org\nX-Injected: 1"},
+            ["get", "dm-1", "exe-1"],
+            "DEDALUS_ORG_ID must not contain line breaks",
+            None,
+        ),
+    ],
+)
+def test_settings_problems_name_the_flag_or_variable(
+    in_process: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsysbinary: pytest.CaptureFixture[bytes],
+    env: dict[str, str],
+    args: list[str],
+    expected: str,
+    hidden: str | None,
+) -> None:
+    monkeypatch.setenv("DEDALUS_X_API_KEY", "a-configured-key")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = _main(capsysbinary, *args)
+    assert (code, out) == (2, b"")
+    assert expected in err
+    assert not [word for word in _PYTHON_WORDS if word in err], err
+    assert hidden is None or hidden not in err
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('{"command": ["x"], "timeout": -1}', "timeout must be a positive number of seconds"),
+        ('{"command": ["x"], "timeout": "soon"}', "timeout must be a positive number"),
+        ('{"command": ["x"], "timeout": NaN}', "timeout must be a positive number"),
+        ('{"command": ["x"], "timeout": 1e10}', "at most 31622400"),
+        ('{"command": ["x"], "timeout": true}', "timeout must be a positive number"),
+        ('{"command": ["x"], "timeout_ms": 1.5}', "timeout_ms must be a positive whole number"),
+        ('{"command": ["x"], "timeout_ms": 0}', "timeout_ms must be a positive whole number"),
+        ('{"command": "echo hi"}', 'e.g. ["sh", "-c", "echo hi"]'),
+        ('{"command": ["x", 1]}', "command must be an array of strings"),
+        ('{"command": ["x"], "env": {"A": 1}}', "env must be an object whose values are strings"),
+        ('{"command": ["x"], "env": ["A=1"]}', "env must be an object"),
+        ('{"command": ["x"], "cwd": 3}', "cwd must be a string"),
+        ('{"command": ["x"], "stdin": {}}', "stdin must be a string"),
+        ('{"command": ["x"], "machine_id": 7}', "machine_id must be a string"),
+        ('{"command": ["x"], "idempotency_key": "a b"}', "idempotency_key must be 1-255"),
+    ],
+)
+def test_run_many_line_problems_are_said_in_json_terms(
+    in_process: Path,
+    tmp_path: Path,
+    capsysbinary: pytest.CaptureFixture[bytes],
+    line: str,
+    expected: str,
+) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text(line + "\n")
+    code, out, err = _main(capsysbinary, "run-many", str(source))
+    assert (code, out) == (2, b"")
+    assert f"{source}:1: " in err
+    assert expected in err
+    assert not [word for word in _PYTHON_WORDS if word in err], err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["get", "", "exe-1"], "argument MACHINE_ID: must not be empty"),
+        (["get", "dm-1", "a/b"], "argument EXECUTION_ID: must not contain '/'"),
+        (["list", "x" * 300], "argument MACHINE_ID: is 300 characters long"),
+        (["run", "--machine-id", "..", "--", "true"], "argument --machine-id: '..' is not an ID"),
+        (["run", "--idempotency-key", "a b", "--", "true"], "argument --idempotency-key: must"),
+    ],
+)
+def test_ids_and_keys_are_checked_as_arguments(
+    capsysbinary: pytest.CaptureFixture[bytes], args: list[str], expected: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsysbinary.readouterr().err.decode()
+    assert expected in err
+    assert "machine_id" not in err
+    assert "idempotency_key" not in err
+
+
+# --- Ctrl-C on run-many -------------------------------------------------------------------
+
+
+def test_ctrl_c_on_run_many_writes_what_finished_and_says_what_keeps_running(
+    home: Path, server: dict[str, str], tmp_path: Path
+) -> None:
+    env = _remote(server)
+    machine = "dm-8e4c1a7b-2d95-5f3e-b0a6-4c9d7e2f1b83"
+    source = tmp_path / "jobs.jsonl"
+    slow = '{"command": ["sleep", "30"]}\n'
+    source.write_text(slow + '{"command": ["echo", "quick"]}\n' + slow)
+    with _start(home, "run-many", "--machine-id", machine, str(source), env=env) as proc:
+        deadline = time.monotonic() + 15
+        while True:  # the quick one has finished; its line waits for the first one's
+            listed = _cli(home, "list", machine, env=env).stdout.splitlines()
+            statuses = [json.loads(line)["status"] for line in listed]
+            if statuses.count("succeeded") == 1 and statuses.count("running") == 2:
+                break
+            assert time.monotonic() < deadline, statuses
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    (line,) = (json.loads(raw) for raw in stdout.splitlines())
+    assert (line["index"], line["stdout"]) == (1, "quick\n")
+    (note,) = [n for n in _notes(stderr) if "interrupted" in n and "results" in n]
+    assert "run-many interrupted: 1 of 3 results written on stdout" in note
+    assert 'out of order: each line has its input "index"' in note
+    assert "up to 2 executions keep running on the server" in note
+    assert f"dedalus-async list {machine}" in note
+    for raw in _cli(home, "list", machine, env=env).stdout.splitlines():
+        _cli(home, "cancel", machine, json.loads(raw)["execution_id"], env=env)
+
+
+def test_ctrl_c_on_run_many_locally_says_the_backend_stops_them(home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "jobs.jsonl"
+    source.write_text('{"command": ["sh", "-c", "echo $$; sleep 30"]}\n')
+    out = tmp_path / "results.jsonl"
+    with _start(home, "run-many", "--output", str(out), str(source)) as proc:
+        deadline = time.monotonic() + 15
+        while "running" not in _cli(home, "list", "--local", "dm-local").stdout.decode():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert out.read_bytes() == b""
+    (note,) = [n for n in _notes(stderr) if "interrupted" in n and "results" in n]
+    assert f"0 of 1 results written to {out}" in note
+    assert "the local backend stops the 1 still running on exit" in note
+    listed = _cli(home, "list", "--local", "dm-local").stdout
+    assert json.loads(listed)["status"] == "cancelled"
+
+
+def test_arguments_that_are_not_utf8_get_command_line_advice(home: Path) -> None:
+    """Bytes the shell passed that UTF-8 cannot carry: exit 2, and no Python advice."""
+    for argv in (
+        [b"run", b"--local", b"--", b"echo", b"\xff"],
+        [b"get", b"--local", b"dm-1", b"\xff"],
+    ):
+        proc = subprocess.run(
+            [sys.executable.encode(), b"-m", b"dedalus_async", *argv],
+            capture_output=True,
+            env=_base_env(home),
+            cwd=home.parent,
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == 2
+        (error,) = [n for n in _notes(proc.stderr) if "error:" in n]
+        assert "give it as UTF-8 text" in error
+        assert "errors=" not in error
+
+
+async def test_an_error_while_reading_events_prints_where_to_read_on(home: Path) -> None:
+    """A server that fails after the first page: exit 125, and the command to read on
+    names the cursor after the last event printed; a failure before any, no such line."""
+
+    async def events(request: web.Request) -> web.Response:
+        if request.query.get("cursor") == "page-2":
+            return web.json_response(
+                {"error_code": "NOT_FOUND", "message": "gone", "retryable": False}, status=404
+            )
+        items = [
+            {"at": "2026-01-01T00:00:00.000Z", "sequence": n, "type": "stdout", "chunk": "x"}
+            for n in (1, 2)
+        ]
+        return web.json_response({"items": items, "next_cursor": "page-2"})
+
+    app = web.Application()
+    app.router.add_get("/v1/machines/{m}/executions/{e}/events", events)
+    async with serving(app) as url:
+        env = {**_base_env(home), "DEDALUS_BASE_URL": url, "DEDALUS_X_API_KEY": "k-123456"}
+        for execution_id, printed in (("exe-1", 2), ("exe-2", 0)):
+            argv = ["events", "dm-1", execution_id]
+            if printed == 0:
+                argv += ["--cursor", "0:page-2"]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dedalus_async", *argv,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=home.parent,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == EXIT_API_ERROR
+            assert len(out.splitlines()) == printed
+            notes = [n for n in _notes(err) if "to read on" in n]
+            if printed:
+                (note,) = notes
+                assert note.endswith(
+                    "reading stopped; to read on: dedalus-async events --follow dm-1 exe-1 "
+                    "--cursor 2:page-2"
+                )
+            else:
+                assert notes == []

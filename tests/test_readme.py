@@ -408,6 +408,13 @@ def _results_written(out: str, home: Path) -> None:
     ]
 
 
+def _run_then_listed(out: str, home: Path) -> None:
+    printed, listed = out.splitlines()
+    assert printed == "hi"
+    execution = json.loads(listed)  # a later process found what the first one ran
+    assert (execution["status"], execution["command"]) == ("succeeded", ["echo", "hi"])
+
+
 JOBS = '{"command": ["echo", "one"]}\n{"command": ["echo", "two"]}\n'
 
 
@@ -427,6 +434,7 @@ SHELL_RUN: dict[str, Callable[[str, Path], None]] = {
     "dedalus-async run-many jobs.jsonl --concurrency 50 > results.jsonl": _results_written,
     "dedalus-async run-many jobs.jsonl --journal jobs.db > results.jsonl"
     " && dedalus-async batch status --journal jobs.db": _batch_status,
+    "dedalus-async run -- echo hi && dedalus-async list --local dm-local": _run_then_listed,
 }
 
 #: The commands that do not, and why.
@@ -445,10 +453,13 @@ SHELL_NOT_RUN: dict[str, str] = {
     "python -m nox -s tests -- -k wait": "a part of the suite",
     "dedalus-async run --machine-id dm-0199a8f2-6c1e-7d3a-9b42-5e8f1a2b3c4d --env A=1 --cwd src"
     " --timeout 60 -- make test": "needs a project with a Makefile in the machine's src/",
-    "dedalus-async get|output|events|cancel|delete MACHINE_ID EXECUTION_ID": (
+    "dedalus-async get|output|events|cancel|delete [--local] MACHINE_ID EXECUTION_ID": (
         "a synopsis, with placeholders"
     ),
-    "dedalus-async list MACHINE_ID": "a synopsis, with a placeholder",
+    "dedalus-async list [--local] MACHINE_ID": "a synopsis, with a placeholder",
+    "dedalus-async events --follow --local dm-local EXECUTION_ID --cursor 7:c6": (
+        "a placeholder for an execution ID; tests/test_cli.py runs the command events prints"
+    ),
     "dedalus-async serve-local --port 8765": (
         "serves until stopped, on a fixed port that another test run here may hold; "
         "tests/test_cli.py runs serve-local"

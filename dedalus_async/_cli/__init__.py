@@ -4,7 +4,11 @@ It sits on top of the Session like any other user of the library. ``run`` and
 ``run-many`` talk to the server named by ``DEDALUS_BASE_URL`` with the key in
 ``DEDALUS_API_KEY`` / ``DEDALUS_X_API_KEY``; with no key configured (or with ``--local``)
 they start an in-process :class:`~dedalus_async._local.LocalBackend` instead and say so on
-stderr. Errors are one line on stderr; ``--debug`` adds request logs and tracebacks. The
+stderr; the lookups (``get``, ``output``, ``events``, ``cancel``, ``delete``, ``list``) do
+with ``--local``, reading the records local backends keep on disk. Errors are one line on
+stderr, in the command line's terms (flags, environment variables; a library
+:class:`~dedalus_async.ConfigurationError` is re-worded from its ``field``); ``--debug``
+adds request logs and tracebacks. The
 API key is never printed, except by ``serve-local``, whose job is to hand its key out.
 
 The package is split by job: :mod:`._parser` (arguments and help), :mod:`._commands` (what
@@ -39,11 +43,12 @@ from ._outcomes import (
     EXIT_WAIT_TIMEOUT,
     Terminated,
     UsageError,
+    command_line_words,
     exit_code_for,
 )
 from ._output import PROG, Context, RedactingFormatter, result_document
 from ._parser import build_parser
-from ._sessions import DEFAULT_LOCAL_MACHINE, KEY_VARIABLES
+from ._sessions import DEFAULT_LOCAL_MACHINE, KEY_VARIABLES, configuration_message
 
 __all__ = [
     "DEFAULT_LOCAL_MACHINE",
@@ -138,7 +143,11 @@ def _dispatch(args: argparse.Namespace, ctx: Context) -> int:
     except UsageError as exc:
         ctx.error(str(exc))
         return EXIT_USAGE
-    except (ConfigurationError, JournalError) as exc:
+    except ConfigurationError as exc:
+        _debug_traceback(ctx, exc)
+        ctx.error(configuration_message(exc, args))
+        return EXIT_USAGE
+    except JournalError as exc:
         # a journal that is not one, or holds another batch: the command line's to fix
         _debug_traceback(ctx, exc)
         ctx.error(str(exc))
@@ -153,7 +162,7 @@ def _dispatch(args: argparse.Namespace, ctx: Context) -> int:
     except (TypeError, ValueError) as exc:
         # the library checks arguments before sending anything: these are usage errors
         _debug_traceback(ctx, exc)
-        ctx.error(str(exc))
+        ctx.error(command_line_words(str(exc)))
         return EXIT_USAGE
     except BrokenPipeError:
         # the reader of our stdout went away (`| head`): stop quietly, like a shell tool

@@ -11,26 +11,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import shlex
 import signal
 from collections.abc import Callable, Coroutine
 from typing import IO, Any, Final
 
-from dedalus_async._errors import WaitTimeout
+from dedalus_async._errors import BadRequestError, DedalusError, WaitTimeout
 from dedalus_async._fanout import ExecutionRequest
 from dedalus_async._journal import SQLiteJournal
-from dedalus_async._models import Execution
+from dedalus_async._models import TERMINAL_STATUSES, Execution
 from dedalus_async._results import may_have_output
 from dedalus_async._session import ExecutionHandle, Session
 
 from ._batch import batch, journal_for
-from ._inputs import load_requests, read_stdin_file
+from ._inputs import EventCursor, load_requests, read_stdin_file
 from ._outcomes import EXIT_SOME_FAILED, EXIT_WAIT_TIMEOUT, UsageError, describe_end, exit_code_for
-from ._output import Context, ProgressLine, completed_document, json_line, result_document
+from ._output import (
+    Context,
+    ProgressLine,
+    completed_document,
+    event_document,
+    event_line,
+    json_line,
+    result_document,
+)
 from ._sessions import (
     DEFAULT_LOCAL_MACHINE,
     cancel_quietly,
     default_machine,
-    remote_session,
+    lookup_session,
     session_for_runs,
 )
 
@@ -145,7 +155,11 @@ async def _interrupted(
     if args.cancel_remote:
         await cancel_quietly(handle, ctx)
     elif local:
-        ctx.note(f"execution {handle.execution_id}: the local backend stops it on exit")
+        where = f"{handle.machine_id} {handle.execution_id}"
+        ctx.note(
+            f"execution {handle.execution_id}: the local backend stops it on exit "
+            f"(dedalus-async get --local {where} shows how it ended)"
+        )
     else:
         where = f"{handle.machine_id} {handle.execution_id}"
         ctx.note(
@@ -162,7 +176,7 @@ async def _wait_timed_out(
     if args.cancel_remote:
         await cancel_quietly(handle, ctx)
     elif local:
-        message += "; the local backend stops it on exit"
+        message += f"; the local backend stops it on exit (dedalus-async get --local {where})"
     else:
         message += f"; it keeps running (dedalus-async get {where})"
     if args.json:
@@ -190,9 +204,13 @@ async def run_many(args: argparse.Namespace, ctx: Context) -> int:
     journal = journal_for(args)
     out = _open_output(args.output) if args.output else ctx.stdout
     try:
-        async with session_for_runs(args, ctx) as (session, _backend):
+        async with session_for_runs(args, ctx) as (session, backend):
             progress = ProgressLine(ctx.stderr)
-            return await _fan_out(args, session, requests, out, progress, journal)
+            try:
+                return await _fan_out(args, session, requests, out, progress, journal)
+            except asyncio.CancelledError:
+                _many_interrupted(args, ctx, requests, progress, local=backend is not None)
+                raise
     finally:
         if journal is not None:
             await journal.aclose()
@@ -230,9 +248,50 @@ async def _fan_out(
                     out.write(json_line(pending.pop(written)))
                     written += 1
                 out.flush()
+    except asyncio.CancelledError:
+        # what finished is written, out of order (each line has its "index")
+        progress.written = set(range(written)) | set(pending)
+        for index in sorted(pending):
+            out.write(json_line(pending[index]))
+        with contextlib.suppress(OSError):
+            out.flush()
+        raise
     finally:
         progress.close()
     return EXIT_SOME_FAILED if progress.not_ok else 0
+
+
+def _many_interrupted(
+    args: argparse.Namespace,
+    ctx: Context,
+    requests: list[ExecutionRequest],
+    progress: ProgressLine,
+    *,
+    local: bool,
+) -> None:
+    """Ctrl-C during run-many: what was written, what keeps running, how to find it."""
+    total = len(requests)
+    where = f"to {args.output}" if args.output else "on stdout"
+    message = f"run-many interrupted: {len(progress.written)} of {total} results written {where}"
+    if progress.written != set(range(len(progress.written))):
+        message += ' (the last ones out of order: each line has its input "index")'
+    running = 0 if progress.last is None else progress.last.in_flight
+    if running == 0:
+        ctx.note(f"{message}; none was running")
+    elif args.cancel_remote:
+        ctx.note(f"{message}; --cancel-remote: cancelling the {running} still running")
+    elif local:
+        ctx.note(f"{message}; the local backend stops the {running} still running on exit")
+    else:
+        unfinished = set(range(total)) - progress.written
+        machines = sorted({requests[i].machine_id for i in unfinished})
+        lists = "; ".join(f"dedalus-async list {shlex.quote(m)}" for m in machines[:3])
+        more = f" (and {len(machines) - 3} more machines)" if len(machines) > 3 else ""
+        ctx.note(
+            f"{message}; up to {running} executions keep running on the server, their "
+            f"results not written: see them with {lists}{more}; stop one with "
+            "dedalus-async cancel MACHINE_ID EXECUTION_ID"
+        )
 
 
 # --- lookups ---------------------------------------------------------------------------
@@ -240,46 +299,96 @@ async def _fan_out(
 
 async def get(args: argparse.Namespace, ctx: Context) -> int:
     """``get``: the execution as JSON."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         ctx.write_model(await session.get_execution(args.machine_id, args.execution_id))
     return 0
 
 
 async def output(args: argparse.Namespace, ctx: Context) -> int:
     """``output``: its captured stdout and stderr as JSON."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         ctx.write_model(await session.get_output(args.machine_id, args.execution_id))
     return 0
 
 
 async def cancel(args: argparse.Namespace, ctx: Context) -> int:
     """``cancel``: stop it unless it has finished (see ``ExecutionHandle.cancel``)."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         ctx.write_model(await session.execution(args.machine_id, args.execution_id).cancel())
     return 0
 
 
 async def delete(args: argparse.Namespace, ctx: Context) -> int:
     """``delete``: DELETE it whatever its status, print what the server reports."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         ctx.write_model(await session.delete_execution(args.machine_id, args.execution_id))
     return 0
 
 
 async def events(args: argparse.Namespace, ctx: Context) -> int:
-    """``events``: its event log as JSON lines (``--follow``: until it ends)."""
-    async with remote_session(args) as session:
+    """``events``: its event log, a line per event (``--json``: JSON lines, each with its
+    cursor); ``--follow``: until it ends. Interrupted, failed, or ended before the
+    execution did, it says how to continue from the last cursor."""
+    given: EventCursor | None = args.cursor
+    last = given  # where a reader would continue: after the last event printed
+    async with lookup_session(args, ctx) as session:
         stream = session.iter_events(
-            args.machine_id, args.execution_id, cursor=args.cursor, follow=args.follow
+            args.machine_id,
+            args.execution_id,
+            cursor=None if given is None else given.server,
+            follow=args.follow,
         )
-        async for event in stream:
-            ctx.write_model(event)
+        ended = False
+        try:
+            async for event in stream:
+                if given is not None and given.after is not None and event.sequence <= given.after:
+                    continue  # the page the server cursor marks, up to the event it names
+                # the stream's cursor reads on at or before the next event: exact with the
+                # sequence number
+                last = EventCursor(event.sequence, stream.cursor)
+                if args.json:
+                    ctx.write_json(event_document(event, str(last)))
+                else:
+                    ctx.stdout.write(event_line(event).encode())
+                    ctx.stdout.flush()
+                ended = event.type == "lifecycle" and event.status in TERMINAL_STATUSES
+        except asyncio.CancelledError:
+            _continue_note(ctx, args, last, "interrupted: the execution keeps running")
+            raise
+        except BadRequestError as exc:
+            if given is not None and exc.error_code == "INVALID_CURSOR":
+                raise UsageError(
+                    f"--cursor {str(given)!r} is not a cursor of this execution's events: "
+                    "use one that `events` printed for it (SEQUENCE:SERVER_CURSOR: the "
+                    '"cursor" of a line of `events --json`, or the --cursor of the command '
+                    "it printed to continue)"
+                ) from None
+            if last is not given:
+                _continue_note(ctx, args, last, "reading stopped")
+            raise
+        except DedalusError:
+            if last is not given:  # events were printed: where they stopped matters
+                _continue_note(ctx, args, last, "reading stopped")
+            raise
+    if not ended:
+        _continue_note(ctx, args, last, "the execution has not ended")
     return 0
+
+
+def _continue_note(
+    ctx: Context, args: argparse.Namespace, cursor: EventCursor | None, why: str
+) -> None:
+    """The command that reads on after ``cursor`` (from the start when there is none)."""
+    argv = ["dedalus-async", "events", "--follow", *(["--local"] if args.local else [])]
+    argv += [args.machine_id, args.execution_id]
+    if cursor is not None:
+        argv += ["--cursor", str(cursor)]
+    ctx.note(f"{why}; to read on: {shlex.join(argv)}")
 
 
 async def list_executions(args: argparse.Namespace, ctx: Context) -> int:
     """``list``: a machine's executions as JSON lines, oldest first."""
-    async with remote_session(args) as session:
+    async with lookup_session(args, ctx) as session:
         async for execution in session.list_executions(args.machine_id, limit=args.limit):
             ctx.write_model(execution)
     return 0

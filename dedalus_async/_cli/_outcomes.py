@@ -21,6 +21,7 @@ __all__ = [
     "EXIT_WAIT_TIMEOUT",
     "Terminated",
     "UsageError",
+    "command_line_words",
     "describe_end",
     "exit_code_for",
 ]
@@ -50,6 +51,23 @@ class UsageError(Exception):
 
 class Terminated(Exception):
     """SIGTERM arrived: stop like Ctrl-C, exit 143."""
+
+
+# The library's advice for a Python caller, and what a command-line user does instead.
+_PYTHON_ADVICE: Final = (
+    (
+        "decode bytes with errors='replace' (or fix the text) before sending",
+        "give it as UTF-8 text (check the shell's locale, or the file it came from)",
+    ),
+)
+
+
+def command_line_words(message: str) -> str:
+    """A message of the library's argument checks, with advice meant for Python callers
+    replaced by what to do on the command line."""
+    for python, cli in _PYTHON_ADVICE:
+        message = message.replace(python, cli)
+    return message
 
 
 def exit_code_for(execution: Execution) -> int:

@@ -18,7 +18,8 @@ import attrs
 from dedalus_async._convert import unstructure
 from dedalus_async._errors import StaleReservationError, WaitTimeout
 from dedalus_async._fanout import Completed, Progress
-from dedalus_async._models import Execution
+from dedalus_async._models import Execution, ExecutionEvent
+from dedalus_async._records import format_time
 from dedalus_async._results import execution_ok
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "ProgressLine",
     "RedactingFormatter",
     "completed_document",
+    "event_document",
+    "event_line",
     "json_line",
     "result_document",
 ]
@@ -80,6 +83,29 @@ class RedactingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return self._ctx.redact(super().format(record))
+
+
+def event_line(event: ExecutionEvent) -> str:
+    """``events``' text line: ``#SEQ TIME TYPE`` and what the event carries, on one line
+    (a chunk as a JSON string, so its newlines cannot break the line)."""
+    parts = [f"#{event.sequence}", format_time(event.at), event.type]
+    if event.chunk is not None:
+        parts.append(json.dumps(event.chunk, ensure_ascii=False))
+    if event.status is not None:
+        parts.append(event.status)
+    for name in ("exit_code", "signal", "error_code"):
+        value = getattr(event, name)
+        if value is not None:
+            parts.append(f"{name}={value}")
+    if event.error_message is not None:
+        parts.append(json.dumps(event.error_message, ensure_ascii=False))
+    return " ".join(parts) + "\n"
+
+
+def event_document(event: ExecutionEvent, cursor: str | None) -> dict[str, Any]:
+    """``events --json``' line: the event as the API spells it, and ``cursor``, where
+    ``--cursor`` continues after it."""
+    return {**unstructure(event), "cursor": cursor}
 
 
 def json_line(document: dict[str, Any]) -> bytes:
@@ -141,7 +167,14 @@ class ProgressLine:
         self._stream = stream
         self.enabled = stream.isatty()
         self.not_ok = 0
+        #: the indexes whose lines were written (kept up to date when run-many is stopped)
+        self.written: set[int] = set()
         self._last: Progress | None = None
+
+    @property
+    def last(self) -> Progress | None:
+        """The latest progress reported (None before the first)."""
+        return self._last
 
     def __call__(self, progress: Progress | None = None) -> None:
         if progress is not None:

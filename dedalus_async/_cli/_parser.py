@@ -10,16 +10,32 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Final, NoReturn
 
-from dedalus_async._checks import check_count, check_seconds
 from dedalus_async._version import __version__
+from dedalus_async._wire import check_id, check_idempotency_key
 
-from ._outcomes import EXIT_USAGE
+from ._inputs import MAX_TIMEOUT_MS, MAX_WAIT_SECONDS, EventCursor
+from ._outcomes import EXIT_USAGE, command_line_words
 from ._output import PROG
 from ._sessions import DEFAULT_LOCAL_MACHINE
 
-__all__ = ["EXIT_CODES_HELP", "build_parser"]
+__all__ = [
+    "EXIT_CODES_HELP",
+    "MAX_CONCURRENCY",
+    "MAX_OUTPUT_CAP",
+    "MAX_PAGE_SIZE",
+    "NUMERIC_TYPES",
+    "build_parser",
+]
+
+#: --concurrency at most: more executions at once than any machine or account runs.
+MAX_CONCURRENCY: Final = 10_000
+#: list --limit at most (a page size; servers clamp it lower anyway).
+MAX_PAGE_SIZE: Final = 1_000
+#: serve-local --output-cap at most (1 GiB per stream, kept in memory per execution).
+MAX_OUTPUT_CAP: Final = 1 << 30
 
 EXIT_CODES_HELP: Final = """\
 exit codes of run:
@@ -36,7 +52,8 @@ exit codes of run:
            deleted first
 run-many exits 0 when every execution succeeded with exit code 0, else 1 (2, 125, 130 as
 above; 2 also for a journal that is not one, or holds another batch under that name);
-get/output/events/cancel/delete/list exit 0, 2 or 125; serve-local exits 0 when stopped
+get/output/events/cancel/delete/list exit 0, 2 or 125 (130: Ctrl-C during
+events --follow, after printing the command to read on); serve-local exits 0 when stopped
 by Ctrl-C or SIGTERM, 2 when it cannot listen. A remote exit code can equal one of the
 codes above: use --json when the difference matters.
 """
@@ -50,7 +67,9 @@ With no API key configured (DEDALUS_API_KEY, DEDALUS_X_API_KEY), or with --local
 command runs on this computer instead, as you and WITHOUT a sandbox, in a directory per
 machine id under $DEDALUS_LOCAL_HOME (default ~/.local/share/dedalus-async); one line on
 stderr says so. There, --cwd is relative to that directory (or under /home/machine),
-HOME is that directory, and the command is killed when this program exits.
+HOME is that directory, and the command is killed when this program exits. Its record
+stays: `dedalus-async get --local MACHINE_ID EXECUTION_ID` (and output, events, list)
+reads it later.
 
 examples:
   dedalus-async run -- uname -a
@@ -99,23 +118,53 @@ commands still running are killed.
 """
 
 
+_EVENTS_HELP: Final = """\
+Print an execution's event log, one line per event:
+
+  #SEQUENCE TIME TYPE [CHUNK as a JSON string] [STATUS] [exit_code=N] [signal=N] ...
+
+With --json, one JSON object per line, each with the cursor that continues after it
+("cursor": "SEQUENCE:SERVER_CURSOR"). Interrupted (Ctrl-C), stopped by an error, or done
+before the execution ended, it prints on stderr the command that reads on after the last
+event printed, with that event's cursor:
+
+  dedalus-async events --follow MACHINE_ID EXECUTION_ID --cursor 7:c6
+"""
+
 # --- argument types --------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
+def _seconds(text: str) -> float:
+    """--timeout, --idle-timeout: positive, finite, at most a year."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    try:
-        seconds = check_seconds("seconds", value)
-    except ValueError:
-        # the library's wording names a Python argument; this one quotes what was typed
+    if not 0 < value <= MAX_WAIT_SECONDS:  # NaN and infinities fail too
         raise argparse.ArgumentTypeError(
-            f"must be a positive number of seconds: {text!r}"
-        ) from None
-    assert seconds is not None  # None is refused without none_means
-    return seconds
+            f"must be a positive number of seconds, at most {MAX_WAIT_SECONDS} (a year), "
+            f"not {text!r}"
+        )
+    return value
+
+
+def _integer(maximum: int, unit: str = "", *, minimum: int = 1) -> Callable[[str], int]:
+    """An argument type: a whole number from ``minimum`` to ``maximum`` (``unit`` for the
+    message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:  # "1.5", "1e3", "nan", "", and digits beyond int()'s limit
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not minimum <= value <= maximum:
+            least = "a positive integer" if minimum == 1 else f"an integer from {minimum}"
+            raise argparse.ArgumentTypeError(
+                f"must be {least}{unit}, at most {maximum}, not {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def _port(text: str) -> int:
@@ -128,15 +177,53 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
+_timeout_ms = _integer(MAX_TIMEOUT_MS, " of milliseconds")
+_concurrency = _integer(MAX_CONCURRENCY)
+_page_size = _integer(MAX_PAGE_SIZE)
+_output_cap = _integer(MAX_OUTPUT_CAP, " of bytes")
+
+#: The argument types of numeric options (tests check each option that uses one).
+NUMERIC_TYPES: Final = frozenset(
+    {_seconds, _port, _timeout_ms, _concurrency, _page_size, _output_cap}
+)
+
+
+def _id(name: str) -> Callable[[str], str]:
+    """MACHINE_ID, EXECUTION_ID, --machine-id: the library's rule, said about the argument
+    (an empty --machine-id is left to the command, which has its own word for it)."""
+
+    def parse(text: str) -> str:
+        if text == "" and name == "--machine-id":
+            return text
+        try:
+            check_id(name, text)
+        except ValueError as exc:
+            message = command_line_words(str(exc).removeprefix(f"{name} "))
+            raise argparse.ArgumentTypeError(message) from None
+        return text
+
+    return parse
+
+
+def _idempotency_key(text: str) -> str:
     try:
-        value = int(text)
+        check_idempotency_key(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            "must be 1-255 visible ASCII characters (no spaces); leave --idempotency-key "
+            "out to get a fresh one"
+        ) from None
+    return text
+
+
+def _cursor(text: str) -> EventCursor:
     try:
-        return check_count("N", value, minimum=1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}") from None
+        return EventCursor.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f'{exc} (a cursor is SEQUENCE:SERVER_CURSOR, e.g. 7:c6: copy the "cursor" of a '
+            "line of `events --json`, or the one in the command `events` printed to continue)"
+        ) from None
 
 
 def _env_item(text: str) -> tuple[str, str]:
@@ -175,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="the API's base URL (default: $DEDALUS_BASE_URL, else the public API)",
     )
+    local = _Parser(add_help=False)
+    local.add_argument(
+        "--local",
+        action="store_true",
+        help="look at the executions that ran on this computer (run without an API key or "
+        "with --local, serve-local), kept under $DEDALUS_LOCAL_HOME (default "
+        "~/.local/share/dedalus-async)",
+    )
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=PROG,
@@ -212,11 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--timeout-ms",
-        type=_positive_int,
+        type=_timeout_ms,
         metavar="MS",
         help="the remote command's own time limit; when it passes the command is killed",
     )
-    run.add_argument("--idempotency-key", metavar="KEY", help="your own Idempotency-Key")
+    run.add_argument(
+        "--idempotency-key",
+        type=_idempotency_key,
+        metavar="KEY",
+        help="your own Idempotency-Key",
+    )
     run.add_argument(
         "--json",
         action="store_true",
@@ -236,13 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_execution_options(many)
     many.add_argument("file", metavar="FILE")
     many.add_argument(
-        "--concurrency", type=_positive_int, default=8, metavar="N", help="default: 8"
+        "--concurrency",
+        type=_concurrency,
+        default=8,
+        metavar="N",
+        help=f"default: 8, at most {MAX_CONCURRENCY}",
     )
     many.add_argument("--output", metavar="FILE", help="write the results here, not stdout")
     _add_journal_options(many)
     many.add_argument(
         "--reservation-max-age",
-        type=_positive_float,
+        type=_seconds,
         default=3600.0,
         metavar="S",
         help="on resume, a create sent more than S seconds ago whose answer was never "
@@ -275,23 +379,42 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("delete", "delete an execution, finished or not (its output goes too)"),
     ):
-        cmd = sub.add_parser(name, parents=[common, server], help=what, description=what)
-        cmd.add_argument("machine_id", metavar="MACHINE_ID")
-        cmd.add_argument("execution_id", metavar="EXECUTION_ID")
+        cmd = sub.add_parser(name, parents=[common, server, local], help=what, description=what)
+        cmd.add_argument("machine_id", type=_id("MACHINE_ID"), metavar="MACHINE_ID")
+        cmd.add_argument("execution_id", type=_id("EXECUTION_ID"), metavar="EXECUTION_ID")
         if name == "events":
+            cmd.description = _EVENTS_HELP
+            cmd.formatter_class = formatter
             cmd.add_argument(
                 "--follow", action="store_true", help="keep reading until the execution ends"
             )
-            cmd.add_argument("--cursor", help="start after this cursor")
+            cmd.add_argument(
+                "--cursor",
+                type=_cursor,
+                metavar="CURSOR",
+                help="continue after the event this cursor came with. The form is "
+                "SEQUENCE:SERVER_CURSOR (e.g. 7:c6): the event's sequence number, then the "
+                'server\'s page cursor. Take it from the "cursor" of a line of '
+                "`events --json`, or from the command that `events` prints on stderr to "
+                "continue (on Ctrl-C, on an error, or when the execution has not ended)",
+            )
+            cmd.add_argument(
+                "--json",
+                action="store_true",
+                help="one JSON object per line: the event as the API sends it, plus "
+                '"cursor" (what --cursor takes to continue after it)',
+            )
 
     lister = sub.add_parser(
         "list",
-        parents=[common, server],
+        parents=[common, server, local],
         help="print a machine's executions as JSON lines",
         description="print a machine's executions as JSON lines, oldest first",
     )
-    lister.add_argument("machine_id", metavar="MACHINE_ID")
-    lister.add_argument("--limit", type=_positive_int, metavar="N", help="page size")
+    lister.add_argument("machine_id", type=_id("MACHINE_ID"), metavar="MACHINE_ID")
+    lister.add_argument(
+        "--limit", type=_page_size, metavar="N", help=f"page size (at most {MAX_PAGE_SIZE})"
+    )
 
     serve = sub.add_parser(
         "serve-local",
@@ -309,13 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--output-cap",
-        type=_positive_int,
+        type=_output_cap,
         metavar="BYTES",
         help="bytes of each stream kept per execution (default: 1 MiB)",
     )
     serve.add_argument(
         "--idle-timeout",
-        type=_positive_float,
+        type=_seconds,
         metavar="S",
         help="seconds idle before a machine sleeps (default: 300)",
     )
@@ -342,14 +465,15 @@ def _add_journal_options(parser: argparse.ArgumentParser, *, required: bool = Fa
 def _add_execution_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--machine-id",
+        type=_id("--machine-id"),
         metavar="ID",
         help=f"default: $DEDALUS_MACHINE_ID, else {DEFAULT_LOCAL_MACHINE!r} when local",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_seconds,
         metavar="S",
-        help="seconds to wait for the end (default: no limit)",
+        help="seconds to wait for the end (default: no limit; at most a year)",
     )
     parser.add_argument(
         "--local",
