@@ -7,6 +7,7 @@ default run.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nox
@@ -79,13 +80,18 @@ MUTATED = [
 # Mutants that cannot change behaviour, so no test can kill them: excluded from the score.
 # Keys are mutmut's mutant names (`mutmut show NAME` prints the diff); each says why.
 EQUIVALENT: dict[str, str] = {}
-# mutmut's exit codes (mutmut.stats.status_by_exit_code) that mean "a test caught it":
-# a failing test, pytest's internal error, a timeout (the mutant made the code hang).
-_KILLED = {1, 3, 24, -24, 36, 152, 255}
+# How a mutant's test run ended (mutmut's exit codes, mutmut.stats.status_by_exit_code).
+# Caught: a test failed (1), pytest's internal error (3), the CPU limit stopped a mutant that
+# made the code hang (SIGXCPU: 24/-24/152, mutmut's own 36; SIGKILL one second later: -9).
+_KILLED = {1, 3, 24, -24, 36, 152, -9}
+# Not a verdict: mutmut's runner raised (it exits -1, i.e. 255) before pytest could judge
+# the mutant, e.g. a broken preload. mutmut calls it a timeout; here it fails the session.
+_BROKEN = {255, -1}
 
 
-def _mutation_scores(root: Path) -> list[tuple[str, int, int, int, list[str]]]:
-    """(module, mutants, killed, equivalent, survivors) per module, from mutmut's results."""
+def _mutation_scores(root: Path) -> list[tuple[str, int, int, int, list[str], list[str]]]:
+    """(module, mutants, killed, equivalent, survivors, broken) per module, from mutmut's
+    results; survivors include the mutants no test reaches ("no tests")."""
     rows = []
     for module in MUTATED:
         meta = root / "mutants" / "dedalus_async" / f"{module}.py.meta"
@@ -97,8 +103,9 @@ def _mutation_scores(root: Path) -> list[tuple[str, int, int, int, list[str]]]:
             continue
         equivalent = [name for name in checked if name in EQUIVALENT]
         killed = [n for n, c in checked.items() if c in _KILLED and n not in EQUIVALENT]
-        survivors = sorted(set(checked) - set(killed) - set(equivalent))
-        rows.append((module, len(checked), len(killed), len(equivalent), survivors))
+        broken = sorted(n for n, c in checked.items() if c in _BROKEN)
+        survivors = sorted(set(checked) - set(killed) - set(equivalent) - set(broken))
+        rows.append((module, len(checked), len(killed), len(equivalent), survivors, broken))
     return rows
 
 
@@ -106,20 +113,32 @@ def _mutation_scores(root: Path) -> list[tuple[str, int, int, int, list[str]]]:
 def mutation(session: nox.Session) -> None:
     """Mutation-test the pure modules with mutmut and print a score per module (opt-in).
 
-    Every mutant runs in a fresh interpreter that imports the mutated package, so code run
-    at import time (attrs validators, cattrs hooks) is mutated too. Extra args are mutant
+    Every mutant runs in a process forked from a server that has not imported the package
+    (only the third-party modules of tests/mutmut_preload.txt): the mutated package is
+    imported afresh, so code run at import time (attrs validators, cattrs hooks) is mutated
+    too, and is charged to every test (tests/mutmut_import_time.py). Extra args are mutant
     name globs, e.g. `nox -s mutation -- "dedalus_async._throttle*"`. Scores exclude the
     mutants listed in EQUIVALENT; survivors are listed (`mutmut show NAME` for the diff).
     """
     session.install(".[fast]", *_group("mutation"))
+    root = Path(__file__).parent
+    # From scratch: mutmut keeps an old verdict unless the mutant is named again, and charges
+    # import-time code to every test (tests/mutmut_import_time.py) only in a full stats run.
+    shutil.rmtree(root / "mutants", ignore_errors=True)
     # at most 2 workers: the suite's own tests are timing-sensitive on a busy machine
     session.run("mutmut", "run", "--max-children", "2", *session.posargs, silent=True)
-    root = Path(__file__).parent
     rows = _mutation_scores(root)
     lines = ["| module | mutants | killed | equivalent | score |", "|---|---|---|---|---|"]
-    for module, total, killed, equivalent, survivors in rows:
+    broken = []
+    for module, total, killed, equivalent, survivors, not_run in rows:
         score = 100.0 * killed / max(1, total - equivalent)
         lines.append(f"| `{module}.py` | {total} | {killed} | {equivalent} | {score:.0f} % |")
         for name in survivors:
             session.log(f"survived: {name}")
+        broken += not_run
     session.log("\n" + "\n".join(lines))
+    if broken:
+        session.error(
+            f"{len(broken)} mutants were not judged (mutmut's runner crashed), e.g. "
+            f"{broken[0]}: run `mutmut run {broken[0]}` with debug = true in [tool.mutmut]"
+        )
