@@ -7,7 +7,9 @@ default run.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import nox
@@ -84,12 +86,24 @@ EQUIVALENT: dict[str, str] = {}
 # Caught: a test failed (1), pytest's internal error (3), the CPU limit stopped a mutant that
 # made the code hang (SIGXCPU: 24/-24/152, mutmut's own 36; SIGKILL one second later: -9).
 _KILLED = {1, 3, 24, -24, 36, 152, -9}
-# Not a verdict: mutmut's runner raised (it exits -1, i.e. 255) before pytest could judge
-# the mutant, e.g. a broken preload. mutmut calls it a timeout; here it fails the session.
-_BROKEN = {255, -1}
+# mutmut's runner raised instead of reporting pytest's verdict (it exits -1: 255), which
+# mutmut counts as a timeout. Either the mutant broke the package's import (a kill: pytest
+# cannot even load conftest.py) or the setup is broken (e.g. the fork server's preload):
+# _import_fails tells the two apart.
+_CRASHED = {255, -1}
 
 
-def _mutation_scores(root: Path) -> list[tuple[str, int, int, int, list[str], list[str]]]:
+def _import_fails(python: str, mutants: Path, name: str) -> bool:
+    """Whether importing the mutated package fails with mutant ``name`` active."""
+    env = {**os.environ, "MUTANT_UNDER_TEST": name}
+    code = "import dedalus_async.testing"
+    result = subprocess.run([python, "-c", code], cwd=mutants, env=env, capture_output=True)
+    return result.returncode != 0
+
+
+def _mutation_scores(
+    root: Path, python: str
+) -> list[tuple[str, int, int, int, list[str], list[str]]]:
     """(module, mutants, killed, equivalent, survivors, broken) per module, from mutmut's
     results; survivors include the mutants no test reaches ("no tests")."""
     rows = []
@@ -101,9 +115,14 @@ def _mutation_scores(root: Path) -> list[tuple[str, int, int, int, list[str], li
         checked = {name: code for name, code in codes.items() if code is not None}
         if not checked:
             continue
+        crashed = [n for n, c in checked.items() if c in _CRASHED]
+        broken = sorted(n for n in crashed if not _import_fails(python, root / "mutants", n))
         equivalent = [name for name in checked if name in EQUIVALENT]
-        killed = [n for n, c in checked.items() if c in _KILLED and n not in EQUIVALENT]
-        broken = sorted(n for n, c in checked.items() if c in _BROKEN)
+        killed = [
+            n
+            for n, c in checked.items()
+            if (c in _KILLED or (c in _CRASHED and n not in broken)) and n not in EQUIVALENT
+        ]
         survivors = sorted(set(checked) - set(killed) - set(equivalent) - set(broken))
         rows.append((module, len(checked), len(killed), len(equivalent), survivors, broken))
     return rows
@@ -127,7 +146,7 @@ def mutation(session: nox.Session) -> None:
     shutil.rmtree(root / "mutants", ignore_errors=True)
     # at most 2 workers: the suite's own tests are timing-sensitive on a busy machine
     session.run("mutmut", "run", "--max-children", "2", *session.posargs, silent=True)
-    rows = _mutation_scores(root)
+    rows = _mutation_scores(root, str(Path(session.bin) / "python"))
     lines = ["| module | mutants | killed | equivalent | score |", "|---|---|---|---|---|"]
     broken = []
     for module, total, killed, equivalent, survivors, not_run in rows:
@@ -139,6 +158,7 @@ def mutation(session: nox.Session) -> None:
     session.log("\n" + "\n".join(lines))
     if broken:
         session.error(
-            f"{len(broken)} mutants were not judged (mutmut's runner crashed), e.g. "
+            f"{len(broken)} mutants were not judged (mutmut's runner crashed, the package "
+            f"imports fine with them), e.g. "
             f"{broken[0]}: run `mutmut run {broken[0]}` with debug = true in [tool.mutmut]"
         )

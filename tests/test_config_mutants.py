@@ -113,7 +113,8 @@ def test_which_variable_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEDALUS_X_API_KEY", "x-Xkey")
     assert _resolve(None).headers["Authorization"] == "Bearer bearer-Xkey"
     # asking for x-api-key picks the variable made for it
-    assert _resolve(None, auth_scheme="x-api-key").headers["x-api-key"] == "x-Xkey"
+    settings = _resolve(None, auth_scheme="x-api-key")
+    assert (settings.auth_scheme, settings.headers["x-api-key"]) == ("x-api-key", "x-Xkey")
     monkeypatch.delenv("DEDALUS_X_API_KEY")
     # ...and without it, sends the other key the way that was asked
     assert _resolve(None, auth_scheme="x-api-key").headers["x-api-key"] == "bearer-Xkey"
@@ -256,3 +257,4 @@ def test_base_url_must_be_text() -> None:
 def test_https_keeps_its_path() -> None:
     assert _resolve(base_url="https://example.com/api//").base_url == "https://example.com/api"
     assert _resolve(base_url="HTTPS://example.com").base_url == "HTTPS://example.com"
+    assert _resolve(base_url="https://example.com/X/").base_url == "https://example.com/X"

@@ -88,8 +88,9 @@ def test_response_decode_error_fields() -> None:
 
 def test_wait_timeout_carries_what_resuming_needs() -> None:
     ref = ExecutionRef(machine_id="m", execution_id="e")
-    error = WaitTimeout("too slow", ref=ref, last=None, timeout=3.0)
-    assert (str(error), error.ref, error.last, error.timeout) == ("too slow", ref, None, 3.0)
+    last = Execution(execution_id="e", machine_id="m", created_at=NOW, status="running")
+    error = WaitTimeout("too slow", ref=ref, last=last, timeout=3.0)
+    assert (str(error), error.ref, error.last, error.timeout) == ("too slow", ref, last, 3.0)
     assert isinstance(error, TimeoutError)
 
 
