@@ -81,7 +81,28 @@ MUTATED = [
 ]
 # Mutants that cannot change behaviour, so no test can kill them: excluded from the score.
 # Keys are mutmut's mutant names (`mutmut show NAME` prints the diff); each says why.
-EQUIVALENT: dict[str, str] = {}
+_HEADERS_CI = "Response.headers looks names up case-insensitively (aiohttp's CIMultiDictProxy)"
+_FLOAT_CASE = "float() reads 'nan'/'inf' in any case"
+EQUIVALENT: dict[str, str] = {
+    "dedalus_async._wire.x_parse_retry_after__mutmut_4": _HEADERS_CI,
+    "dedalus_async._wire.x_parse_retry_after__mutmut_24": _HEADERS_CI,
+    "dedalus_async._wire.x_error_from_response__mutmut_55": _HEADERS_CI,
+    "dedalus_async._wire.x_parse_retry_after__mutmut_13": _FLOAT_CASE,
+    "dedalus_async._wire.x_parse_retry_after__mutmut_20": _FLOAT_CASE,
+    "dedalus_async._wire.x_parse_retry_after__mutmut_39": _FLOAT_CASE,
+    "dedalus_async._wire.x__snippet__mutmut_6": "codec names are case-insensitive: 'UTF-8'",
+    "dedalus_async._wire.x_error_from_response__mutmut_5": (
+        "details starts as None instead of {}: APIStatusError stores `dict(details) if "
+        "details else {}`, the same {}"
+    ),
+    "dedalus_async._wire.x_error_from_response__mutmut_10": (
+        "parsing an empty body too: b'' is not JSON, so data is None either way (the test "
+        "only saves raising and catching)"
+    ),
+    "dedalus_async._wire.x_error_from_response__mutmut_12": (
+        "unparseable body as '' instead of None: only a dict is read"
+    ),
+}
 # How a mutant's test run ended (mutmut's exit codes, mutmut.stats.status_by_exit_code).
 # Caught: a test failed (1), pytest's internal error (3), the CPU limit stopped a mutant that
 # made the code hang (SIGXCPU: 24/-24/152, mutmut's own 36; SIGKILL one second later: -9).
