@@ -83,6 +83,7 @@ MUTATED = [
 # Keys are mutmut's mutant names (`mutmut show NAME` prints the diff); each says why.
 _HEADERS_CI = "Response.headers looks names up case-insensitively (aiohttp's CIMultiDictProxy)"
 _FLOAT_CASE = "float() reads 'nan'/'inf' in any case"
+_FAST_PATH = "check_id's fast path is an optimisation: the full checks give the same answer"
 EQUIVALENT: dict[str, str] = {
     "dedalus_async._wire.x_parse_retry_after__mutmut_4": _HEADERS_CI,
     "dedalus_async._wire.x_parse_retry_after__mutmut_24": _HEADERS_CI,
@@ -90,6 +91,12 @@ EQUIVALENT: dict[str, str] = {
     "dedalus_async._wire.x_parse_retry_after__mutmut_13": _FLOAT_CASE,
     "dedalus_async._wire.x_parse_retry_after__mutmut_20": _FLOAT_CASE,
     "dedalus_async._wire.x_parse_retry_after__mutmut_39": _FLOAT_CASE,
+    "dedalus_async._wire.x_check_id__mutmut_4": _FAST_PATH,
+    "dedalus_async._wire.x_check_id__mutmut_6": _FAST_PATH,
+    "dedalus_async._wire.x_check_id__mutmut_31": "quote()'s default safe='/': '/' is refused",
+    "dedalus_async._wire.x_check_id__mutmut_36": "safe='XXXX': 'X' is unreserved, never quoted",
+    "dedalus_async._wire.x_error_from_response__mutmut_76": _HEADERS_CI,
+    "dedalus_async._wire.x__check_text__mutmut_4": "codec names are case-insensitive: 'UTF-8'",
     "dedalus_async._wire.x__snippet__mutmut_6": "codec names are case-insensitive: 'UTF-8'",
     "dedalus_async._wire.x_error_from_response__mutmut_5": (
         "details starts as None instead of {}: APIStatusError stores `dict(details) if "

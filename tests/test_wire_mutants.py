@@ -21,6 +21,7 @@ from dedalus_async import (
     LogReadToken,
     LogStatus,
     NotFoundError,
+    RateLimitedError,
     ResponseDecodeError,
 )
 from dedalus_async import _wire as wire
@@ -285,3 +286,110 @@ def test_bodies_that_are_not_utf8_are_shown_with_replacement_characters() -> Non
     with pytest.raises(ResponseDecodeError) as caught:
         wire.decode_execution(_response(body))
     assert caught.value.body == '{"message": "bad \ufffd"'
+
+
+SURROGATE = "has a lone surrogate at position 1, which UTF-8 cannot carry: decode bytes with "
+FIX = "errors='replace' (or fix the text) before sending"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "name"),
+    [
+        ({"command": ["a\ud800"]}, "command[0]"),
+        ({"command": ["ls", "a\udfff"]}, "command[1]"),
+        ({"command": ["ls"], "env": {"a\ud800": "v"}}, "an env key"),
+        ({"command": ["ls"], "env": {"A": "v\ud800"}}, "env['A']"),
+        ({"command": ["ls"], "cwd": "/\ud800"}, "cwd"),
+        ({"command": ["ls"], "stdin": "x\ud800"}, "stdin"),
+    ],
+)
+def test_a_lone_surrogate_is_named_where_it_is(arguments: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        wire.create_request("m", idempotency_key="k", **arguments)
+    assert str(caught.value) == f"{name} {SURROGATE}{FIX}"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        (
+            {"command": "ls -l"},
+            TypeError,
+            "command must be a list of strings (argv, no shell), not a string: pass "
+            "['ls -l'] for a single program, or ['/bin/sh', '-c', 'ls -l'] for a shell line",
+        ),
+        ({"command": 5}, TypeError, "command must be a list of strings, not int"),
+        (
+            {"command": []},
+            ValueError,
+            "command must not be empty: give at least the program to run",
+        ),
+        ({"command": ["ls", 3]}, TypeError, "command[1] must be a str, not int"),
+        (
+            {"command": ["", "x"]},
+            ValueError,
+            "command[0] must name the program to run, not be an empty string",
+        ),
+        (
+            {"command": ["ls"], "env": ["A"]},
+            TypeError,
+            "env must be a mapping of str to str, not list",
+        ),
+        ({"command": ["ls"], "env": {1: "v"}}, TypeError, "env keys must be str, got int"),
+        ({"command": ["ls"], "env": {"A": b"v"}}, TypeError, "env['A'] must be a str, not bytes"),
+        (
+            {"command": ["ls"], "env": {"A\x00B": "v"}},
+            ValueError,
+            "env key 'A\\x00B' is not a valid variable name",
+        ),
+        ({"command": ["ls"], "cwd": 3}, TypeError, "cwd must be a str or None, not int"),
+        ({"command": ["ls"], "stdin": b"x"}, TypeError, "stdin must be a str or None, not bytes"),
+    ],
+)
+def test_create_argument_messages(
+    arguments: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as caught:
+        wire.create_request("m", idempotency_key="k", **arguments)
+    assert str(caught.value) == message
+
+
+def test_create_request_names_the_machine_id() -> None:
+    with pytest.raises(ValueError, match=r"^machine_id must not be empty$"):
+        wire.create_request("", ["ls"], idempotency_key="k")
+
+
+def test_a_bad_idempotency_key_says_how_to_get_a_good_one() -> None:
+    with pytest.raises(ValueError) as caught:
+        wire.check_idempotency_key("a b")
+    assert str(caught.value) == (
+        "idempotency_key must be 1-255 visible ASCII characters (no spaces); "
+        "omit it to get a fresh compact UUIDv7"
+    )
+
+
+def test_a_body_that_is_not_json() -> None:
+    with pytest.raises(ResponseDecodeError) as caught:
+        wire.decode_execution(_response(b"<html>", 201))
+    assert str(caught.value).startswith("response body is not valid JSON (HTTP 201, 6 bytes): ")
+    assert (caught.value.status, caught.value.body) == (201, "<html>")
+
+
+def test_an_id_with_a_lone_surrogate_is_named() -> None:
+    with pytest.raises(ValueError, match=r"^execution_id has a lone surrogate at position 1"):
+        wire.check_id("execution_id", "é\ud800")
+
+
+def test_a_429_keeps_its_message_and_reads_a_retry_after_date() -> None:
+    error = _error(
+        429, b'{"message": "slow down"}', **{"retry-after": "Thu, 01 Jan 2026 00:00:30 GMT"}
+    )
+    assert isinstance(error, RateLimitedError)
+    assert (error.message, error.retry_after) == ("slow down", 30.0)
+    assert str(error) == "HTTP 429: slow down (GET /v1/x)"
+
+
+def test_an_error_without_body_or_content_type() -> None:
+    assert str(_error(500, b"")) == (
+        "HTTP 500: error response without a JSON error body (no content type, 0 bytes) (GET /v1/x)"
+    )
