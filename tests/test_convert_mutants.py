@@ -21,7 +21,7 @@ from dedalus_async import (
     LogStatus,
     ResponseDecodeError,
 )
-from dedalus_async._convert import structure, unstructure
+from dedalus_async._convert import _field_of, structure, unstructure
 
 BASE: dict[str, Any] = {
     "execution_id": "e",
@@ -148,10 +148,12 @@ def test_a_wrong_nested_publication_is_named() -> None:
 
 def test_several_wrong_fields_are_all_named_up_to_three() -> None:
     error = _refused(Execution, {"execution_id": 1, "machine_id": 2, "created_at": 3, "status": 4})
-    message = str(error)
     assert error.field == "execution_id"
-    assert message.count(" @ Execution.") == 3
-    assert "; " in message
+    assert str(error) == (
+        "invalid Execution in response: invalid value for type, expected str @ "
+        "Execution.execution_id; invalid value for type, expected str @ Execution.machine_id; "
+        "invalid value for type, expected datetime @ Execution.created_at"
+    )
 
 
 def test_a_missing_field_is_named() -> None:
@@ -252,3 +254,39 @@ def test_unstructure_lists_tuples_and_leaves_out_none() -> None:
         "stdout_truncated": False,
     }
     assert type(unstructure(execution)["command"]) is list
+
+
+def test_a_long_bad_time_that_looks_like_rfc3339_is_cut_too() -> None:
+    text = "2026-02-30T00:00:00." + "1" * 40 + "Z"  # the form is right, the date is not
+    error = _refused(ExecutionEvent, {"at": text, "sequence": 1, "type": "stdout"})
+    shown = "".join(traceback.format_exception(error))
+    assert f"not an RFC 3339 date-time: {text[:40]!r}\n" in shown
+
+
+def test_a_failure_that_is_not_a_validation_error_is_still_a_decode_error() -> None:
+    """structure() never lets another exception out (here: a bare type, not a record)."""
+    with pytest.raises(ResponseDecodeError) as caught:
+        structure({}, int)
+    assert str(caught.value) == "invalid int in response: expected an integer, got dict"
+
+
+def test_a_record_without_a_fast_function_is_refused_plainly() -> None:
+    """Should never happen (every decoded model has one): said plainly, not half-decoded."""
+    with pytest.raises(ResponseDecodeError) as caught:
+        structure({}, LogCapture)
+    assert str(caught.value) == "invalid LogCapture in response"
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ("invalid value @ Root.a.b", "a.b"),
+        ("invalid value @ Root", "Root"),  # at the root there is nothing to strip
+        (" @ Root.a", "a"),
+        ("x.y @ Root.f", "f"),
+        ("a @ b @ Root.f", "f"),  # the path follows the last " @ "
+        ("no path here", None),
+    ],
+)
+def test_field_of_reads_the_path_after_the_root(message: str, field: str | None) -> None:
+    assert _field_of(message) == field
