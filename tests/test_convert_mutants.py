@@ -6,7 +6,9 @@ field's name, and in the traceback the hook's own words). Found by mutation test
 
 from __future__ import annotations
 
+import time
 import traceback
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -284,9 +286,31 @@ def test_a_record_without_a_fast_function_is_refused_plainly() -> None:
         ("invalid value @ Root", "Root"),  # at the root there is nothing to strip
         (" @ Root.a", "a"),
         ("x.y @ Root.f", "f"),
-        ("a @ b @ Root.f", "f"),  # the path follows the last " @ "
+        ("a @ b.c @ Root.f", "f"),  # the path follows the last " @ "
         ("no path here", None),
     ],
 )
 def test_field_of_reads_the_path_after_the_root(message: str, field: str | None) -> None:
     assert _field_of(message) == field
+
+
+@pytest.fixture
+def local_time_new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone is not UTC (and comes back afterwards)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("local_time_new_york")
+def test_times_go_out_in_utc_whatever_the_local_zone() -> None:
+    naive = datetime(2026, 1, 1, 12, 0, 0)  # read as UTC, like the decoder does
+    assert unstructure(ExecutionEvent(at=naive, sequence=1, type="x"))["at"] == (
+        "2026-01-01T12:00:00.000Z"
+    )
+    paris = datetime(2026, 1, 1, 13, 0, 0, tzinfo=timezone(timedelta(hours=1)))
+    assert unstructure(ExecutionEvent(at=paris, sequence=1, type="x"))["at"] == (
+        "2026-01-01T12:00:00.000Z"
+    )
