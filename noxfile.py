@@ -90,6 +90,14 @@ _HEADERS_CI = "Response.headers looks names up case-insensitively (aiohttp's CIM
 _FLOAT_CASE = "float() reads 'nan'/'inf' in any case"
 _FAST_PATH = "check_id's fast path is an optimisation: the full checks give the same answer"
 EQUIVALENT: dict[str, str] = {
+    "dedalus_async._throttle.xǁThrottleǁsucceeded__mutmut_3": (
+        "`now < _last_growth` instead of `<=`: at now == _last_growth the growth is "
+        "slope * 0, so going on changes nothing"
+    ),
+    "dedalus_async._throttle.xǁThrottleǁrate_limited__mutmut_5": "tightened = None: as falsy",
+    "dedalus_async._throttle.xǁThrottleǁ_wait__mutmut_8": (
+        "`delay < _EPSILON`: a requeued wait of exactly 1e-9 s, slept or not, is the same"
+    ),
     **{
         f"dedalus_async._convert.x__is_tuple__mutmut_{n}": (
             "cattrs.Converter already unstructures a tuple to a list (cattrs 26); the hook "

@@ -137,7 +137,7 @@ def test_release_without_a_rate_is_spread(pause: float, u: float) -> None:
         assert throttle.epoch == 1
         assert await _times(throttle, clock, 1) == pytest.approx([pause + u * min(1.0, pause / 4)])
         assert throttle.acquire() is None
-        assert not throttle.active
+        assert throttle.active is False
 
     _run(main())
 
@@ -263,3 +263,19 @@ def test_setting_errors_name_the_setting(
 def test_burst_of_exactly_one_is_allowed() -> None:
     """burst=1 (no burst) is the boundary and is accepted."""
     assert Throttle(10.0, burst=1).acquire() is None
+
+
+async def test_a_429_that_does_not_extend_the_pause_does_not_tighten() -> None:
+    """T2: a later 429 ending exactly when the pause already ends changes nothing: no new
+    epoch (nobody's slot is void), and the release keeps the first pause's spread."""
+    clock = FakeClock()
+    throttle = Throttle(clock=clock, random=lambda: 0.5)
+    end = clock.monotonic() + 2.0
+    throttle.rate_limited(2.0, throttle.epoch)
+    assert (throttle.epoch, throttle.paused_until) == (1, end)
+    clock.advance(1.0)
+    throttle.rate_limited(1.0, throttle.epoch)  # ends at the same time
+    assert (throttle.epoch, throttle.paused_until) == (1, end)
+    assert throttle.rate_limited_count == 2
+    # the first caller now waits the rest of the pause plus half of 2.0 / 4
+    assert await _times(throttle, clock, 1) == pytest.approx([1.0 + 0.5 * 0.5])
