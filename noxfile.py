@@ -86,6 +86,7 @@ _NEVER_EMPTY = (
     "cattrs' validation errors are non-empty exception groups: transform_error always gives "
     "a message, so the fallback to str(exc) never runs"
 )
+_EPSILON_EDGE = "`delay < _EPSILON`: a wait of exactly 1e-9 s, slept or not, is the same"
 _HEADERS_CI = "Response.headers looks names up case-insensitively (aiohttp's CIMultiDictProxy)"
 _FLOAT_CASE = "float() reads 'nan'/'inf' in any case"
 _FAST_PATH = "check_id's fast path is an optimisation: the full checks give the same answer"
@@ -95,15 +96,14 @@ EQUIVALENT: dict[str, str] = {
         "slope * 0, so going on changes nothing"
     ),
     "dedalus_async._throttle.xǁThrottleǁrate_limited__mutmut_5": "tightened = None: as falsy",
-    "dedalus_async._throttle.xǁThrottleǁ_wait__mutmut_8": (
-        "`delay < _EPSILON`: a requeued wait of exactly 1e-9 s, slept or not, is the same"
-    ),
+    "dedalus_async._throttle.xǁThrottleǁ_wait__mutmut_8": _EPSILON_EDGE,
+    "dedalus_async._throttle.xǁThrottleǁacquire__mutmut_4": _EPSILON_EDGE,
     **{
         f"dedalus_async._convert.x__is_tuple__mutmut_{n}": (
             "cattrs.Converter already unstructures a tuple to a list (cattrs 26); the hook "
             "keeps that whatever cattrs' default"
         )
-        for n in (1, 3, 4, 5, 6)
+        for n in (1, 3, 4, 5, 6, 7, 8, 9)
     },
     "dedalus_async._convert.x_structure__mutmut_7": _TYPE_ARG,
     "dedalus_async._convert.x_structure__mutmut_9": _TYPE_ARG,

@@ -279,3 +279,15 @@ async def test_a_429_that_does_not_extend_the_pause_does_not_tighten() -> None:
     assert throttle.rate_limited_count == 2
     # the first caller now waits the rest of the pause plus half of 2.0 / 4
     assert await _times(throttle, clock, 1) == pytest.approx([1.0 + 0.5 * 0.5])
+
+
+async def test_defaults_cap_the_pause_at_60_s_and_draw_real_random_numbers() -> None:
+    """T2/T5 with the defaults: a Retry-After of an hour pauses everyone for 60 s, and the
+    release is spread by the real random generator (no `random=` given)."""
+    clock = FakeClock()
+    throttle = Throttle(clock=clock)
+    start = clock.monotonic()
+    throttle.rate_limited(3600.0, throttle.epoch)
+    assert throttle.paused_until == start + 60.0
+    (waited,) = await _times(throttle, clock, 1)
+    assert 60.0 <= waited <= 61.0  # the pause plus up to min(1 s, 60 / 4)
