@@ -97,6 +97,13 @@ EQUIVALENT: dict[str, str] = {
     ),
     "dedalus_async._throttle.xǁThrottleǁrate_limited__mutmut_5": "tightened = None: as falsy",
     "dedalus_async._throttle.xǁThrottleǁ_wait__mutmut_8": _EPSILON_EDGE,
+    **{
+        f"dedalus_async._throttle.xǁThrottleǁ__init____mutmut_{n}": (
+            "a starting value never read: _floor and _slope only with a rate (they are for "
+            "its cuts), _last_growth and _spread only after rate_limited() has set them"
+        )
+        for n in (66, 72, 77, 78, 79, 80)
+    },
     "dedalus_async._throttle.xǁThrottleǁacquire__mutmut_4": _EPSILON_EDGE,
     **{
         f"dedalus_async._convert.x__is_tuple__mutmut_{n}": (
