@@ -87,10 +87,13 @@ _NEVER_EMPTY = (
     "a message, so the fallback to str(exc) never runs"
 )
 _EPSILON_EDGE = "`delay < _EPSILON`: a wait of exactly 1e-9 s, slept or not, is the same"
+_400_NEVER = "`status <= 400` / `< 401` instead of `< 400`: 400 is never retried anyway"
 _HEADERS_CI = "Response.headers looks names up case-insensitively (aiohttp's CIMultiDictProxy)"
 _FLOAT_CASE = "float() reads 'nan'/'inf' in any case"
 _FAST_PATH = "check_id's fast path is an optimisation: the full checks give the same answer"
 EQUIVALENT: dict[str, str] = {
+    "dedalus_async._policy.x_is_retryable_status__mutmut_2": _400_NEVER,
+    "dedalus_async._policy.x_is_retryable_status__mutmut_3": _400_NEVER,
     "dedalus_async._throttle.xǁThrottleǁsucceeded__mutmut_3": (
         "`now < _last_growth` instead of `<=`: at now == _last_growth the growth is "
         "slope * 0, so going on changes nothing"
