@@ -7,6 +7,9 @@ every sleep into 0: a busy loop. The code is right; these tests say so.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import pytest
 
 from dedalus_async._policy import (
@@ -110,3 +113,46 @@ def test_resolve_timeout() -> None:
     ):
         resolve_timeout(0, policy)
     assert repr(USE_POLICY_DEFAULT) == "USE_POLICY_DEFAULT"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"slept": math.nan}, r"^slept must not be NaN$"),
+        ({"remaining": math.nan}, r"^remaining must not be NaN$"),
+        ({"rand": 1.0}, r"^rand must be in \[0, 1\), got 1.0$"),
+        ({"rand": -0.1}, r"^rand must be in \[0, 1\), got -0.1$"),
+        ({"attempt": 0}, r"^attempt counts from 1, got 0$"),
+        ({"slept": -1.0}, r"^slept must be >= 0, got -1.0$"),
+    ],
+)
+def test_retry_delay_names_the_bad_argument(arguments: dict[str, Any], message: str) -> None:
+    call: dict[str, Any] = {
+        "attempt": 1,
+        "retry_after": None,
+        "slept": 0.0,
+        "remaining": None,
+        "rand": 0.5,
+    }
+    with pytest.raises(ValueError, match=message):
+        retry_delay(RetryPolicy(), **(call | arguments))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"expires_in": math.nan}, r"^expires_in must not be NaN$"),
+        ({"remaining": math.nan}, r"^remaining must not be NaN$"),
+        ({"rand": 1.5}, r"^rand must be in \[0, 1\), got 1.5$"),
+    ],
+)
+def test_next_poll_names_the_bad_argument(arguments: dict[str, Any], message: str) -> None:
+    call: dict[str, Any] = {
+        "done": False,
+        "retry_after_ms": None,
+        "expires_in": None,
+        "remaining": None,
+        "rand": 0.5,
+    }
+    with pytest.raises(ValueError, match=message):
+        next_poll(PollPolicy(), PollState(), **(call | arguments))
