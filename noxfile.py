@@ -92,6 +92,12 @@ _HEADERS_CI = "Response.headers looks names up case-insensitively (aiohttp's CIM
 _FLOAT_CASE = "float() reads 'nan'/'inf' in any case"
 _FAST_PATH = "check_id's fast path is an optimisation: the full checks give the same answer"
 EQUIVALENT: dict[str, str] = {
+    **{
+        f"dedalus_async._policy.x__hint_seconds__mutmut_{n}": (
+            "`> 0` as `>= 0` or `> 1`: only an int too large for a float overflows, never 0 or 1"
+        )
+        for n in (5, 6)
+    },
     "dedalus_async._policy.x_is_retryable_status__mutmut_2": _400_NEVER,
     "dedalus_async._policy.x_is_retryable_status__mutmut_3": _400_NEVER,
     "dedalus_async._throttle.xǁThrottleǁsucceeded__mutmut_3": (
