@@ -8,8 +8,12 @@ charges them to the first test only, and their mutants are judged by one unrelat
 Here they are charged to every test instead: such a mutant runs against the whole
 selection, in a fresh interpreter that imports the mutated package (forkserver mode).
 
-Loaded by ``[tool.mutmut] pytest_add_cli_args`` (``-p tests.mutmut_import_time``); it does
-nothing outside mutmut's stats run. It reads mutmut's own record of the calls
+It also turns off Hypothesis' per-example deadline and its too-slow health check: on a busy
+machine a slow example would otherwise fail a test, which mutmut counts as a kill (or, in the
+stats run, as a broken setup).
+
+Loaded by ``[tool.mutmut] pytest_add_cli_args`` (``-p tests.mutmut_import_time``) only; the
+charging happens in mutmut's stats run alone. It reads mutmut's own record of the calls
 (``mutmut.state.state()._stats``, mutmut 3.8), and says so loudly if that changes.
 """
 
@@ -20,6 +24,10 @@ import os
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("mutmut", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mutmut")
 
 _at_import: frozenset[str] = frozenset()
 
