@@ -156,3 +156,27 @@ def test_next_poll_names_the_bad_argument(arguments: dict[str, Any], message: st
     }
     with pytest.raises(ValueError, match=message):
         next_poll(PollPolicy(), PollState(), **(call | arguments))
+
+
+def test_an_infinite_poll_timeout_names_the_field_and_the_fix() -> None:
+    with pytest.raises(ValueError) as caught:
+        PollPolicy(timeout=math.inf)
+    assert str(caught.value) == (
+        "PollPolicy.timeout must be finite (use None to wait forever), got inf"
+    )
+
+
+def test_expiry_grace_equal_to_the_backoff_keeps_the_backoff_reason() -> None:
+    """P6 shortens only a longer sleep: at a tie the backoff stands (the look is spent)."""
+    policy = PollPolicy(initial_interval=0.05, jitter=0.0, expiry_grace=0.05)
+    decision, after = next_poll(
+        policy,
+        PollState(),
+        done=False,
+        retry_after_ms=None,
+        expires_in=-1.0,
+        remaining=None,
+        rand=0.5,
+    )
+    assert decision == Sleep(0.05, "backoff")
+    assert after.expiry_look_done
