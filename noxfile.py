@@ -219,7 +219,7 @@ def mutation(session: nox.Session) -> None:
     broken = []
     for module, total, killed, equivalent, survivors, not_run in rows:
         score = 100.0 * killed / max(1, total - equivalent)
-        lines.append(f"| `{module}.py` | {total} | {killed} | {equivalent} | {score:.0f} % |")
+        lines.append(f"| `{module}.py` | {total} | {killed} | {equivalent} | {score:.1f} % |")
         for name in survivors:
             session.log(f"survived: {name}")
         broken += not_run
