@@ -98,6 +98,9 @@ EQUIVALENT: dict[str, str] = {
         )
         for n in (5, 6)
     },
+    "dedalus_async._policy.x__number__mutmut_16": (
+        "ok(None, value): no predicate reads the instance (_not_below reads its bound first)"
+    ),
     "dedalus_async._policy.x_is_retryable_status__mutmut_2": _400_NEVER,
     "dedalus_async._policy.x_is_retryable_status__mutmut_3": _400_NEVER,
     "dedalus_async._throttle.xǁThrottleǁsucceeded__mutmut_3": (
