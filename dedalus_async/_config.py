@@ -121,10 +121,11 @@ def _check_header_value(name: str, value: str) -> None:
 def _is_loopback(host: str) -> bool:
     # "localhost" itself, and loopback addresses. Not other names under .localhost: a
     # resolver is free to send those anywhere, and the key would go with them in clear.
+    # ``host`` is urlsplit's hostname: lower case, an IPv6 address without its brackets.
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 

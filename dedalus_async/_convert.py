@@ -93,10 +93,12 @@ def _parse_rfc3339(value: str) -> datetime:
     date, hour, minute, second, fraction, offset = match.groups()
     leap = second == "60"
     text = f"{date}T{hour}:{minute}:{'59' if leap else second}"
+    # fromisoformat (3.11+) reads any number of fractional digits (truncated to
+    # microseconds) and an upper-case "Z"
     if fraction:
-        text += "." + fraction[:6].ljust(6, "0")
+        text += "." + fraction
     if offset:
-        text += "+00:00" if offset in "Zz" else offset
+        text += offset.upper()
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:

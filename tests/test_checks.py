@@ -54,3 +54,9 @@ def test_check_instance() -> None:
     check_instance("poll", 3, int, "an int")
     with pytest.raises(TypeError, match="poll must be an int, not str"):
         check_instance("poll", "3", int, "an int")
+
+
+def test_check_seconds_takes_any_positive_fraction() -> None:
+    """The boundary is 0, not 1: a tenth of a second is a valid timeout."""
+    assert check_seconds("timeout", 0.1) == 0.1
+    assert check_seconds("timeout", 1e-9) == 1e-9

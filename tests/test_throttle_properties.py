@@ -137,7 +137,7 @@ def test_release_without_a_rate_is_spread(pause: float, u: float) -> None:
         assert throttle.epoch == 1
         assert await _times(throttle, clock, 1) == pytest.approx([pause + u * min(1.0, pause / 4)])
         assert throttle.acquire() is None
-        assert not throttle.active
+        assert throttle.active is False
 
     _run(main())
 
@@ -263,3 +263,31 @@ def test_setting_errors_name_the_setting(
 def test_burst_of_exactly_one_is_allowed() -> None:
     """burst=1 (no burst) is the boundary and is accepted."""
     assert Throttle(10.0, burst=1).acquire() is None
+
+
+async def test_a_429_that_does_not_extend_the_pause_does_not_tighten() -> None:
+    """T2: a later 429 ending exactly when the pause already ends changes nothing: no new
+    epoch (nobody's slot is void), and the release keeps the first pause's spread."""
+    clock = FakeClock()
+    throttle = Throttle(clock=clock, random=lambda: 0.5)
+    end = clock.monotonic() + 2.0
+    throttle.rate_limited(2.0, throttle.epoch)
+    assert (throttle.epoch, throttle.paused_until) == (1, end)
+    clock.advance(1.0)
+    throttle.rate_limited(1.0, throttle.epoch)  # ends at the same time
+    assert (throttle.epoch, throttle.paused_until) == (1, end)
+    assert throttle.rate_limited_count == 2
+    # the first caller now waits the rest of the pause plus half of 2.0 / 4
+    assert await _times(throttle, clock, 1) == pytest.approx([1.0 + 0.5 * 0.5])
+
+
+async def test_defaults_cap_the_pause_at_60_s_and_draw_real_random_numbers() -> None:
+    """T2/T5 with the defaults: a Retry-After of an hour pauses everyone for 60 s, and the
+    release is spread by the real random generator (no `random=` given)."""
+    clock = FakeClock()
+    throttle = Throttle(clock=clock)
+    start = clock.monotonic()
+    throttle.rate_limited(3600.0, throttle.epoch)
+    assert throttle.paused_until == start + 60.0
+    (waited,) = await _times(throttle, clock, 1)
+    assert 60.0 <= waited <= 61.0  # the pause plus up to min(1 s, 60 / 4)
