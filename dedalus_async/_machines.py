@@ -15,8 +15,22 @@ M3. *Out of reach.* Waiting for ``running`` or ``sleeping`` while the machine is
 M4. Anything else (an unknown phase too) is "not yet": look again, until the deadline, which
     ends the wait with :class:`~dedalus_async.MachineWaitTimeout` saying where it stood.
 
-The machine API sends no polling hint today, so the schedule is the backoff of P4. A
-machine asleep is not "out of reach" of ``running``: someone may wake it (an execution
+The machine API sends no polling hint today, so the schedule is the backoff of P4. Where
+the server has the status stream (``GET /v1/machines/{id}/status/stream``, server-sent
+events) and the transport can stream, each look that is "not yet" is followed by the
+stream rather than a sleep:
+
+M5. *Stream.* Every event is a lifecycle snapshot, judged by M1-M4 like a look. The
+    stream ends by the deadline; an event that arrives past it is not taken (the deadline
+    passed first). The server closes the stream once the machine settles: the wait then
+    goes on with the schedule's next sleep and look. A dropped stream is resumed the same
+    way, with ``Last-Event-ID`` (the id of the last event seen), so no change is missed.
+    A stream answered 404, 405 or 501 is not there: this handle polls from then on; a
+    5xx or 429 answer counts as a drop; any other error ends the wait. Streams are
+    followed on the system clock only: their events come at the server's pace, in real
+    time, which an injected clock (a test's fake one) neither measures nor moves.
+
+A machine asleep is not "out of reach" of ``running``: someone may wake it (an execution
 created on it does); :meth:`MachineHandle.wait` does not wake it, ``ensure_running`` does.
 """
 
@@ -26,9 +40,19 @@ import logging
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any, Protocol
 
+import attrs
+
 from . import _wire
-from ._errors import MachineFailed, MachineStateError, MachineWaitTimeout
-from ._models import Machine, MachinePhase
+from ._clock import SystemClock
+from ._errors import (
+    APIStatusError,
+    MachineFailed,
+    MachineStateError,
+    MachineWaitTimeout,
+    ResponseDecodeError,
+    TransportError,
+)
+from ._models import LifecycleStatus, Machine, MachinePhase
 from ._policy import (
     USE_POLICY_DEFAULT,
     Done,
@@ -39,7 +63,7 @@ from ._policy import (
     next_poll,
     resolve_timeout,
 )
-from ._requester import DeadlineReached, Tally
+from ._requester import DeadlineReached, Requester, Tally
 from ._results import WaitStats
 from ._waiting import WaitLoop
 
@@ -48,6 +72,8 @@ __all__ = ["MachineClient", "MachineHandle", "judge"]
 logger = logging.getLogger("dedalus_async")
 
 _GONE = frozenset({MachinePhase.DESTROYING, MachinePhase.DESTROYED})
+# a stream endpoint answered so is not there (M5): poll instead
+_NO_STREAM = frozenset({404, 405, 501})
 
 
 class MachineClient(Protocol):
@@ -103,7 +129,7 @@ class MachineHandle:
     ``await handle.wait(until="running")``.
     """
 
-    __slots__ = ("_client", "_loop", "last", "machine_id", "stats")
+    __slots__ = ("_client", "_last_event_id", "_loop", "_streams", "last", "machine_id", "stats")
 
     def __init__(self, client: MachineClient, loop: WaitLoop, machine_id: str) -> None:
         self._client = client
@@ -111,6 +137,9 @@ class MachineHandle:
         self.machine_id = machine_id
         self.last: Machine | None = None
         self.stats: WaitStats | None = None
+        # M5: whether the status stream may be there, and where to resume it
+        self._streams = True
+        self._last_event_id: str | None = None
 
     def __repr__(self) -> str:
         phase = self.last.phase if self.last else "unknown"
@@ -215,6 +244,10 @@ class MachineHandle:
                 self.last = snapshot
                 try:
                     done = done_when(snapshot)
+                    if not done and self._streams and _streams_on(requester):
+                        followed = await self._follow(done_when, deadline, tally)
+                        if followed is not None:
+                            snapshot, done = followed, True
                 except MachineStateError:
                     self.stats = _stats(tally, clock.monotonic() - start)
                     raise
@@ -241,6 +274,52 @@ class MachineHandle:
                 tally.slept += decision.seconds
                 await clock.sleep(decision.seconds)
 
+    async def _follow(
+        self, done_when: Callable[[Machine], bool], deadline: float | None, tally: Tally
+    ) -> Machine | None:
+        """M5: follow the status stream until ``done_when`` (which may raise); ``None``
+        when it ended, dropped, passed the deadline, or is not there."""
+        requester = self._loop.requester
+        clock = requester.clock
+        request = _wire.machine_request("GET", self.machine_id, "/status/stream")
+        resume = self._last_event_id
+        headers = {"Last-Event-ID": resume} if resume is not None else None
+        events = _wire.ServerSentEvents(resume)
+        tally.polls += 1
+        try:
+            async with requester.stream(request, headers=headers, deadline=deadline) as stream:
+                async for line in stream.lines():
+                    event = events.feed(line)
+                    if event is None:
+                        continue
+                    self._last_event_id = event.id
+                    if deadline is not None and clock.monotonic() > deadline:
+                        return None  # it came after the deadline: the wait ended first
+                    try:
+                        lifecycle = _wire.decode_lifecycle(event.data.encode())
+                    except ResponseDecodeError as exc:
+                        logger.debug(
+                            "machine %s: skipping a stream event: %s", self.machine_id, exc
+                        )
+                        continue
+                    snapshot = _with_lifecycle(self.machine_id, self.last, lifecycle)
+                    self.last = snapshot
+                    if done_when(snapshot):
+                        return snapshot
+        except APIStatusError as exc:
+            if exc.status in _NO_STREAM:
+                logger.debug(
+                    "machine %s: no status stream (HTTP %d): polling", self.machine_id, exc.status
+                )
+                self._streams = False
+                return None
+            if exc.status == 429 or exc.status >= 500:
+                return None
+            raise
+        except (TransportError, ResponseDecodeError) as exc:
+            logger.debug("machine %s: the status stream dropped: %s", self.machine_id, exc)
+        return None
+
     def _timeout(self, until: str, timeout: float | None) -> MachineWaitTimeout:
         assert timeout is not None  # only a deadline ends a wait this way
         last = self.last
@@ -260,6 +339,24 @@ class MachineHandle:
 def _phase_left(phase: str) -> Callable[[Machine], bool]:
     """Done when the phase differs from ``phase`` (or the machine has settled)."""
     return lambda snapshot: snapshot.phase != phase or settled(snapshot)
+
+
+def _streams_on(requester: Requester) -> bool:
+    """M5 applies: a transport that can stream, and real time."""
+    return requester.can_stream and isinstance(requester.clock, SystemClock)
+
+
+def _with_lifecycle(machine_id: str, last: Machine | None, lifecycle: LifecycleStatus) -> Machine:
+    """The machine as a stream event shows it: the last snapshot's size and desired state,
+    this event's lifecycle."""
+    if last is None:
+        return Machine(
+            machine_id=machine_id,
+            phase=lifecycle.phase,
+            status=lifecycle,
+            revision=lifecycle.revision,
+        )
+    return attrs.evolve(last, phase=lifecycle.phase, status=lifecycle, revision=lifecycle.revision)
 
 
 def _stats(tally: Tally, elapsed: float) -> WaitStats:
