@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from dedalus_async import MachineWaitTimeout, Session
+from dedalus_async import AuthenticationError, MachineWaitTimeout, Session
 from dedalus_async._wire import ServerSentEvent, ServerSentEvents
 from dedalus_async.testing import FakeDedalus, MachineTimings
 
@@ -204,3 +204,43 @@ def test_server_sent_events_take_bytes_and_keep_the_last_id() -> None:
     assert reader.feed(b"data: \xff\n") is None
     assert reader.feed(b"\n") == ServerSentEvent("\ufffd", id="9")
     assert reader.last_id == "9"
+
+
+async def test_a_stream_that_answers_503_or_garbles_an_event_is_tried_again() -> None:
+    """A 5xx counts as a drop (the next round opens it again); an event that is no
+    lifecycle is skipped; an error that is the caller's (401) ends the wait."""
+    opened: list[int] = []
+
+    async def machine(request: web.Request) -> web.Response:
+        return web.json_response(_machine("starting", 1))
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        opened.append(1)
+        if len(opened) == 1:
+            return web.json_response(
+                {"error_code": "UNAVAILABLE", "message": "busy", "retryable": True}, status=503
+            )
+        response = await _open_stream(request)
+        await response.write(b"id: 5\nevent: status\ndata: not a lifecycle\n\n")
+        await response.write(_event("running", 6))
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/machines/{m}", machine)
+    app.router.add_get("/v1/machines/{m}/status/stream", stream)
+    async with serving(app) as url, Session(API_KEY, base_url=url) as session:
+        machine_seen = await session.machine(MACHINE).wait("running", timeout=10)
+    assert (machine_seen.phase, machine_seen.revision, len(opened)) == ("running", "6", 2)
+
+    async def refused(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"error_code": "AUTH_INVALID", "message": "no", "retryable": False}, status=401
+        )
+
+    app = web.Application()
+    app.router.add_get("/v1/machines/{m}", machine)
+    app.router.add_get("/v1/machines/{m}/status/stream", refused)
+    async with serving(app) as url, Session(API_KEY, base_url=url) as session:
+        with pytest.raises(AuthenticationError):
+            await session.machine(MACHINE).wait("running", timeout=10)
