@@ -241,6 +241,8 @@ def _write(conn: sqlite3.Connection, rows: Sequence[_Rows]) -> None:
 
 def _record(row: Sequence[Any]) -> JobRecord:
     (job, position, fp, machine, command, key, state, attempt, sent_at, eid, ex, out, err) = row
+    if state != JobState.FINISHED:
+        ex = out = None  # a result is a finished job's only
     return JobRecord(
         job=job,
         position=position,

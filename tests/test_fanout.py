@@ -99,16 +99,16 @@ async def test_two_thousand_executions_respect_limits_order_and_idempotency() ->
         async with Session(api_key=FAKE_API_KEY, base_url=fake.base_url, poll=FAST_POLL) as session:
             seen: list[Progress] = []
             before = _our_tasks()
-            started = time.monotonic()
-            results = await session.run_many(
-                _requests(n),
-                concurrency=concurrency,
-                create_concurrency=create_concurrency,
-                on_progress=seen.append,
-            )
-            elapsed = time.monotonic() - started
+            # not a timing (benchmarks/ measures speed): a bound that only a hang or a
+            # collapse into one-at-a-time would reach on a loaded machine
+            async with asyncio.timeout(300):
+                results = await session.run_many(
+                    _requests(n),
+                    concurrency=concurrency,
+                    create_concurrency=create_concurrency,
+                    on_progress=seen.append,
+                )
             assert _our_tasks() == before
-    assert elapsed < 20
     assert drops.hits == 10
     assert fake.create_count == n
     posts = fake.requests_for("POST")
@@ -538,10 +538,11 @@ async def test_an_exception_in_the_block_cancels_the_fan_out(
 
 
 def _long(body: dict[str, Any]) -> Script:
-    # 0.3 s of life with 20 ms hints: per-execution polling looks about a dozen times
+    # 0.6 s of life with 20 ms hints: per-execution polling looks a couple of dozen times
+    # (still more than 3 on a machine loaded enough to stretch every poll)
     i = _index_of(body)
     return Script(
-        (Phase("queued", 0.05, 20), Phase("running", 0.25, 20)),
+        (Phase("queued", 0.1, 20), Phase("running", 0.5, 20)),
         Outcome(stdout=f"out {i}\n", exit_code=i % 3),
     )
 

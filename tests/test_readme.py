@@ -484,6 +484,10 @@ SHELL_NOT_RUN: dict[str, str] = {
     " --drivers aiohttp,dedalus_async,dedalus_async-run_many,sdk-aiohttp": "benchmarks: minutes",
     "python -m benchmarks --sizes 50000 --rounds 2 --cpu-executions 0 --lag-executions 0"
     " --no-memory --drivers aiohttp,dedalus_async,dedalus_async-run_many": "benchmarks: minutes",
+    "python -m benchmarks --sizes 1000,10000 --rounds 3 --cpu-executions 1000 --lag-executions 0"
+    " --no-memory --drivers aiohttp,dedalus_async-run_many,dedalus_async-run_many-journal": (
+        "benchmarks: minutes"
+    ),
 }
 
 
