@@ -23,10 +23,13 @@ stream rather than a sleep:
 M5. *Stream.* Every event is a lifecycle snapshot, judged by M1-M4 like a look. The
     stream ends by the deadline; an event that arrives past it is not taken (the deadline
     passed first). The server closes the stream once the machine settles: the wait then
-    goes on with the schedule's next sleep and look. A dropped stream is resumed the same
-    way, with ``Last-Event-ID`` (the id of the last event seen), so no change is missed.
-    A stream answered 404, 405 or 501 is not there: this handle polls from then on; a
-    5xx or 429 answer counts as a drop; any other error ends the wait. Streams are
+    goes on with the schedule's next sleep and look. A dropped stream is resumed at once
+    (after 0.1 s, 0.2 s, 0.3 s: three drops in a row at most, then the schedule's sleep
+    and look) with ``Last-Event-ID``, the id of the last event seen, so no change is
+    missed; a new look starts a new following, from the current state. A stream
+    answered 404, 405 or 501 is not there: this handle polls from then on; a 5xx or 429
+    answer ends this following (the schedule's sleep and look come next); any other
+    error ends the wait. Streams are
     followed on the system clock only: their events come at the server's pace, in real
     time, which an injected clock (a test's fake one) neither measures nor moves.
 
@@ -74,6 +77,10 @@ logger = logging.getLogger("dedalus_async")
 _GONE = frozenset({MachinePhase.DESTROYING, MachinePhase.DESTROYED})
 # a stream endpoint answered so is not there (M5): poll instead
 _NO_STREAM = frozenset({404, 405, 501})
+# M5: drops in a row (no event between them) resumed before the schedule takes over, and
+# the pause before each resume (times the drops so far), in seconds
+_MAX_DROPS = 3
+_DROP_PAUSE = 0.1
 
 
 class MachineClient(Protocol):
@@ -129,7 +136,7 @@ class MachineHandle:
     ``await handle.wait(until="running")``.
     """
 
-    __slots__ = ("_client", "_last_event_id", "_loop", "_streams", "last", "machine_id", "stats")
+    __slots__ = ("_client", "_loop", "_streams", "last", "machine_id", "stats")
 
     def __init__(self, client: MachineClient, loop: WaitLoop, machine_id: str) -> None:
         self._client = client
@@ -137,9 +144,8 @@ class MachineHandle:
         self.machine_id = machine_id
         self.last: Machine | None = None
         self.stats: WaitStats | None = None
-        # M5: whether the status stream may be there, and where to resume it
+        # M5: whether the status stream may be there
         self._streams = True
-        self._last_event_id: str | None = None
 
     def __repr__(self) -> str:
         phase = self.last.phase if self.last else "unknown"
@@ -277,48 +283,70 @@ class MachineHandle:
     async def _follow(
         self, done_when: Callable[[Machine], bool], deadline: float | None, tally: Tally
     ) -> Machine | None:
-        """M5: follow the status stream until ``done_when`` (which may raise); ``None``
-        when it ended, dropped, passed the deadline, or is not there."""
+        """M5: follow the status stream until ``done_when`` (which may raise), resuming it
+        after a drop; ``None`` when it ended, passed the deadline, dropped too often, or
+        is not there."""
         requester = self._loop.requester
         clock = requester.clock
         request = _wire.machine_request("GET", self.machine_id, "/status/stream")
-        resume = self._last_event_id
-        headers = {"Last-Event-ID": resume} if resume is not None else None
-        events = _wire.ServerSentEvents(resume)
-        tally.polls += 1
-        try:
-            async with requester.stream(request, headers=headers, deadline=deadline) as stream:
-                async for line in stream.lines():
-                    event = events.feed(line)
-                    if event is None:
-                        continue
-                    self._last_event_id = event.id
-                    if deadline is not None and clock.monotonic() > deadline:
-                        return None  # it came after the deadline: the wait ended first
-                    try:
-                        lifecycle = _wire.decode_lifecycle(event.data.encode())
-                    except ResponseDecodeError as exc:
-                        logger.debug(
-                            "machine %s: skipping a stream event: %s", self.machine_id, exc
-                        )
-                        continue
-                    snapshot = _with_lifecycle(self.machine_id, self.last, lifecycle)
-                    self.last = snapshot
-                    if done_when(snapshot):
-                        return snapshot
-        except APIStatusError as exc:
-            if exc.status in _NO_STREAM:
+        # one following: it starts at the current state (the look just taken) and every
+        # resume goes on after the last event seen, so none is missed nor replayed
+        events = _wire.ServerSentEvents()
+        drops = 0
+        while True:
+            resume = events.last_id
+            headers = {"Last-Event-ID": resume} if resume is not None else None
+            tally.polls += 1
+            try:
+                async with requester.stream(request, headers=headers, deadline=deadline) as stream:
+                    async for line in stream.lines():
+                        event = events.feed(line)
+                        if event is None:
+                            continue
+                        drops = 0
+                        if deadline is not None and clock.monotonic() > deadline:
+                            return None  # it came after the deadline: the wait ended first
+                        snapshot = self._snapshot(event.data)
+                        if snapshot is not None and done_when(snapshot):
+                            return snapshot
+                return None  # the server closed it: the machine settled
+            except APIStatusError as exc:
+                if exc.status in _NO_STREAM:
+                    logger.debug(
+                        "machine %s: no status stream (HTTP %d): polling",
+                        self.machine_id,
+                        exc.status,
+                    )
+                    self._streams = False
+                    return None
+                if exc.status == 429 or exc.status >= 500:
+                    return None  # the schedule's next look and stream, after its sleep
+                raise
+            except (TransportError, ResponseDecodeError) as exc:
+                drops += 1
+                left = None if deadline is None else deadline - clock.monotonic()
+                if drops > _MAX_DROPS or (left is not None and left <= 0):
+                    return None
                 logger.debug(
-                    "machine %s: no status stream (HTTP %d): polling", self.machine_id, exc.status
+                    "machine %s: the status stream dropped (%s); resuming after event %s",
+                    self.machine_id,
+                    exc,
+                    events.last_id,
                 )
-                self._streams = False
-                return None
-            if exc.status == 429 or exc.status >= 500:
-                return None
-            raise
-        except (TransportError, ResponseDecodeError) as exc:
-            logger.debug("machine %s: the status stream dropped: %s", self.machine_id, exc)
-        return None
+                pause = _DROP_PAUSE * drops
+                await clock.sleep(pause if left is None else min(pause, left))
+                tally.slept += pause if left is None else min(pause, left)
+
+    def _snapshot(self, data: str) -> Machine | None:
+        """The machine as one stream event shows it (remembered as :attr:`last`); ``None``
+        for an event that is no lifecycle."""
+        try:
+            lifecycle = _wire.decode_lifecycle(data.encode())
+        except ResponseDecodeError as exc:
+            logger.debug("machine %s: skipping a stream event: %s", self.machine_id, exc)
+            return None
+        self.last = _with_lifecycle(self.machine_id, self.last, lifecycle)
+        return self.last
 
     def _timeout(self, until: str, timeout: float | None) -> MachineWaitTimeout:
         assert timeout is not None  # only a deadline ends a wait this way

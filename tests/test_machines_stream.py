@@ -87,11 +87,13 @@ async def test_a_wait_follows_the_stream_instead_of_polling(live_fake: FakeDedal
 
 
 async def test_a_dropped_stream_is_resumed_from_the_last_event() -> None:
-    """The stream breaks after two events: the wait reconnects with Last-Event-ID naming
-    the second, and ends on the event the server sends after it."""
+    """The stream breaks after two events: the wait reconnects at once with Last-Event-ID
+    naming the second, and ends on the event the server sends after it."""
     resumed_from: list[str | None] = []
+    looks: list[str] = []
 
     async def machine(request: web.Request) -> web.Response:
+        looks.append(request.path)
         return web.json_response(_machine("starting", 1))
 
     async def stream(request: web.Request) -> web.StreamResponse:
@@ -114,6 +116,7 @@ async def test_a_dropped_stream_is_resumed_from_the_last_event() -> None:
     async with serving(app) as url, Session(API_KEY, base_url=url) as session:
         machine_seen = await session.machine(MACHINE).wait("running", timeout=10)
     assert resumed_from == [None, "2"]
+    assert len(looks) == 1  # resumed at once, not after another look
     assert machine_seen.phase == "running"
     assert machine_seen.revision == "3"
 
