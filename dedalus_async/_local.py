@@ -21,9 +21,23 @@ Machines
     restarts, like ``/home/machine`` on a real machine. ``data_dir`` defaults to
     ``$DEDALUS_LOCAL_HOME``, else ``$XDG_DATA_HOME/dedalus-async``, else
     ``~/.local/share/dedalus-async``.
+    ``/v1/machines`` lists, creates, sleeps, wakes and deletes them (the server's rules
+    S1-S6 of :mod:`~dedalus_async._machine_records`, with these phases): create makes
+    the directory (answering 200 ``running`` at once, or 202 ``starting`` for the
+    ``wake_delay`` when there is one); sleep is instant; wake takes ``wake_delay``;
+    delete first cancels the machine's executions still going (their processes are
+    killed), then removes its directory and its executions' records, and the machine
+    stays ``destroyed``: nothing runs on it again. Machines are kept on disk beside their
+    directories (:mod:`dedalus_async._store`, rules M1-M4), so a later process finds
+    them as they were left; a machine first met through an execution is made there too,
+    running, with autosleep off.
 Sleep and wake
-    A machine this backend has not run anything on yet, or one idle (no execution in
-    progress) for ``idle_timeout`` seconds, is asleep. An execution created on it first
+    A machine created or steered through ``/v1/machines`` sleeps and wakes by its
+    lifecycle: after its ``autosleep``, or when asked; an execution created on it while
+    it sleeps reports ``wake_in_progress`` until the wake ends, then starts at once.
+    Any other machine id sleeps by this runner's own rule: a machine it has not run
+    anything on yet, or one idle (no execution in progress) for ``idle_timeout`` seconds,
+    is asleep. An execution created on it first
     reports ``wake_in_progress`` with ``retry_after_ms`` set to the wake time left, waits
     ``wake_delay`` seconds (on the clock; executions created meanwhile share the same
     wake), then goes ``queued`` and ``running``.
@@ -105,9 +119,10 @@ Records
     execution: the output gathered is logged first) and at the end. An execution whose
     process died before it ended reads as ``failed`` with ``error_code``
     ``execution_runner_interrupted``. A DELETE of another live process's unfinished
-    execution is carried out by that process within 0.1 s. Sleep and wake, idempotency
-    keys and the ``stdin`` and ``env`` values of a request stay in the memory of the
-    process that took it.
+    execution is carried out by that process within 0.1 s. The runner's own sleep and
+    wake, idempotency keys and the ``stdin`` and ``env`` values of a request stay in the
+    memory of the process that took it; a machine is read from disk once per process
+    (what another process does to it afterwards is not seen by this one).
 Time
     Every time the runner reads or waits for comes from its :class:`~dedalus_async.Clock`
     (real by default): timestamps, idle time, the wake, the running hint and
@@ -146,10 +161,11 @@ import attrs
 from ._checks import check_count, is_number
 from ._clock import Clock, SystemClock
 from ._http_server import HTTPServer
+from ._machine_records import MachineTimings
 from ._records import ExecutionRecord, to_millis
 from ._server import ExecutionsServer
 from ._session import Session
-from ._store import SAVE_EVERY, WATCH_EVERY, ExecutionStore
+from ._store import SAVE_EVERY, WATCH_EVERY, ExecutionStore, MachineFolders
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
@@ -405,6 +421,9 @@ class SubprocessRunner:
         self.max_events = check_count("max_events", max_events, minimum=_MIN_EVENTS)
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._machines: dict[str, _Machine] = {}
+        # machines whose sleep and wake are their lifecycle's (created or steered through
+        # /v1/machines): the server holds their executions while they sleep or wake
+        self._managed: set[str] = set()
         self._jobs: dict[str, _Job] = {}
         # Created lazily: the runner may be built outside the loop that will run it.
         self._slots: asyncio.Semaphore | None = None
@@ -427,6 +446,11 @@ class SubprocessRunner:
             self._machines[machine_id] = machine
         return machine
 
+    def manage(self, machine_id: str) -> None:
+        """Leave the machine's sleep and wake to its lifecycle (``/v1/machines``): its
+        executions start without this runner's own wake."""
+        self._managed.add(machine_id)
+
     # --- the Runner protocol -------------------------------------------------------------
 
     def start(self, record: ExecutionRecord) -> None:
@@ -446,18 +470,24 @@ class SubprocessRunner:
         now = self.clock.monotonic()
         if machine.wake_ends is not None and machine.wake_ends <= now:
             machine.wake_ends = None
-        asleep = machine.busy == 0 and (
-            machine.last_active is None or now - machine.last_active >= self.idle_timeout
+        # ready: the server held the execution until its machine woke; managed: the
+        # machine's lifecycle is awake (or the server would have held it): no second wake
+        awake = record.ready is not None or record.machine_id in self._managed
+        asleep = (
+            not awake
+            and machine.busy == 0
+            and (machine.last_active is None or now - machine.last_active >= self.idle_timeout)
         )
         if machine.wake_ends is None and asleep and self.wake_delay > 0:
             machine.wake_ends = now + self.wake_delay
         machine.busy += 1
-        if machine.wake_ends is not None:
-            left_ms = max(1, math.ceil((machine.wake_ends - now) * 1000 - 1e-6))
+        wake_ends = None if awake else machine.wake_ends
+        if wake_ends is not None:
+            left_ms = max(1, math.ceil((wake_ends - now) * 1000 - 1e-6))
             record.transition("wake_in_progress", self._stamp(), retry_after_ms=left_ms)
         else:
             record.transition("queued", self._stamp(), retry_after_ms=_QUEUED_HINT_MS)
-        job = _Job(record, machine, wake_ends=machine.wake_ends)
+        job = _Job(record, machine, wake_ends=wake_ends)
         record.runner_state = job
         self._jobs[record.execution_id] = job
         self._save(record)
@@ -943,6 +973,23 @@ class LocalBackend:
             clock=self.clock,
             store=self.store,
         )
+        # a local machine's phases: none but a wake, which takes the runner's wake_delay
+        timings = MachineTimings(
+            placement=0,
+            start=self.runner.wake_delay,
+            wake=self.runner.wake_delay,
+            stop=0,
+            destroy=0,
+        )
+        #: the machines on disk: a folder each (rules M1-M4 of :mod:`dedalus_async._store`)
+        self.machines = MachineFolders(
+            self.machines_dir,
+            dirname=machine_dirname,
+            records_dir=self.store.root,
+            timings=timings,
+            managed=self.runner.manage,
+            clock=self.clock,
+        )
         self._api_key = secrets.token_urlsafe(32)
         self.announce = announce
         #: The API's state and rules, with :attr:`runner` behind them.
@@ -953,7 +1000,9 @@ class LocalBackend:
             output_cap=output_cap,
             name="LocalBackend",
             store=self.store,
+            machine_store=self.machines,
         )
+        self.server.machine_timings = timings
         #: :attr:`server` on ``127.0.0.1:port``.
         self.http = HTTPServer(
             self.server,

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import attrs
 
 from ._records import format_time, to_millis
 
-__all__ = ["FailWhen", "MachineRecord", "MachineTimings", "parse_autosleep"]
+__all__ = ["FailWhen", "MachineRecord", "MachineStore", "MachineTimings", "parse_autosleep"]
 
 #: Phases in which a machine stays until asked to move (S2); the rest end by themselves.
 SETTLED: Final = frozenset({"running", "sleeping", "failed", "destroyed"})
@@ -99,6 +99,9 @@ class MachineRecord:
     history: list[dict[str, Any]] = attrs.field(factory=list, repr=False)
     #: monotonic moment the machine last entered ``running``
     running_since: float | None = None
+    #: how the server first met it: ``"api"`` (a create, or steered through the API
+    #: since) or ``"execution"`` (an execution created on an id it did not know)
+    origin: str = "api"
     _waking: bool = False
 
     def at(self, mono: float) -> datetime:
@@ -117,6 +120,15 @@ class MachineRecord:
         self.last_active = now
         self.running_since = now
         self._enter("running", now, None, "converged")
+
+    def begin_settled(self, phase: str, now: float) -> None:
+        """Start in a settled phase that is also the desired state (``running``,
+        ``sleeping`` or ``destroyed``): a machine read back from where it was kept."""
+        self.desired_state = phase
+        self.last_active = now
+        if phase == "running":
+            self.running_since = now
+        self._enter(phase, now, None, "converged")
 
     def _enter(self, phase: str, mono: float, duration: float | None, reason: str) -> None:
         self.phase = phase
@@ -263,3 +275,28 @@ class MachineRecord:
     def list_item_json(self) -> dict[str, Any]:
         """One item of ``GET /v1/machines``."""
         return {**self.to_json(), "created_at": format_time(self.created_at)}
+
+
+class MachineStore(Protocol):
+    """Where a server's machines outlive its process (the local backend's folders).
+
+    The server asks it for a machine its memory lacks, tells it of every change, and lists
+    what it holds beside what memory holds. Called on the event loop: it must not block
+    for long (a few small files).
+    """
+
+    def load(self, machine_id: str) -> MachineRecord | None:
+        """The kept machine, as a new record in a settled phase, or ``None``."""
+        ...
+
+    def machine_ids(self) -> list[str]:
+        """The ids of every kept machine (in no particular order)."""
+        ...
+
+    def save(self, machine: MachineRecord) -> None:
+        """Keep the machine as it now is (created, resized, asked to sleep or wake)."""
+        ...
+
+    def destroy(self, machine: MachineRecord) -> None:
+        """The machine was destroyed: wipe its storage, keep that it was destroyed."""
+        ...

@@ -15,8 +15,25 @@ M3. *Out of reach.* Waiting for ``running`` or ``sleeping`` while the machine is
 M4. Anything else (an unknown phase too) is "not yet": look again, until the deadline, which
     ends the wait with :class:`~dedalus_async.MachineWaitTimeout` saying where it stood.
 
-The machine API sends no polling hint today, so the schedule is the backoff of P4. A
-machine asleep is not "out of reach" of ``running``: someone may wake it (an execution
+The machine API sends no polling hint today, so the schedule is the backoff of P4. Where
+the server has the status stream (``GET /v1/machines/{id}/status/stream``, server-sent
+events) and the transport can stream, each look that is "not yet" is followed by the
+stream rather than a sleep:
+
+M5. *Stream.* Every event is a lifecycle snapshot, judged by M1-M4 like a look. The
+    stream ends by the deadline; an event that arrives past it is not taken (the deadline
+    passed first). The server closes the stream once the machine settles: the wait then
+    goes on with the schedule's next sleep and look. A dropped stream is resumed at once
+    (after 0.1 s, 0.2 s, 0.3 s: three drops in a row at most, then the schedule's sleep
+    and look) with ``Last-Event-ID``, the id of the last event seen, so no change is
+    missed; a new look starts a new following, from the current state. A stream
+    answered 404, 405 or 501 is not there: this handle polls from then on; a 5xx or 429
+    answer ends this following (the schedule's sleep and look come next); any other
+    error ends the wait. Streams are
+    followed on the system clock only: their events come at the server's pace, in real
+    time, which an injected clock (a test's fake one) neither measures nor moves.
+
+A machine asleep is not "out of reach" of ``running``: someone may wake it (an execution
 created on it does); :meth:`MachineHandle.wait` does not wake it, ``ensure_running`` does.
 """
 
@@ -26,9 +43,19 @@ import logging
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any, Protocol
 
+import attrs
+
 from . import _wire
-from ._errors import MachineFailed, MachineStateError, MachineWaitTimeout
-from ._models import Machine, MachinePhase
+from ._clock import SystemClock
+from ._errors import (
+    APIStatusError,
+    MachineFailed,
+    MachineStateError,
+    MachineWaitTimeout,
+    ResponseDecodeError,
+    TransportError,
+)
+from ._models import LifecycleStatus, Machine, MachinePhase
 from ._policy import (
     USE_POLICY_DEFAULT,
     Done,
@@ -39,7 +66,7 @@ from ._policy import (
     next_poll,
     resolve_timeout,
 )
-from ._requester import DeadlineReached, Tally
+from ._requester import DeadlineReached, Requester, Tally
 from ._results import WaitStats
 from ._waiting import WaitLoop
 
@@ -48,6 +75,12 @@ __all__ = ["MachineClient", "MachineHandle", "judge"]
 logger = logging.getLogger("dedalus_async")
 
 _GONE = frozenset({MachinePhase.DESTROYING, MachinePhase.DESTROYED})
+# a stream endpoint answered so is not there (M5): poll instead
+_NO_STREAM = frozenset({404, 405, 501})
+# M5: drops in a row (no event between them) resumed before the schedule takes over, and
+# the pause before each resume (times the drops so far), in seconds
+_MAX_DROPS = 3
+_DROP_PAUSE = 0.1
 
 
 class MachineClient(Protocol):
@@ -103,7 +136,7 @@ class MachineHandle:
     ``await handle.wait(until="running")``.
     """
 
-    __slots__ = ("_client", "_loop", "last", "machine_id", "stats")
+    __slots__ = ("_client", "_loop", "_streams", "last", "machine_id", "stats")
 
     def __init__(self, client: MachineClient, loop: WaitLoop, machine_id: str) -> None:
         self._client = client
@@ -111,6 +144,8 @@ class MachineHandle:
         self.machine_id = machine_id
         self.last: Machine | None = None
         self.stats: WaitStats | None = None
+        # M5: whether the status stream may be there
+        self._streams = True
 
     def __repr__(self) -> str:
         phase = self.last.phase if self.last else "unknown"
@@ -215,6 +250,10 @@ class MachineHandle:
                 self.last = snapshot
                 try:
                     done = done_when(snapshot)
+                    if not done and self._streams and _streams_on(requester):
+                        followed = await self._follow(done_when, deadline, tally)
+                        if followed is not None:
+                            snapshot, done = followed, True
                 except MachineStateError:
                     self.stats = _stats(tally, clock.monotonic() - start)
                     raise
@@ -241,6 +280,74 @@ class MachineHandle:
                 tally.slept += decision.seconds
                 await clock.sleep(decision.seconds)
 
+    async def _follow(
+        self, done_when: Callable[[Machine], bool], deadline: float | None, tally: Tally
+    ) -> Machine | None:
+        """M5: follow the status stream until ``done_when`` (which may raise), resuming it
+        after a drop; ``None`` when it ended, passed the deadline, dropped too often, or
+        is not there."""
+        requester = self._loop.requester
+        clock = requester.clock
+        request = _wire.machine_request("GET", self.machine_id, "/status/stream")
+        # one following: it starts at the current state (the look just taken) and every
+        # resume goes on after the last event seen, so none is missed nor replayed
+        events = _wire.ServerSentEvents()
+        drops = 0
+        while True:
+            resume = events.last_id
+            headers = {"Last-Event-ID": resume} if resume is not None else None
+            tally.polls += 1
+            try:
+                async with requester.stream(request, headers=headers, deadline=deadline) as stream:
+                    async for line in stream.lines():
+                        event = events.feed(line)
+                        if event is None:
+                            continue
+                        drops = 0
+                        if deadline is not None and clock.monotonic() > deadline:
+                            return None  # it came after the deadline: the wait ended first
+                        snapshot = self._snapshot(event.data)
+                        if snapshot is not None and done_when(snapshot):
+                            return snapshot
+                return None  # the server closed it: the machine settled
+            except APIStatusError as exc:
+                if exc.status in _NO_STREAM:
+                    logger.debug(
+                        "machine %s: no status stream (HTTP %d): polling",
+                        self.machine_id,
+                        exc.status,
+                    )
+                    self._streams = False
+                    return None
+                if exc.status == 429 or exc.status >= 500:
+                    return None  # the schedule's next look and stream, after its sleep
+                raise
+            except (TransportError, ResponseDecodeError) as exc:
+                drops += 1
+                left = None if deadline is None else deadline - clock.monotonic()
+                if drops > _MAX_DROPS or (left is not None and left <= 0):
+                    return None
+                logger.debug(
+                    "machine %s: the status stream dropped (%s); resuming after event %s",
+                    self.machine_id,
+                    exc,
+                    events.last_id,
+                )
+                pause = _DROP_PAUSE * drops
+                await clock.sleep(pause if left is None else min(pause, left))
+                tally.slept += pause if left is None else min(pause, left)
+
+    def _snapshot(self, data: str) -> Machine | None:
+        """The machine as one stream event shows it (remembered as :attr:`last`); ``None``
+        for an event that is no lifecycle."""
+        try:
+            lifecycle = _wire.decode_lifecycle(data.encode())
+        except ResponseDecodeError as exc:
+            logger.debug("machine %s: skipping a stream event: %s", self.machine_id, exc)
+            return None
+        self.last = _with_lifecycle(self.machine_id, self.last, lifecycle)
+        return self.last
+
     def _timeout(self, until: str, timeout: float | None) -> MachineWaitTimeout:
         assert timeout is not None  # only a deadline ends a wait this way
         last = self.last
@@ -260,6 +367,24 @@ class MachineHandle:
 def _phase_left(phase: str) -> Callable[[Machine], bool]:
     """Done when the phase differs from ``phase`` (or the machine has settled)."""
     return lambda snapshot: snapshot.phase != phase or settled(snapshot)
+
+
+def _streams_on(requester: Requester) -> bool:
+    """M5 applies: a transport that can stream, and real time."""
+    return requester.can_stream and isinstance(requester.clock, SystemClock)
+
+
+def _with_lifecycle(machine_id: str, last: Machine | None, lifecycle: LifecycleStatus) -> Machine:
+    """The machine as a stream event shows it: the last snapshot's size and desired state,
+    this event's lifecycle."""
+    if last is None:
+        return Machine(
+            machine_id=machine_id,
+            phase=lifecycle.phase,
+            status=lifecycle,
+            revision=lifecycle.revision,
+        )
+    return attrs.evolve(last, phase=lifecycle.phase, status=lifecycle, revision=lifecycle.revision)
 
 
 def _stats(tally: Tally, elapsed: float) -> WaitStats:

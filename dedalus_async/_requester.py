@@ -14,10 +14,12 @@ build a mutating request without one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from . import _wire
 from ._clock import Clock
@@ -36,7 +38,15 @@ from ._wire import Request, Response
 if TYPE_CHECKING:
     from ._telemetry import Telemetry
 
-__all__ = ["DeadlineReached", "Guard", "Requester", "Tally", "Transport"]
+__all__ = [
+    "DeadlineReached",
+    "Guard",
+    "Requester",
+    "Stream",
+    "StreamingTransport",
+    "Tally",
+    "Transport",
+]
 
 logger = logging.getLogger("dedalus_async")
 T = TypeVar("T")
@@ -56,6 +66,46 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
     async def send(self, request: Request, *, timeout: float | None = None) -> Response: ...
+
+
+class Stream(Protocol):
+    """A response read as it arrives (what :meth:`StreamingTransport.stream` yields).
+
+    ``lines`` yields the body line by line, each with its end of line, and raises
+    :class:`~dedalus_async.TransportError` when the connection drops before the end;
+    ``read`` reads the whole (error) body instead.
+    """
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    async def read(self) -> bytes: ...
+
+    def lines(self) -> AsyncIterator[bytes]: ...
+
+
+@runtime_checkable
+class StreamingTransport(Protocol):
+    """A :class:`Transport` that can also hand a response over as it arrives (the machine
+    status stream): :class:`~dedalus_async._transport.AiohttpTransport` does. Without it,
+    machine waits poll.
+
+    ``headers`` are added to the request's; ``timeout`` bounds the whole response (the
+    caller's deadline), ``read_timeout`` the wait for each next byte. Errors as for
+    ``send``.
+    """
+
+    def stream(
+        self,
+        request: Request,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        read_timeout: float | None = None,
+    ) -> AbstractAsyncContextManager[Stream]: ...
 
 
 class DeadlineReached(Exception):
@@ -140,6 +190,46 @@ class Requester:
             raise SessionClosedError("Session is closed; make a new one")
 
     # --- one request -----------------------------------------------------------------
+
+    @property
+    def can_stream(self) -> bool:
+        """True when the transport can hand responses over as they arrive."""
+        return isinstance(self.transport, StreamingTransport)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        request: Request,
+        *,
+        headers: Mapping[str, str] | None = None,
+        deadline: float | None = None,
+    ) -> AsyncIterator[Stream]:
+        """Open ``request`` as a stream, paced like every request; one attempt, no retry
+        (the caller decides what a drop means). A status of 300 or more raises its typed
+        error. The stream ends by ``deadline`` (on the clock's monotonic scale), and a
+        stream silent for the request timeout counts as dropped."""
+        self.check_open()
+        transport = self.transport
+        if not isinstance(transport, StreamingTransport):
+            raise TypeError(f"{type(transport).__name__} cannot stream responses")
+        waiting = self.throttle.acquire()
+        if waiting is not None:
+            with Guard(self):
+                await waiting
+        clock = self.clock
+        timeout = None if deadline is None else max(deadline - clock.monotonic(), 0.001)
+        with Guard(self):
+            async with transport.stream(
+                request, headers=headers, timeout=timeout, read_timeout=self.request_timeout
+            ) as stream:
+                logger.debug("%s %s -> %d (stream)", request.method, request.path, stream.status)
+                if stream.status >= 300:
+                    response = Response(stream.status, stream.headers, await stream.read())
+                    raise _wire.error_from_response(
+                        response, method=request.method, path=request.path, now=clock.now()
+                    )
+                self.throttle.succeeded()
+                yield stream
 
     async def send(
         self,

@@ -108,6 +108,13 @@ Machines
     wake fails, the execution fails with ``MACHINE_FAILED``. Creating one on a failed or
     destroyed machine is 409 ``INVALID_STATE``.
 
+Stored machines
+    A server given a :class:`~dedalus_async._machine_records.MachineStore` (the local
+    backend's machine folders) reads a machine its memory lacks from there (a request on
+    it, an execution created on it), lists the store's machines beside memory's (oldest
+    first), and hands it every machine it creates, changes or destroys. A machine is read
+    once per process: what another process does to it later is not seen.
+
 Time and cost
     :meth:`~ExecutionsServer.handle` is synchronous: no per-request scans, a dict for
     idempotency, O(page) lists. Time is read only through the injected clock.
@@ -130,7 +137,7 @@ import attrs
 
 from ._checks import is_int
 from ._clock import Clock, SystemClock
-from ._machine_records import MachineRecord, MachineTimings, parse_autosleep
+from ._machine_records import MachineRecord, MachineStore, MachineTimings, parse_autosleep
 from ._records import ExecutionRecord, RecordStore, Runner, format_time, to_millis
 
 __all__ = ["APIRequest", "APIResponse", "ExecutionsServer", "parse_json"]
@@ -307,7 +314,8 @@ class ExecutionsServer:
     date lazily (by the runner's ``refresh``), so use :meth:`get_record` to read a current
     one. ``name`` appears in logs and in the repr. ``public_url`` is where clients reach
     the server (the HTTP layer sets it when it starts); log tokens point below it.
-    ``store``: where to look for executions memory lacks (see "Stored records").
+    ``store``: where to look for executions memory lacks (see "Stored records");
+    ``machine_store``: where machines outlive the process (see "Stored machines").
     """
 
     def __init__(
@@ -323,6 +331,7 @@ class ExecutionsServer:
         strict_idempotency_keys: bool = False,
         name: str = "ExecutionsServer",
         store: RecordStore | None = None,
+        machine_store: MachineStore | None = None,
     ) -> None:
         if not 1 <= page_size <= max_page_size:
             raise ValueError("need 1 <= page_size <= max_page_size")
@@ -338,6 +347,7 @@ class ExecutionsServer:
         self.name = name
         self.public_url: str | None = None
         self.store = store
+        self.machine_store = machine_store
 
         self.executions: dict[str, ExecutionRecord] = {}
         self.create_count = 0
@@ -818,10 +828,12 @@ class ExecutionsServer:
         storage_gib: int = 10,
         autosleep_seconds: int = 300,
         running: bool = False,
+        origin: str = "api",
     ) -> MachineRecord:
         """A new machine, as a create would make it (``running=True``: already running).
 
-        Its phases follow :attr:`machine_timings` as they are now.
+        Its phases follow :attr:`machine_timings` as they are now; ``origin`` says how
+        the server met it (``"execution"``: an execution on an id it did not know).
         """
         now = self.clock.monotonic()
         record = MachineRecord(
@@ -833,6 +845,7 @@ class ExecutionsServer:
             created_at=to_millis(self.clock.now()),
             created_mono=now,
             timings=self.machine_timings,
+            origin=origin,
         )
         if record.machine_id in self.machines:
             raise ValueError(f"machine {record.machine_id} exists already")
@@ -842,7 +855,21 @@ class ExecutionsServer:
         else:
             record.begin(now)
             self._advance(record)
+        self._machine_changed(record)
         return record
+
+    def _find_machine(self, machine_id: str) -> MachineRecord | None:
+        """The machine from memory, else from the machine store (kept in memory then)."""
+        machine = self.machines.get(machine_id)
+        if machine is None and self.machine_store is not None:
+            machine = self.machine_store.load(machine_id)
+            if machine is not None:
+                self.machines[machine_id] = machine
+        return machine
+
+    def _machine_changed(self, machine: MachineRecord) -> None:
+        if self.machine_store is not None:
+            self.machine_store.save(machine)
 
     def get_machine_record(self, machine_id: str) -> MachineRecord:
         """The machine's record, brought up to date first. KeyError if unknown."""
@@ -897,10 +924,12 @@ class ExecutionsServer:
         self.runner.refresh(record)
 
     def _machine_of_execution(self, machine_id: str) -> MachineRecord:
-        machine = self.machines.get(machine_id)
+        machine = self._find_machine(machine_id)
         if machine is None:
             # first met through an execution: running, never asleep (executions as ever)
-            machine = self.add_machine(machine_id, autosleep_seconds=0, running=True)
+            machine = self.add_machine(
+                machine_id, autosleep_seconds=0, running=True, origin="execution"
+            )
         else:
             self._advance(machine)
         return machine
@@ -913,6 +942,7 @@ class ExecutionsServer:
             self.runner.start(record)
             return
         machine.want("running", now)
+        self._machine_changed(machine)
         left = machine.seconds_to_running(now)
         record.transition("wake_in_progress", record.created_at, retry_after_ms=_wake_hint(left))
         self._deferred[record.execution_id] = machine.machine_id
@@ -926,7 +956,7 @@ class ExecutionsServer:
                 return self._list_machines(request)
             return _method_not_allowed("GET, POST")
         machine_id = _decode_id(rest[0])
-        machine = self.machines.get(machine_id) if machine_id is not None else None
+        machine = self._find_machine(machine_id) if machine_id is not None else None
         tail = "/".join(rest[1:])
         if tail not in ("", "sleep", "wake", "status/stream"):
             return _no_route(request)
@@ -993,6 +1023,10 @@ class ExecutionsServer:
 
     def _list_machines(self, request: APIRequest) -> APIResponse:
         ids = list(self.machines)  # oldest first: dicts keep their insertion order
+        if self.machine_store is not None:
+            for machine_id in self.machine_store.machine_ids():
+                self._find_machine(machine_id)
+            ids = sorted(self.machines, key=lambda i: (self.machines[i].created_at, i))
         args = self._page_args(request, len(ids))
         if isinstance(args, APIResponse):
             return args
@@ -1020,12 +1054,16 @@ class ExecutionsServer:
         if "autosleep" in body:
             machine.autosleep_seconds = parse_autosleep(body["autosleep"]) or 0
         machine.revision += 1
+        machine.origin = "api"
+        self._machine_changed(machine)
         return _machine_response(machine.to_json(), machine)
 
     def _delete_machine(self, machine: MachineRecord) -> APIResponse:
         machine.want("destroyed", self.clock.monotonic())
         self.destroy_machine(machine.machine_id)
         self._advance(machine)
+        if self.machine_store is not None:
+            self.machine_store.destroy(machine)
         return _machine_response(machine.to_json(), machine)
 
     def _steer_machine(self, machine: MachineRecord, target: str) -> APIResponse:
@@ -1033,6 +1071,8 @@ class ExecutionsServer:
             return _invalid_state(machine, "woken" if target == "running" else "put to sleep")
         machine.want(target, self.clock.monotonic())
         self._advance(machine)
+        machine.origin = "api"
+        self._machine_changed(machine)
         return _machine_response(machine.to_json(), machine)
 
     async def _status_events(

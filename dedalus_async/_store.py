@@ -1,6 +1,7 @@
-"""The local backend's execution records on disk: what a later process, or another one at
-the same time, reads back (``dedalus-async get --local`` after ``run --local``, a
-``serve-local`` next to a ``run --local``).
+"""The local backend's records on disk: its executions (:class:`ExecutionStore`) and its
+machines (:class:`MachineFolders`), what a later process, or another one at the same time,
+reads back (``dedalus-async get --local`` after ``run --local``, a ``serve-local`` next to
+a ``run --local``, ``machines get --local`` after ``machines create --local``).
 
 Layout under the backend's ``data_dir``::
 
@@ -51,6 +52,22 @@ S7  Unreadable files (another version's format, a file edited by hand) are skipp
 
 Reads are cached by the file's (inode, mtime, size): a follower polling another process's
 execution re-reads its file only when it changed.
+
+Machines (:class:`MachineFolders`), rules M1-M4:
+
+M1  A machine is its folder, ``machines/<machine dirname>/`` (its ``/home/machine``),
+    with ``machines/<machine dirname>.json`` beside it: its id, size, autosleep, creation
+    time, desired state and how the server met it. Both are made by a create, and by the
+    first execution on an id the backend did not know.
+M2  Read back, a machine is in its desired state (``running`` or ``sleeping``): the
+    local backend's phases last at most a wake, so a process that ended mid-way left it
+    where it was going. A folder without its ``.json`` (made by an older version) is a
+    running machine that never sleeps, listed when its name gives its id back.
+M3  Destroying a machine removes its folder and its executions' records (its storage is
+    wiped, as the API says) and keeps the ``.json`` saying ``destroyed``: a ``.json``
+    without its folder is a destroyed machine, which no execution can run on.
+M4  Writes are atomic (a temporary file, then ``os.replace``); a failed write is a
+    warning, never a failed request, and an unreadable ``.json`` is skipped with one.
 """
 
 from __future__ import annotations
@@ -63,17 +80,20 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 from ._clock import Clock, SystemClock
+from ._machine_records import MachineRecord, MachineTimings
 from ._models import TERMINAL_STATUSES
 from ._records import EventRecord, ExecutionRecord, format_time, parse_time, to_millis
 
-__all__ = ["INTERRUPTED_CODE", "SAVE_EVERY", "WATCH_EVERY", "ExecutionStore"]
+__all__ = ["INTERRUPTED_CODE", "SAVE_EVERY", "WATCH_EVERY", "ExecutionStore", "MachineFolders"]
 
 logger = logging.getLogger("dedalus_async.local")
 
@@ -463,3 +483,163 @@ def _kill_orphan(group: object, execution_id: str) -> bool:
 
 def _json_line(document: dict[str, Any]) -> bytes:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+_MACHINE_FIELDS: Final = (
+    "machine_id",
+    "vcpu",
+    "memory_mib",
+    "storage_gib",
+    "autosleep_seconds",
+    "desired_state",
+    "origin",
+)
+
+
+class MachineFolders:
+    """The local backend's machines, kept as folders under ``machines_dir`` (rules M1-M4
+    above): a :class:`~dedalus_async._machine_records.MachineStore`.
+
+    ``dirname`` maps a machine id to its folder's name; ``records_dir`` holds the
+    executions' records (``<records_dir>/<dirname>/``, wiped with the machine);
+    ``timings`` says how long the phases of a machine read back last; ``managed`` is
+    called with the id of every machine created or steered through the API, read or
+    written (the runner then leaves its sleep and wake to the machine's lifecycle).
+    """
+
+    def __init__(
+        self,
+        machines_dir: Path,
+        *,
+        dirname: Callable[[str], str],
+        records_dir: Path,
+        timings: MachineTimings,
+        managed: Callable[[str], None],
+        clock: Clock | None = None,
+    ) -> None:
+        self.machines_dir = Path(machines_dir)
+        self.records_dir = Path(records_dir)
+        self._dirname = dirname
+        self.timings = timings
+        self._managed = managed
+        self.clock: Clock = clock if clock is not None else SystemClock()
+
+    def __repr__(self) -> str:
+        return f"<MachineFolders {str(self.machines_dir)!r}>"
+
+    def _paths(self, machine_id: str) -> tuple[Path, Path]:
+        folder = self.machines_dir / self._dirname(machine_id)
+        return folder, folder.with_name(folder.name + ".json")
+
+    def load(self, machine_id: str) -> MachineRecord | None:
+        """The machine kept for ``machine_id`` (M2), or ``None``."""
+        folder, sidecar = self._paths(machine_id)
+        state = self._read(sidecar)
+        if state is not None and state.get("machine_id") != machine_id:
+            state = None  # not this id's (a hash collision would be news)
+        if state is None:
+            if not folder.is_dir():
+                return None
+            created = datetime.fromtimestamp(folder.stat().st_mtime, UTC)
+            state = {"machine_id": machine_id, "created_at": format_time(created)}
+        clock = self.clock
+        now = clock.monotonic()
+        created_at = to_millis(parse_time(state["created_at"]))
+        record = MachineRecord(
+            machine_id=machine_id,
+            vcpu=state.get("vcpu", 1),
+            memory_mib=state.get("memory_mib", 4096),
+            storage_gib=state.get("storage_gib", 10),
+            autosleep_seconds=state.get("autosleep_seconds", 0),
+            created_at=created_at,
+            created_mono=now - (clock.now() - created_at).total_seconds(),
+            timings=self.timings,
+            origin=state.get("origin", "execution"),
+            revision=max(int(state.get("revision", 0)), 0),
+        )
+        desired = state.get("desired_state", "running")
+        if not folder.is_dir():
+            desired = "destroyed"  # M3: the folder is the machine
+        elif desired not in ("running", "sleeping"):
+            desired = "running"
+        record.begin_settled(desired, now)
+        if record.origin == "api":
+            self._managed(machine_id)
+        return record
+
+    def machine_ids(self) -> list[str]:
+        """Every machine kept: from the ``.json`` files, and folders without one whose name
+        gives their id back (M2)."""
+        try:
+            names = os.listdir(self.machines_dir)
+        except FileNotFoundError:
+            return []
+        ids: list[str] = []
+        described: set[str] = set()
+        for name in sorted(names):
+            if name.endswith(".json") and not name.startswith("."):
+                state = self._read(self.machines_dir / name)
+                machine_id = None if state is None else state.get("machine_id")
+                if isinstance(machine_id, str) and self._dirname(machine_id) == name[:-5]:
+                    ids.append(machine_id)
+                    described.add(name[:-5])
+        for name in sorted(names):
+            slug = name.rpartition("-")[0]
+            if (
+                name not in described
+                and not name.endswith(".json")
+                and self._dirname(slug) == name
+                and (self.machines_dir / name).is_dir()
+            ):
+                ids.append(slug)
+        return ids
+
+    def save(self, machine: MachineRecord) -> None:
+        """Make the machine's folder and write its ``.json`` (M1, M4)."""
+        folder, sidecar = self._paths(machine.machine_id)
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            logger.warning("cannot create the machine folder %s: %s", folder, exc.strerror)
+        self._write(sidecar, machine)
+        if machine.origin == "api":
+            self._managed(machine.machine_id)
+
+    def destroy(self, machine: MachineRecord) -> None:
+        """M3: wipe the folder and the executions' records; keep the ``.json``."""
+        folder, sidecar = self._paths(machine.machine_id)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(self.records_dir / folder.name, ignore_errors=True)
+        self._write(sidecar, machine)
+
+    def _write(self, path: Path, machine: MachineRecord) -> None:
+        state: dict[str, Any] = {"format": _FORMAT}
+        for name in _MACHINE_FIELDS:
+            state[name] = getattr(machine, name)
+        state["created_at"] = format_time(machine.created_at)
+        state["revision"] = machine.revision
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as file:
+                file.write(_json_line(state))
+            os.replace(temp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            logger.warning("cannot save the machine %s: %s", path, exc.strerror)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        try:
+            state = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.warning("skipping the unreadable machine %s: %s", path, exc)
+            return None
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            logger.warning("skipping the machine %s: not a format this version reads", path)
+            return None
+        return state

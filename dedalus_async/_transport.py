@@ -11,7 +11,8 @@ its own holds them either: error reporters record a traceback's locals.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 from yarl import URL
@@ -19,7 +20,7 @@ from yarl import URL
 from ._errors import RequestTimeout, TransportError
 from ._wire import Request, Response
 
-__all__ = ["AiohttpTransport"]
+__all__ = ["AiohttpStream", "AiohttpTransport"]
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -94,6 +95,49 @@ class AiohttpTransport:
         session, self._session = self._session, None
         if session is not None and not self._borrowed:
             await session.close()
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        request: Request,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        read_timeout: float | None = None,
+    ) -> AsyncIterator[AiohttpStream]:
+        """Send one request and hand its response over as it arrives (see
+        :class:`~dedalus_async._requester.StreamingTransport`). The connection is closed,
+        not reused, when the caller leaves before the end."""
+        session = self._session
+        if session is None:
+            raise TransportError("transport is closed", method=request.method, path=request.path)
+        url = URL(self._base + request.path, encoded=True)
+        if request.params:
+            url = url.with_query(request.params)
+        gate = self._gate
+        if gate is not None:
+            await gate.acquire()
+        try:
+            try:
+                response = await session.request(
+                    request.method,
+                    url,
+                    data=request.body,
+                    headers={**self._headers_for(request), **(headers or {})},
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=timeout, sock_read=read_timeout),
+                )
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise _stream_error(request, exc) from _cause(exc)
+            try:
+                yield AiohttpStream(response, request)
+            finally:
+                response.close()
+        finally:
+            if gate is not None:
+                gate.release()
 
     def _headers_for(self, request: Request) -> dict[str, str]:
         if request.idempotency_key is not None:
@@ -182,6 +226,75 @@ class AiohttpTransport:
             if gate is not None:
                 gate.release()
         raise scrubbed
+
+
+class AiohttpStream:
+    """An aiohttp response read line by line; its failures mapped as :meth:`send` maps
+    them (a :class:`~dedalus_async._requester.Stream`)."""
+
+    __slots__ = ("_request", "_response")
+
+    def __init__(self, response: aiohttp.ClientResponse, request: Request) -> None:
+        self._response = response
+        self._request = request
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _stream_error(self._request, exc) from _cause(exc)
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        while True:
+            try:
+                line = await content.readline()
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise _stream_error(self._request, exc) from _cause(exc)
+            if not line:
+                return
+            yield line
+
+
+def _stream_error(request: Request, exc: BaseException) -> TransportError:
+    """The library's error for a failure while opening or reading a stream (never the
+    aiohttp error's request details: they hold the headers)."""
+    where = f"{request.method} {request.path}"
+    if isinstance(exc, TimeoutError):
+        return RequestTimeout(
+            f"{where}: the stream went quiet or ran past its deadline",
+            method=request.method,
+            path=request.path,
+        )
+    if isinstance(exc, aiohttp.ClientResponseError):
+        reason = f"{exc.status}, {exc.message}"
+    elif isinstance(exc, aiohttp.ClientError):
+        reason = _reason(exc)
+    else:
+        reason = str(exc)
+    return TransportError(
+        f"{where} failed: {type(exc).__name__}: {reason}", method=request.method, path=request.path
+    )
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    # a ClientResponseError's request_info holds the request headers, credentials
+    # included: it is not chained; the others are, without their frames (see send)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return None
+    return exc.with_traceback(None)
 
 
 def _reason(exc: aiohttp.ClientError) -> str:

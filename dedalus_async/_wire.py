@@ -44,6 +44,8 @@ except ImportError:  # pragma: no cover - exercised when orjson is absent
 __all__ = [
     "Request",
     "Response",
+    "ServerSentEvent",
+    "ServerSentEvents",
     "create_request",
     "decode_execution",
     "decode_lifecycle",
@@ -657,3 +659,56 @@ def decode_lifecycle(data: bytes) -> LifecycleStatus:
     """Decode one event of a machine's status stream (a LifecycleStatus as JSON)."""
     event = Response(200, {}, data)
     return _structure(_json(event), LifecycleStatus, event)
+
+
+# --- server-sent events (the machine status stream) ------------------------------------
+
+
+@attrs.frozen(slots=True)
+class ServerSentEvent:
+    """One event of a ``text/event-stream``: its ``data`` lines joined by ``\n``; ``id``
+    is the stream's last event id once this event arrived (``None``: none sent yet)."""
+
+    data: str
+    event: str = "message"
+    id: str | None = None
+
+
+class ServerSentEvents:
+    """The events of a ``text/event-stream``, fed one line at a time (the WHATWG rules:
+    ``field: value``, one leading space dropped, ``:`` comments, a blank line ends an
+    event, an event without data is none, an id is kept across events, an id holding NUL
+    is ignored). Pure: the bytes come from whoever reads the stream."""
+
+    __slots__ = ("_data", "_event", "last_id")
+
+    def __init__(self, last_id: str | None = None) -> None:
+        self.last_id = last_id
+        self._data: list[str] = []
+        self._event = ""
+
+    def feed(self, line: bytes | str) -> ServerSentEvent | None:
+        """Take one line (its end of line or not); return the event it completes."""
+        if isinstance(line, bytes):
+            line = line.decode("utf-8", "replace")
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            event = ServerSentEvent("\n".join(self._data), self._event or "message", self.last_id)
+            self._data = []
+            self._event = ""
+            return event
+        if line.startswith(":"):
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\x00" not in value:
+            self.last_id = value
+        return None

@@ -40,7 +40,9 @@ from dedalus_async._cli._commands import COMMANDS
 from dedalus_async._cli._parser import NUMERIC_TYPES
 from dedalus_async._convert import structure
 from dedalus_async._local import machine_dirname
+from dedalus_async.testing import FakeDedalus, MachineTimings
 
+from .conftest import API_KEY
 from .serving import serving
 
 REPO = Path(dedalus_async.__file__).resolve().parent.parent
@@ -1261,26 +1263,51 @@ NUMERIC_FLAGS: list[tuple[list[str], str, list[str], str]] = [
     (["serve-local"], "--port", ["65536", "8080.0"], "65535"),
     (["serve-local"], "--output-cap", ["0", "1073741825"], "1073741824"),
     (["serve-local"], "--idle-timeout", ["0", "31622401"], "31622400"),
+    (["machines", "create"], "--vcpu", ["0", "1024.5"], "1024"),
+    (["machines", "create"], "--memory-mib", ["0", "1.5", "4194305"], "4194304"),
+    (["machines", "create"], "--storage-gib", ["0", "2.5", "1048577"], "1048576"),
+    (["machines", "list"], "--limit", ["0", "1.0", "1001"], "1000"),
+    (["machines", "wait", "dm-1"], "--timeout", ["0", "31622401"], "31622400"),
 ]
+
+
+def _numeric_flags(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> set[Any]:
+    """(subcommand path, flag) of every option with a numeric type, nested ones included."""
+    found: set[Any] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found |= _numeric_flags(sub, (*path, name))
+        elif action.type in NUMERIC_TYPES:
+            found.add((" ".join(path), action.option_strings[-1]))
+    return found
+
+
+def _command_path(args: list[str]) -> str:
+    """The subcommand words at the start of ``args`` (``machines wait`` of
+    ``["machines", "wait", "dm-1"]``)."""
+    words = []
+    parser: argparse.ArgumentParser = build_parser()
+    for word in args:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        words.append(word)
+        parser = subs[0].choices[word]
+    return " ".join(words)
 
 
 def test_the_table_covers_every_numeric_flag() -> None:
     """A numeric option added to the parser must be added to NUMERIC_FLAGS too."""
-    parser = build_parser()
-    (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    numeric = {
-        (name, action.option_strings[-1])
-        for name, sub in subparsers.choices.items()
-        for action in sub._actions
-        if action.type in NUMERIC_TYPES
-    }
-    assert numeric == {(args[0], flag) for args, flag, _, _ in NUMERIC_FLAGS}
+    numeric = _numeric_flags(build_parser())
+    assert ("machines create", "--vcpu") in numeric  # nested subcommands are looked at
+    assert numeric == {(_command_path(args), flag) for args, flag, _, _ in NUMERIC_FLAGS}
 
 
 @pytest.mark.parametrize(
     ("args", "flag", "value"),
     [
-        pytest.param(args, flag, value, id=f"{args[0]} {flag} {value[:12]!r}")
+        pytest.param(args, flag, value, id=f"{' '.join(args[:2])} {flag} {value[:12]!r}")
         for args, flag, bad, _ in NUMERIC_FLAGS
         for value in [*bad, *_ALWAYS_BAD]
     ],
@@ -1542,3 +1569,168 @@ async def test_an_error_while_reading_events_prints_where_to_read_on(home: Path)
                 )
             else:
                 assert notes == []
+
+
+# --- machines ------------------------------------------------------------------------------
+
+
+def _machine_json(capsys: pytest.CaptureFixture[bytes], *args: str) -> tuple[int, Any, str]:
+    code, out, err = _main(capsys, "machines", *args, "--local", "--json")
+    return code, json.loads(out), err
+
+
+def test_machines_on_the_local_backend_in_process(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """create, get, list, sleep, wait (reached and timed out), wake, delete, and a wait
+    that can never end: exit codes, one line per machine, --json's object."""
+    code, out, err = _main(
+        capsysbinary, "machines", "create", "--local", "--vcpu", "0.5", "--autosleep", "15m"
+    )
+    assert (code, err) == (0, "")
+    machine_id, phase, *rest = out.decode().split()
+    assert phase == "running"
+    assert rest == ["vcpu=0.5", "memory_mib=4096", "storage_gib=10", "autosleep=900s"]
+    assert (in_process / "machines" / machine_dirname(machine_id)).is_dir()
+    code, document, _ = _machine_json(capsysbinary, "get", machine_id)
+    assert code == 0
+    assert document["ok"] is True
+    assert document["error"] is None
+    assert (document["machine"]["machine_id"], document["machine"]["phase"]) == (
+        machine_id,
+        "running",
+    )
+    assert document["machine"]["status"]["phase"] == "running"  # GET nests the lifecycle
+    code, out, _ = _main(capsysbinary, "machines", "sleep", "--local", machine_id)
+    assert (code, out.decode().split()[:2]) == (0, [machine_id, "sleeping"])
+    code, out, err = _main(
+        capsysbinary, "machines", "wait", "--local", machine_id, "--timeout", "0.3"
+    )
+    assert code == EXIT_WAIT_TIMEOUT
+    assert out.decode().split()[:2] == [machine_id, "sleeping"]  # where it stood
+    assert _notes(err.encode()) == [
+        f"dedalus-async: error: machine {machine_id} was still sleeping after --timeout 0.3 s "
+        f"of waiting for running; to keep following it: dedalus-async machines wait --local "
+        f"{machine_id} --until running"
+    ]
+    code, document, err = _machine_json(
+        capsysbinary, "wait", machine_id, "--until", "sleeping", "--timeout", "5"
+    )
+    assert (code, document["machine"]["phase"], err) == (0, "sleeping", "")
+    code, out, _ = _main(capsysbinary, "machines", "wake", "--local", machine_id)
+    assert (code, out.decode().split()[1]) == (0, "running")
+    code, out, _ = _main(capsysbinary, "machines", "list", "--local")
+    assert [line.split()[:2] for line in out.decode().splitlines()] == [[machine_id, "running"]]
+    code, out, _ = _main(capsysbinary, "machines", "list", "--local", "--json", "--limit", "1")
+    assert [json.loads(line)["machine_id"] for line in out.splitlines()] == [machine_id]
+    code, out, _ = _main(capsysbinary, "machines", "delete", "--local", machine_id)
+    assert (code, out.decode().split()[1]) == (0, "destroyed")
+    assert not (in_process / "machines" / machine_dirname(machine_id)).exists()
+    code, document, err = _machine_json(capsysbinary, "wait", machine_id, "--timeout", "5")
+    assert code == EXIT_REMOTE_FAILED
+    assert document["ok"] is False
+    assert document["machine"]["phase"] == "destroyed"
+    assert document["error"]["type"] == "MachineStateError"
+    assert f"machine {machine_id} is destroyed: it will never be running" in err
+    code, out, _ = _main(
+        capsysbinary, "machines", "wait", "--local", machine_id, "--until", "destroyed"
+    )
+    assert (code, out.decode().split()[1]) == (0, "destroyed")
+
+
+def test_machines_errors_are_one_line_in_command_line_terms(
+    in_process: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """A machine unknown: exit 125 (--json: the error object); bad values: exit 2 naming
+    the flag, before any request; no key and no --local: what to set."""
+    code, document, err = _machine_json(capsysbinary, "get", "dm-unknown")
+    assert code == EXIT_API_ERROR
+    assert document == {
+        "ok": False,
+        "machine": None,
+        "error": {"type": "NotFoundError", "message": document["error"]["message"]},
+    }
+    assert "machine dm-unknown not found" in err
+    for argv, flag in (
+        (["create", "--autosleep", "5 min"], "argument --autosleep: '5 min' is not a duration"),
+        (["wait", "dm-1", "--until", "starting"], "argument --until: invalid choice"),
+        (["get", "a/b"], "argument MACHINE_ID"),
+        (["wake", "dm-1", "--idempotency-key", "a b"], "argument --idempotency-key"),
+        ([], "the following arguments are required: COMMAND"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["machines", *argv])
+        assert exc.value.code == 2
+        err = capsysbinary.readouterr().err.decode()
+        assert err.count("\n") == 1
+        assert flag in err
+    code, _, err = _main(capsysbinary, "machines", "list")
+    assert code == 2
+    assert "no API key: set DEDALUS_API_KEY" in err
+
+
+def test_machines_made_by_one_process_are_seen_by_the_next(home: Path) -> None:
+    """The local backend's machines outlive the process that made them: a later
+    `machines` (and a `run` on one) in another process finds them as they were left."""
+    created = _cli(home, "machines", "create", "--local", "--autosleep", "never")
+    assert created.returncode == 0, created.stderr
+    machine_id = created.stdout.decode().split()[0]
+    slept = _cli(home, "machines", "sleep", "--local", machine_id)
+    assert slept.returncode == 0, slept.stderr
+    got, listed = _cli_parallel(
+        home, ["machines", "get", "--local", machine_id], ["machines", "list", "--local"]
+    )
+    assert got.stdout.decode().split()[:2] == [machine_id, "sleeping"]
+    assert [line.split()[0] for line in listed.stdout.decode().splitlines()] == [machine_id]
+    ran = _cli(home, "run", "--local", "--machine-id", machine_id, "--", "pwd")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.decode().strip() == os.path.realpath(
+        home / "machines" / machine_dirname(machine_id)
+    )
+    woken = _cli(home, "machines", "get", "--local", machine_id)
+    assert woken.stdout.decode().split()[:2] == [machine_id, "running"]  # the run woke it
+
+
+async def test_machines_wait_against_a_server_whose_machine_fails(
+    home: Path, live_fake: FakeDedalus
+) -> None:
+    """Against a server: a wait that times out says where the machine stood (124); a
+    machine that fails mid-wake ends the wait at once with its error (126); --debug logs
+    the requests and never the key."""
+    live_fake.machine_timings = MachineTimings(placement=0, start=0, wake=30, stop=0, destroy=0)
+    machine = live_fake.add_machine("dm-cli-wait", autosleep_seconds=0, running=True)
+    env = {
+        **_base_env(home),
+        "DEDALUS_BASE_URL": live_fake.base_url,
+        "DEDALUS_X_API_KEY": API_KEY,
+    }
+
+    async def cli(*argv: str) -> tuple[int, bytes, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dedalus_async", "machines", *argv,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=home.parent,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode is not None
+        return proc.returncode, out, err
+
+    code, out, err = await cli("sleep", "dm-cli-wait")
+    assert (code, out.split()[1]) == (0, b"sleeping"), err
+    code, out, err = await cli("wake", "dm-cli-wait")
+    assert (code, out.split()[1]) == (0, b"starting")
+    code, out, err = await cli("wait", "dm-cli-wait", "--timeout", "0.5")
+    assert code == EXIT_WAIT_TIMEOUT
+    assert out.split()[:2] == [b"dm-cli-wait", b"starting"]
+    assert (
+        "was still starting (desired state running) after --timeout 0.5 s of waiting for running"
+        in err.decode()
+    )
+    live_fake.fail_machine(machine.machine_id, "disk on fire")  # fails at once
+    code, out, err = await cli("wait", "--debug", "dm-cli-wait", "--timeout", "60")
+    assert code == EXIT_REMOTE_FAILED
+    assert out.split()[:2] == [b"dm-cli-wait", b"failed"]
+    (error,) = [n for n in _notes(err) if "error:" in n]
+    assert "machine dm-cli-wait failed while waiting for running: disk on fire" in error
+    assert "dedalus-async machines delete dm-cli-wait" in error
+    assert "GET /v1/machines/dm-cli-wait -> 200" in err.decode()
+    assert API_KEY not in (out + err).decode()

@@ -60,6 +60,7 @@ import pytest
 from fastapi import FastAPI
 
 from dedalus_async import ExecutionHandle, Session
+from dedalus_async._local import machine_dirname
 from dedalus_async.testing import FakeDedalus, Outcome, Phase, Script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -415,6 +416,15 @@ def _run_then_listed(out: str, home: Path) -> None:
     assert (execution["status"], execution["command"]) == ("succeeded", ["echo", "hi"])
 
 
+def _machine_made_then_used(out: str, home: Path) -> None:
+    waited, pwd = out.splitlines()
+    machine_id, phase = waited.split()[:2]
+    assert phase == "running"
+    folders = home / ".local" / "share" / "dedalus-async" / "machines"
+    assert pwd == os.path.realpath(folders / machine_dirname(machine_id))
+    assert (folders / (machine_dirname(machine_id) + ".json")).is_file()
+
+
 JOBS = '{"command": ["echo", "one"]}\n{"command": ["echo", "two"]}\n'
 
 
@@ -435,6 +445,9 @@ SHELL_RUN: dict[str, Callable[[str, Path], None]] = {
     "dedalus-async run-many jobs.jsonl --journal jobs.db > results.jsonl"
     " && dedalus-async batch status --journal jobs.db": _batch_status,
     "dedalus-async run -- echo hi && dedalus-async list --local dm-local": _run_then_listed,
+    "ID=$(dedalus-async machines create --local --autosleep never | cut -d' ' -f1)"
+    ' && dedalus-async machines wait --local "$ID" --until running --timeout 60'
+    ' && dedalus-async run --local --machine-id "$ID" -- pwd': _machine_made_then_used,
 }
 
 #: The commands that do not, and why.
@@ -457,6 +470,8 @@ SHELL_NOT_RUN: dict[str, str] = {
         "a synopsis, with placeholders"
     ),
     "dedalus-async list [--local] MACHINE_ID": "a synopsis, with a placeholder",
+    "dedalus-async machines create|get|list|wake|sleep|delete|wait [--local] [MACHINE_ID]"
+    " [--json]": "a synopsis, with placeholders",
     "dedalus-async events --follow --local dm-local EXECUTION_ID --cursor 7:c6": (
         "a placeholder for an execution ID; tests/test_cli.py runs the command events prints"
     ),

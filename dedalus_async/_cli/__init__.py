@@ -5,7 +5,8 @@ It sits on top of the Session like any other user of the library. ``run`` and
 ``DEDALUS_API_KEY`` / ``DEDALUS_X_API_KEY``; with no key configured (or with ``--local``)
 they start an in-process :class:`~dedalus_async._local.LocalBackend` instead and say so on
 stderr; the lookups (``get``, ``output``, ``events``, ``cancel``, ``delete``, ``list``) do
-with ``--local``, reading the records local backends keep on disk. Errors are one line on
+with ``--local``, reading the records local backends keep on disk, and so do the
+``machines`` subcommands (the local backend's machines are folders on disk). Errors are one line on
 stderr, in the command line's terms (flags, environment variables; a library
 :class:`~dedalus_async.ConfigurationError` is re-worded from its ``field``); ``--debug``
 adds request logs and tracebacks. The
@@ -32,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dedalus_async._errors import ConfigurationError, DedalusError, JournalError
 
 from ._commands import COMMANDS, Command
+from ._machines import machine_document
 from ._outcomes import (
     EXIT_API_ERROR,
     EXIT_CANCELLED,
@@ -156,7 +158,10 @@ def _dispatch(args: argparse.Namespace, ctx: Context) -> int:
         _debug_traceback(ctx, exc)
         if getattr(args, "json", False):
             # --json promises one object on stdout, an error included
-            ctx.write_json(result_document(None, error=exc))
+            if args.subcommand == "machines":
+                ctx.write_json(machine_document(None, error=exc))
+            else:
+                ctx.write_json(result_document(None, error=exc))
         ctx.error(str(exc))
         return EXIT_API_ERROR
     except (TypeError, ValueError) as exc:

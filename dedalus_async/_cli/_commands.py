@@ -3,6 +3,7 @@
 ``run`` creates an execution and follows its event log (or waits, with ``--json``);
 ``run-many`` hands a file of requests to :meth:`Session.as_completed`; ``get``,
 ``output``, ``events``, ``cancel`` and ``list`` print what the server answers;
+``machines`` (:mod:`._machines`) creates, looks at, steers and waits for machines;
 ``serve-local`` runs a :class:`~dedalus_async.LocalBackend` until stopped. Each returns the
 process exit code, or raises what :func:`dedalus_async._cli.main` turns into one.
 """
@@ -26,6 +27,7 @@ from dedalus_async._session import ExecutionHandle, Session
 
 from ._batch import batch, journal_for
 from ._inputs import EventCursor, load_requests, read_stdin_file
+from ._machines import machines
 from ._outcomes import EXIT_SOME_FAILED, EXIT_WAIT_TIMEOUT, UsageError, describe_end, exit_code_for
 from ._output import (
     Context,
@@ -462,4 +464,5 @@ COMMANDS: Final[dict[str, Command]] = {
     "list": list_executions,
     "serve-local": serve_local,
     "batch": batch,
+    "machines": machines,
 }

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Final, NoReturn
 
 from dedalus_async._version import __version__
-from dedalus_async._wire import check_id, check_idempotency_key
+from dedalus_async._wire import check_autosleep, check_id, check_idempotency_key
 
 from ._inputs import MAX_TIMEOUT_MS, MAX_WAIT_SECONDS, EventCursor
 from ._outcomes import EXIT_USAGE, command_line_words
@@ -24,8 +24,11 @@ from ._sessions import DEFAULT_LOCAL_MACHINE
 __all__ = [
     "EXIT_CODES_HELP",
     "MAX_CONCURRENCY",
+    "MAX_MEMORY_MIB",
     "MAX_OUTPUT_CAP",
     "MAX_PAGE_SIZE",
+    "MAX_STORAGE_GIB",
+    "MAX_VCPU",
     "NUMERIC_TYPES",
     "build_parser",
 ]
@@ -36,6 +39,11 @@ MAX_CONCURRENCY: Final = 10_000
 MAX_PAGE_SIZE: Final = 1_000
 #: serve-local --output-cap at most (1 GiB per stream, kept in memory per execution).
 MAX_OUTPUT_CAP: Final = 1 << 30
+#: machines create --vcpu, --memory-mib, --storage-gib at most: more than any one machine
+#: has (1024 vCPUs, 4 TiB of memory, 1 PiB of storage); beyond that it is a typo.
+MAX_VCPU: Final = 1024
+MAX_MEMORY_MIB: Final = 4 << 20
+MAX_STORAGE_GIB: Final = 1 << 20
 
 EXIT_CODES_HELP: Final = """\
 exit codes of run:
@@ -53,7 +61,9 @@ exit codes of run:
 run-many exits 0 when every execution succeeded with exit code 0, else 1 (2, 125, 130 as
 above; 2 also for a journal that is not one, or holds another batch under that name);
 get/output/events/cancel/delete/list exit 0, 2 or 125 (130: Ctrl-C during
-events --follow, after printing the command to read on); serve-local exits 0 when stopped
+events --follow, after printing the command to read on); machines exits 0, 2 or 125, and
+machines wait 124 when --timeout passed first (saying where the machine stood) and 126
+when the machine failed or can no longer reach --until; serve-local exits 0 when stopped
 by Ctrl-C or SIGTERM, 2 when it cannot listen. A remote exit code can equal one of the
 codes above: use --json when the difference matters.
 """
@@ -118,6 +128,30 @@ commands still running are killed.
 """
 
 
+_MACHINES_HELP: Final = """\
+Create, look at, wake, put to sleep, delete and wait for machines. Each prints one line
+per machine:
+
+  MACHINE_ID PHASE [(desired STATE)] vcpu=N memory_mib=N storage_gib=N autosleep=...
+
+With --json, one object instead: {"ok", "machine", "error"} ("machine" as the API spells
+it); machines list --json prints one machine per line. With --local, the machines of the
+local backend on this computer (a folder each under $DEDALUS_LOCAL_HOME, default
+~/.local/share/dedalus-async).
+
+examples:
+  ID=$(dedalus-async machines create --vcpu 1 --memory-mib 4096 | cut -d' ' -f1)
+  dedalus-async machines wait "$ID" --until running --timeout 300
+  dedalus-async run --machine-id "$ID" -- uname -a
+"""
+
+_MACHINES_WAIT_HELP: Final = """\
+Look at a machine until its phase is --until (default: running) and print it. It only
+watches: a sleeping machine is woken by `machines wake` (or by a command run on it).
+Exit 124 when --timeout passes first (the line says where the machine stood), 126 when
+the machine failed or can no longer get there (destroyed while waiting for running).
+"""
+
 _EVENTS_HELP: Final = """\
 Print an execution's event log, one line per event:
 
@@ -167,6 +201,30 @@ def _integer(maximum: int, unit: str = "", *, minimum: int = 1) -> Callable[[str
     return parse
 
 
+def _vcpu(text: str) -> float:
+    """--vcpu: a positive number of vCPUs (0.5 is fine), at most MAX_VCPU."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of vCPUs: {text!r}") from None
+    if not 0 < value <= MAX_VCPU:  # NaN and infinities fail too
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of vCPUs, at most {MAX_VCPU}, not {text!r}"
+        )
+    return int(value) if value.is_integer() else value
+
+
+def _autosleep(text: str) -> str:
+    try:
+        check_autosleep(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} is not a duration: use units like 30s, 15m, 2h or 1w3d, raw "
+            "seconds like 1800, or never"
+        ) from None
+    return text
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -181,10 +239,22 @@ _timeout_ms = _integer(MAX_TIMEOUT_MS, " of milliseconds")
 _concurrency = _integer(MAX_CONCURRENCY)
 _page_size = _integer(MAX_PAGE_SIZE)
 _output_cap = _integer(MAX_OUTPUT_CAP, " of bytes")
+_memory_mib = _integer(MAX_MEMORY_MIB, " of MiB")
+_storage_gib = _integer(MAX_STORAGE_GIB, " of GiB")
 
 #: The argument types of numeric options (tests check each option that uses one).
 NUMERIC_TYPES: Final = frozenset(
-    {_seconds, _port, _timeout_ms, _concurrency, _page_size, _output_cap}
+    {
+        _seconds,
+        _port,
+        _timeout_ms,
+        _concurrency,
+        _page_size,
+        _output_cap,
+        _vcpu,
+        _memory_mib,
+        _storage_gib,
+    }
 )
 
 
@@ -416,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_page_size, metavar="N", help=f"page size (at most {MAX_PAGE_SIZE})"
     )
 
+    _add_machines(sub, common, server)
+
     serve = sub.add_parser(
         "serve-local",
         parents=[common],
@@ -443,6 +515,97 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds idle before a machine sleeps (default: 300)",
     )
     return parser
+
+
+def _add_machines(
+    sub: argparse._SubParsersAction[_Parser], common: _Parser, server: _Parser
+) -> None:
+    """``machines create|get|list|wake|sleep|delete|wait``."""
+    local = _Parser(add_help=False)
+    local.add_argument(
+        "--local",
+        action="store_true",
+        help="the machines of the local backend on this computer (a folder each under "
+        "$DEDALUS_LOCAL_HOME, default ~/.local/share/dedalus-async)",
+    )
+    parents = [common, server, local]
+    formatter = argparse.RawDescriptionHelpFormatter
+    machines = sub.add_parser(
+        "machines",
+        help="create, look at, wake, sleep, delete and wait for machines",
+        description=_MACHINES_HELP,
+        formatter_class=formatter,
+    )
+    verbs = machines.add_subparsers(dest="machines_command", metavar="COMMAND", required=True)
+    json_help = 'print {"ok", "machine", "error"} as one JSON object instead of a line'
+
+    create = verbs.add_parser(
+        "create", parents=parents, help="create a machine", description="create a machine"
+    )
+    create.add_argument(
+        "--vcpu", type=_vcpu, metavar="N", help=f"vCPUs, e.g. 1 or 0.5 (at most {MAX_VCPU})"
+    )
+    create.add_argument(
+        "--memory-mib", type=_memory_mib, metavar="N", help="memory in MiB (e.g. 4096)"
+    )
+    create.add_argument(
+        "--storage-gib", type=_storage_gib, metavar="N", help="storage in GiB (e.g. 10)"
+    )
+    create.add_argument(
+        "--autosleep",
+        type=_autosleep,
+        metavar="DURATION",
+        help="idle time before it sleeps: 30s, 15m, 2h, 1w3d, seconds, or never",
+    )
+    each: list[tuple[str, str]] = [
+        ("get", "print a machine"),
+        ("wake", "ask a sleeping machine to wake (machines wait to know it did)"),
+        ("sleep", "ask a machine to sleep (its files are kept)"),
+        ("delete", "destroy a machine and wipe its storage"),
+    ]
+    commands = {"create": create}
+    for name, what in each:
+        cmd = verbs.add_parser(name, parents=parents, help=what, description=what)
+        cmd.add_argument("machine_id", type=_id("MACHINE_ID"), metavar="MACHINE_ID")
+        commands[name] = cmd
+    for name in ("create", "wake", "sleep", "delete"):
+        commands[name].add_argument(
+            "--idempotency-key", type=_idempotency_key, metavar="KEY", help="your own key"
+        )
+    lister = verbs.add_parser(
+        "list",
+        parents=parents,
+        help="print every machine, a line each",
+        description="print every machine, a line each (--json: one machine per line)",
+    )
+    lister.add_argument(
+        "--limit", type=_page_size, metavar="N", help=f"page size (at most {MAX_PAGE_SIZE})"
+    )
+    waiter = verbs.add_parser(
+        "wait",
+        parents=parents,
+        help="wait until a machine is running, sleeping or destroyed",
+        description=_MACHINES_WAIT_HELP,
+        formatter_class=formatter,
+    )
+    waiter.add_argument("machine_id", type=_id("MACHINE_ID"), metavar="MACHINE_ID")
+    waiter.add_argument(
+        "--until",
+        choices=("running", "sleeping", "destroyed"),
+        default="running",
+        help="the phase to wait for (default: running)",
+    )
+    waiter.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help="seconds to wait at most (default: no limit; at most a year)",
+    )
+    for cmd in (*commands.values(), waiter):
+        cmd.add_argument("--json", action="store_true", help=json_help)
+    lister.add_argument(
+        "--json", action="store_true", help="one JSON object per machine, as the API spells it"
+    )
 
 
 def _add_journal_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
