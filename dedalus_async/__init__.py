@@ -68,6 +68,7 @@ from ._models import (
     MachinePhase,
 )
 from ._policy import USE_POLICY_DEFAULT, PollPolicy, RetryPolicy, UsePolicyDefault
+from ._postgres import PostgresJournal
 from ._results import ExecutionResult, WaitStats
 from ._session import Session
 from ._throttle import Throttle
@@ -138,6 +139,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",
+    "PostgresJournal",
     "Progress",
     "RateLimitedError",
     "RequestTimeout",

@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 from dedalus_async._journal import Batch, JobRecord, JobState, SQLiteJournal
+from dedalus_async._postgres import PostgresJournal, is_dsn, redact_dsn
 from dedalus_async._results import execution_ok
 
 from ._outcomes import EXIT_SOME_FAILED, UsageError, describe_end
@@ -21,15 +22,20 @@ from ._output import Context, json_line, result_document
 __all__ = ["batch", "journal_for"]
 
 
-def journal_for(args: argparse.Namespace) -> SQLiteJournal | None:
-    """The journal ``--journal`` / ``--batch`` / ``--reservation-max-age`` name, if any."""
+def journal_for(args: argparse.Namespace) -> SQLiteJournal | PostgresJournal | None:
+    """The journal ``--journal`` / ``--batch`` / ``--reservation-max-age`` name, if any:
+    a PostgreSQL database for a ``postgresql://`` DSN, else an SQLite file."""
     if args.journal is None:
         return None
-    return SQLiteJournal(
-        args.journal,
-        batch=args.batch,
-        reservation_max_age=getattr(args, "reservation_max_age", None),
-    )
+    max_age = getattr(args, "reservation_max_age", None)
+    if is_dsn(args.journal):
+        return PostgresJournal(args.journal, batch=args.batch, reservation_max_age=max_age)
+    return SQLiteJournal(args.journal, batch=args.batch, reservation_max_age=max_age)
+
+
+def journal_name(journal: str) -> str:
+    """``--journal``'s value as messages show it (a DSN without its password)."""
+    return redact_dsn(journal) if is_dsn(journal) else journal
 
 
 def _check_exists(path: str) -> None:
@@ -39,11 +45,16 @@ def _check_exists(path: str) -> None:
 
 
 async def _load(args: argparse.Namespace) -> Batch:
-    _check_exists(args.journal)
-    async with SQLiteJournal(args.journal, batch=args.batch) as journal:
+    if not is_dsn(args.journal):
+        _check_exists(args.journal)
+    journal = journal_for(args)
+    assert journal is not None
+    async with journal:
         found = await journal.load()
     if found is None:
-        raise UsageError(f"journal {args.journal} holds no batch {args.batch!r} (see --batch)")
+        raise UsageError(
+            f"journal {journal_name(args.journal)} holds no batch {args.batch!r} (see --batch)"
+        )
     return found
 
 
@@ -51,7 +62,7 @@ async def batch(args: argparse.Namespace, ctx: Context) -> int:
     """``batch status`` and ``batch results``."""
     found = await _load(args)
     if args.batch_command == "status":
-        _status(found, args.journal, ctx)
+        _status(found, journal_name(args.journal), ctx)
         return 0
     not_ok = 0
     for job in found.jobs:

@@ -448,14 +448,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_journal_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
     parser.add_argument(
         "--journal",
-        metavar="PATH",
+        metavar="PATH|DSN",
         required=required,
-        help="the batch's journal (an SQLite file, created if missing)"
+        help="the batch's journal: an SQLite file (created if missing), or a PostgreSQL "
+        "database, postgresql://USER@HOST[:PORT]/DATABASE"
         if not required
-        else "the journal run-many --journal wrote",
+        else "the journal run-many --journal (or batch submit) wrote: a path or a DSN",
     )
     parser.add_argument(
         "--batch",
+        "--name",
+        dest="batch",
         default="default",
         metavar="NAME",
         help="the batch's name within the journal (default: 'default')",
