@@ -31,6 +31,7 @@ from ._errors import (
     ExecutionFailed,
     IdempotencyKeyReusedError,
     JournalError,
+    LeaseLostError,
     MachineFailed,
     MachineStateError,
     MachineWaitTimeout,
@@ -73,6 +74,7 @@ from ._results import ExecutionResult, WaitStats
 from ._session import Session
 from ._throttle import Throttle
 from ._version import __version__
+from ._workers import WorkSummary, submit_batch, work_batch
 
 if TYPE_CHECKING:
     from ._local import LocalBackend
@@ -124,6 +126,7 @@ __all__ = [
     "JobState",
     "Journal",
     "JournalError",
+    "LeaseLostError",
     "LifecycleStatus",
     "LocalBackend",
     "LogCapture",
@@ -158,5 +161,8 @@ __all__ = [
     "UsePolicyDefault",
     "WaitStats",
     "WaitTimeout",
+    "WorkSummary",
     "__version__",
+    "submit_batch",
+    "work_batch",
 ]

@@ -15,9 +15,12 @@ from typing import Any
 from dedalus_async._journal import Batch, JobRecord, JobState, SQLiteJournal
 from dedalus_async._postgres import PostgresJournal, is_dsn, redact_dsn
 from dedalus_async._results import execution_ok
+from dedalus_async._workers import submit_batch, work_batch
 
+from ._inputs import load_requests
 from ._outcomes import EXIT_SOME_FAILED, UsageError, describe_end
 from ._output import Context, json_line, result_document
+from ._sessions import session_for_runs
 
 __all__ = ["batch", "journal_for"]
 
@@ -59,7 +62,17 @@ async def _load(args: argparse.Namespace) -> Batch:
 
 
 async def batch(args: argparse.Namespace, ctx: Context) -> int:
-    """``batch status`` and ``batch results``."""
+    """``batch status``, ``batch results``, ``batch submit`` and ``batch work``."""
+    if args.batch_command in ("submit", "work"):
+        if not is_dsn(args.journal):
+            raise UsageError(
+                f"--journal must be a PostgreSQL DSN for batch {args.batch_command} "
+                "(postgresql://USER@HOST[:PORT]/DATABASE): workers share the batch through "
+                "the database; an SQLite journal serves one run-many"
+            )
+        if args.batch_command == "submit":
+            return await _submit(args, ctx)
+        return await _work(args, ctx)
     found = await _load(args)
     if args.batch_command == "status":
         _status(found, journal_name(args.journal), ctx)
@@ -71,6 +84,40 @@ async def batch(args: argparse.Namespace, ctx: Context) -> int:
         ctx.stdout.write(json_line(document))
     ctx.stdout.flush()
     return EXIT_SOME_FAILED if not_ok else 0
+
+
+async def _submit(args: argparse.Namespace, ctx: Context) -> int:
+    machine = args.machine_id or os.environ.get("DEDALUS_MACHINE_ID") or None
+    requests = load_requests(args.file, machine, None)
+    count = await submit_batch(args.journal, requests, name=args.batch)
+    ctx.note(
+        f"batch {args.batch!r} in {journal_name(args.journal)}: {count} jobs; run them with "
+        f"`dedalus-async batch work --journal DSN --name {args.batch}` on any number of machines"
+    )
+    return 0
+
+
+async def _work(args: argparse.Namespace, ctx: Context) -> int:
+    async with session_for_runs(args, ctx) as (session, _):
+        summary = await work_batch(
+            session,
+            args.journal,
+            name=args.batch,
+            concurrency=args.concurrency,
+            lease=args.lease,
+            on_start=lambda worker: ctx.note(f"worker {worker}: claiming jobs of {args.batch!r}"),
+        )
+    ctx.note(
+        f"worker {summary.worker}: batch {args.batch!r} done here: claimed {summary.claimed} "
+        f"({summary.taken_over} taken over), finished {summary.finished}, failed "
+        f"{summary.failed}, lost {summary.lost}"
+        + (
+            f"; {summary.left} job(s) failed too often and are left (see batch status)"
+            if summary.left
+            else ""
+        )
+    )
+    return EXIT_SOME_FAILED if summary.left else 0
 
 
 def _result_document(job: JobRecord) -> dict[str, Any]:
