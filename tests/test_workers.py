@@ -157,6 +157,12 @@ async def test_workers_share_a_batch_and_a_killed_one_is_taken_over(
     states = await _fetch(postgres_dsn, "SELECT state, count(*) FROM dedalus_jobs GROUP BY 1")
     assert {row[0]: row[1] for row in states} == {"finished": n}
     _one_execution_per_job(live_fake, n)
+    code, out, err = await _cli(["batch", "status", *where], env)
+    assert code == 0, err
+    assert out.splitlines()[:2] == [
+        f"batch 'big' in {postgres_dsn}: {n} jobs",
+        f"finished {n} ({n} ok, 0 not ok), pending 0, sent 0, created 0",
+    ]
     assert await _stdout_by_job(postgres_dsn, "big") == {f"#{i}": f"job {i}\n" for i in range(n)}
 
     # no job held by two workers at once: a job is claimed again only from the dead worker,
