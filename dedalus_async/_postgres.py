@@ -80,9 +80,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     """,
     # 2: workers (dedalus_async._workers): the whole request (workers elsewhere run it),
-    # the lease (owner token and expiry), failures counted, and a log of every claim
+    # the lease (owner token and expiry), failures counted, a log of every claim, and the
+    # batch's shared 429 pause
     """
-    ALTER TABLE dedalus_batches ADD COLUMN shared boolean NOT NULL DEFAULT false;
+    ALTER TABLE dedalus_batches
+        ADD COLUMN shared boolean NOT NULL DEFAULT false,
+        ADD COLUMN paused_until timestamptz;
     ALTER TABLE dedalus_jobs
         ADD COLUMN request text,
         ADD COLUMN lease_owner text,

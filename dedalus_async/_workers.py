@@ -25,6 +25,11 @@ W5  A job whose run raised (not a non-zero exit code: that is a result) is relea
     its failure counted; after ``max_failures`` it is left unfinished, reported by
     ``batch status``, and no worker claims it again.
 W6  A worker exits when no job of the batch is left to claim or running anywhere.
+W7  One 429 pause for all: a worker whose Session's throttle was paused by a 429 writes
+    the pause's end to the batch (``paused_until``, on the database's clock); every worker
+    reads it a few times a second (:data:`SYNC_INTERVAL`) and pauses its own Session's
+    throttle until then (:meth:`~dedalus_async.Throttle.rate_limited`), so a 429 seen by
+    one worker stops them all for the server's ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ __all__ = ["WorkSummary", "submit_batch", "work_batch"]
 
 #: Default lease, in seconds: how long a dead worker's jobs wait before another takes them.
 DEFAULT_LEASE: Final = 30.0
+#: Seconds between two looks at the batch's shared 429 pause (W7).
+SYNC_INTERVAL: Final = 0.25
 #: Default failures (exceptions, W5) after which a job is left unfinished.
 DEFAULT_MAX_FAILURES: Final = 3
 
@@ -242,6 +249,16 @@ WHERE batch = $1 AND lease_owner = $2
 _RELEASE_FAILED: Final = """
 UPDATE dedalus_jobs SET lease_owner = NULL, lease_until = NULL, failures = failures + 1
 WHERE batch = $1 AND job = $2 AND lease_owner = $3
+"""
+_SHARE_PAUSE: Final = """
+UPDATE dedalus_batches
+SET paused_until = greatest(coalesce(paused_until, '-infinity'),
+    clock_timestamp() + make_interval(secs => $2))
+WHERE name = $1
+"""
+_READ_PAUSE: Final = """
+SELECT extract(epoch FROM paused_until - clock_timestamp())::float8 FROM dedalus_batches
+WHERE name = $1
 """
 _OPEN: Final = """
 SELECT count(*) FILTER (WHERE failures < $2) AS open,
@@ -430,7 +447,7 @@ async def work_batch(
         beat = await connect(dsn)
         writer = _Writer(conn, name, owner)
         running: set[asyncio.Task[None]] = set()
-        heartbeat = asyncio.create_task(_heartbeat(beat, name, owner, lease_s))
+        heartbeat = asyncio.create_task(_upkeep(session, beat, name, owner, lease_s))
         try:
             while True:
                 free = concurrency - len(running)
@@ -502,12 +519,29 @@ async def _run_job(
         await conn.execute(_RELEASE_FAILED, batch, record.job, owner)
 
 
-async def _heartbeat(conn: asyncpg.Connection, batch: str, owner: str, lease: float) -> None:
-    """W2: renew this worker's leases every third of the lease time."""
+async def _upkeep(
+    session: Session, conn: asyncpg.Connection, batch: str, owner: str, lease: float
+) -> None:
+    """W2 and W7, on a connection of their own: renew this worker's leases every third of
+    the lease time; share 429 pauses every :data:`SYNC_INTERVAL`."""
+    throttle = session.throttle
+    seen = throttle.rate_limited_count
+    renewed = time.monotonic()
     while True:
-        await asyncio.sleep(lease / 3)
+        await asyncio.sleep(min(SYNC_INTERVAL, lease / 3))
         with contextlib.suppress(Exception):  # a missed beat: the next one tries again
-            await conn.execute(_RENEW, batch, owner, lease)
+            if time.monotonic() - renewed >= lease / 3:
+                await conn.execute(_RENEW, batch, owner, lease)
+                renewed = time.monotonic()
+            now = session.clock.monotonic()
+            if throttle.rate_limited_count != seen and throttle.paused_until > now:
+                # this Session was told to back off: so is every worker of the batch
+                await conn.execute(_SHARE_PAUSE, batch, throttle.paused_until - now)
+            seen = throttle.rate_limited_count
+            left = await conn.fetchval(_READ_PAUSE, batch)
+            if left is not None and left > 0 and throttle.paused_until < now + left - 0.05:
+                throttle.rate_limited(left, throttle.epoch)
+                seen = throttle.rate_limited_count
 
 
 def _loads(text: str) -> dict[str, Any]:

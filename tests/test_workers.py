@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,11 @@ from dedalus_async import (
     LeaseLostError,
     PostgresJournal,
     Session,
+    WorkSummary,
     submit_batch,
     work_batch,
 )
-from dedalus_async.testing import FakeDedalus, Script
+from dedalus_async.testing import FakeDedalus, Fault, Script
 
 from .conftest import API_KEY
 
@@ -223,8 +225,6 @@ async def test_a_job_that_keeps_failing_is_left_after_max_failures(
         name="bad",
     )
     live_fake.set_script(Script.running(0.01))
-    from dedalus_async.testing import Fault
-
     live_fake.add_fault(Fault(method="POST", status=422, times=None))
     async with Session(API_KEY, base_url=live_fake.base_url) as session:
         summary = await work_batch(session, postgres_dsn, name="bad", max_failures=2, lease=5)
@@ -285,3 +285,39 @@ async def test_cli_work_needs_a_dsn_and_a_submitted_batch(
     code, _, err = await _cli(["batch", "work", "--journal", postgres_dsn, "--name", "x"], env)
     assert code == 2
     assert "no submitted batch 'x'" in err
+
+
+async def test_a_429_seen_by_one_worker_pauses_every_worker(
+    live_fake: FakeDedalus, postgres_dsn: str
+) -> None:
+    """W7: one 429 (Retry-After 2 s) to one worker; within SYNC_INTERVAL or so every
+    worker's Session holds back, so the server hears nothing until the pause ends."""
+    live_fake.set_script(Script.running(0.3, retry_after_ms=50))
+    await submit_batch(postgres_dsn, _requests(120), name="pause")
+    sessions = [Session(API_KEY, base_url=live_fake.base_url) for _ in range(3)]
+
+    async def worker(session: Session) -> WorkSummary:
+        async with session:
+            return await work_batch(session, postgres_dsn, name="pause", concurrency=8, lease=5)
+
+    async def one_429_mid_batch() -> float:
+        async with asyncio.timeout(20):
+            while len(live_fake.executions) < 30:  # noqa: ASYNC110 - the fake has no event
+                await asyncio.sleep(0.01)
+            fault = Fault(status=429, headers={"Retry-After": "2"})
+            live_fake.add_fault(fault)
+            while not fault.hits:  # noqa: ASYNC110 - the fake has no event
+                await asyncio.sleep(0.001)
+        return time.monotonic()  # the fake's clock: a moment after the 429 was sent
+
+    summaries, sent_429 = await asyncio.gather(
+        asyncio.gather(*(worker(session) for session in sessions)), one_429_mid_batch()
+    )
+    assert sum(summary.finished for summary in summaries) == 120
+    assert [session.throttle.rate_limited_count >= 1 for session in sessions] == [True] * 3
+    # once the workers heard of it (SYNC_INTERVAL and a database round trip), silence
+    # until the Retry-After has passed; then the work goes on
+    after = [r.at - sent_429 for r in live_fake.requests]
+    assert [delay for delay in after if 0.6 < delay < 1.8] == []
+    assert any(delay >= 1.9 for delay in after)
+    _one_execution_per_job(live_fake, 120)
