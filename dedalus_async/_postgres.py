@@ -80,12 +80,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     """,
     # 2: workers (dedalus_async._workers): the whole request (workers elsewhere run it),
-    # the lease (owner token and expiry), failures counted, a log of every claim, and the
-    # batch's shared 429 pause
+    # the lease (owner token and expiry), failures counted, a log of every claim, the
+    # batch's shared 429 pause and its cap on jobs in flight
     """
     ALTER TABLE dedalus_batches
         ADD COLUMN shared boolean NOT NULL DEFAULT false,
-        ADD COLUMN paused_until timestamptz;
+        ADD COLUMN paused_until timestamptz,
+        ADD COLUMN max_in_flight integer;
     ALTER TABLE dedalus_jobs
         ADD COLUMN request text,
         ADD COLUMN lease_owner text,

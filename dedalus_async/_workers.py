@@ -30,6 +30,10 @@ W7  One 429 pause for all: a worker whose Session's throttle was paused by a 429
     reads it a few times a second (:data:`SYNC_INTERVAL`) and pauses its own Session's
     throttle until then (:meth:`~dedalus_async.Throttle.rate_limited`), so a 429 seen by
     one worker stops them all for the server's ``Retry-After``.
+W8  One cap on jobs in flight across all workers (``max_in_flight``, set at submit): a
+    job is in flight from its claim until its outcome is written (or its lease expires).
+    Claims are serialized under a transaction-level advisory lock per batch, and each
+    takes at most the cap less the live leases.
 """
 
 from __future__ import annotations
@@ -129,7 +133,11 @@ def _check_name(name: object) -> str:
 
 
 async def submit_batch(
-    dsn: str, requests: Iterable[ExecutionRequest], *, name: str = "default"
+    dsn: str,
+    requests: Iterable[ExecutionRequest],
+    *,
+    name: str = "default",
+    max_in_flight: int | None = None,
 ) -> int:
     """Store ``requests`` as batch ``name`` in the PostgreSQL database ``dsn``, for
     :func:`work_batch` to run on any number of machines; returns the number of jobs.
@@ -137,8 +145,12 @@ async def submit_batch(
     The whole requests are stored (env values and stdin included: workers elsewhere need
     them). Submitting the same requests again under the same name does nothing; different
     ones raise :class:`~dedalus_async.BatchChangedError` (use a new name).
+    ``max_in_flight`` caps the jobs in flight across all the batch's workers together
+    (``None``: each worker's ``concurrency`` is the only limit); submitting again sets it.
     """
     dsn, name = _check_dsn(dsn), _check_name(name)
+    if max_in_flight is not None:
+        max_in_flight = check_count("max_in_flight", max_in_flight)
     items = list(requests)
     for position, request in enumerate(items):
         if not isinstance(request, ExecutionRequest):
@@ -159,6 +171,7 @@ async def submit_batch(
                 if [(r["job"], r["request"]) for r in held] == list(
                     zip(jobs, documents, strict=True)
                 ):
+                    await conn.execute(_SET_CAP, name, max_in_flight)
                     return len(items)
                 raise BatchChangedError(
                     f"batch {name!r} of {redact_dsn(dsn)} holds other requests: submit "
@@ -166,11 +179,12 @@ async def submit_batch(
                 )
             salt = secrets.token_hex(16)
             await conn.execute(
-                "INSERT INTO dedalus_batches (name, salt, created_at, shared) "
-                "VALUES ($1, $2, $3, true)",
+                "INSERT INTO dedalus_batches (name, salt, created_at, shared, max_in_flight) "
+                "VALUES ($1, $2, $3, true, $4)",
                 name,
                 salt,
                 time.time(),
+                max_in_flight,
             )
             rows = []
             for position, (request, job, document) in enumerate(
@@ -198,6 +212,17 @@ async def submit_batch(
 
 # --- working ---------------------------------------------------------------------------
 
+_SET_CAP: Final = "UPDATE dedalus_batches SET max_in_flight = $2 WHERE name = $1"
+# W8: claims of one batch one at a time, and how many more its cap allows
+_CLAIM_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext('dedalus_claims'), hashtext($1))"
+_ROOM: Final = """
+SELECT b.max_in_flight - (
+    SELECT count(*) FROM dedalus_jobs
+    WHERE batch = $1 AND state <> 'finished' AND lease_owner IS NOT NULL
+        AND lease_until >= clock_timestamp()
+)
+FROM dedalus_batches AS b WHERE b.name = $1 AND b.max_in_flight IS NOT NULL
+"""
 _CLAIM: Final = """
 WITH picked AS (
     SELECT job, lease_owner AS previous FROM dedalus_jobs
@@ -454,7 +479,7 @@ async def work_batch(
                 claimed = []
                 if free > 0:
                     async with writer.lock:
-                        claimed = await conn.fetch(_CLAIM, name, owner, free, max_failures, lease_s)
+                        claimed = await _claim(conn, name, owner, free, max_failures, lease_s)
                 for row in claimed:
                     counts["claimed"] += 1
                     counts["taken_over"] += row["previous"] is not None
@@ -489,6 +514,20 @@ async def work_batch(
         if beat is not None:
             await beat.close()
     return WorkSummary(worker=owner, left=left, **counts)
+
+
+async def _claim(
+    conn: asyncpg.Connection, batch: str, owner: str, free: int, max_failures: int, lease: float
+) -> list[asyncpg.Record]:
+    """W1 and W8: up to ``free`` jobs, fewer if the batch's cap says so."""
+    async with conn.transaction():
+        await conn.execute(_CLAIM_LOCK, batch)
+        room = await conn.fetchval(_ROOM, batch)
+        if room is not None:
+            free = min(free, room)
+            if free <= 0:
+                return []
+        return await conn.fetch(_CLAIM, batch, owner, free, max_failures, lease)
 
 
 async def _run_job(

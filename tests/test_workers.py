@@ -321,3 +321,28 @@ async def test_a_429_seen_by_one_worker_pauses_every_worker(
     assert [delay for delay in after if 0.6 < delay < 1.8] == []
     assert any(delay >= 1.9 for delay in after)
     _one_execution_per_job(live_fake, 120)
+
+
+async def test_the_cap_on_jobs_in_flight_holds_across_workers(
+    live_fake: FakeDedalus, postgres_dsn: str
+) -> None:
+    """W8: three workers of concurrency 10, a cap of 4: never more than 4 executions at once."""
+    live_fake.set_script(Script.running(0.15, retry_after_ms=20))
+    await submit_batch(postgres_dsn, _requests(40), name="cap", max_in_flight=4)
+    async with Session(API_KEY, base_url=live_fake.base_url) as session:
+        summaries = await asyncio.gather(
+            *(work_batch(session, postgres_dsn, name="cap", concurrency=10, lease=5)
+              for _ in range(3))
+        )  # fmt: skip
+    assert sum(summary.finished for summary in summaries) == 40
+    # executions overlapping on the server, from their creation to their end
+    edges = sorted(
+        edge
+        for record in live_fake.executions.values()
+        for edge in ((record.created_at, 1), (record.completed_at or record.created_at, -1))
+    )
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert 3 <= peak <= 4

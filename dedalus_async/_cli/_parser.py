@@ -385,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="for lines without a machine_id (default: $DEDALUS_MACHINE_ID)",
     )
     _add_journal_options(submit, required=True, dsn_only=True)
+    submit.add_argument(
+        "--max-in-flight",
+        type=_concurrency,
+        metavar="N",
+        help="jobs in flight across all workers together, at most (default: no cap but "
+        "each worker's --concurrency)",
+    )
     work = batch_sub.add_parser(
         "work",
         parents=[common, server],
