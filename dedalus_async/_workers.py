@@ -305,6 +305,7 @@ class _Writer:
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.lost: set[str] = set()
+        self.unwritten: set[str] = set()
         #: the worker's claims and this writer share the connection, one at a time
         self.lock = asyncio.Lock()
 
@@ -342,12 +343,18 @@ class _Writer:
                         await self._write(list(rows.values()))
                 except Exception as exc:
                     error = exc
+                    # not written, and nobody may wait for these: their jobs' next wait
+                    # (the fan-out's final flush at the latest) says so
+                    self.unwritten.update(rows)
                 for job, future in waiters:
                     if future.done():
                         continue
-                    if error is not None:
+                    if error is not None or job in self.unwritten:
                         future.set_exception(
-                            JournalError(f"the batch's database failed to write: {error}")
+                            JournalError(
+                                f"job {job!r}: the batch's database failed to write its "
+                                f"record: {error or 'an earlier write failed'}"
+                            )
                         )
                     elif job in self.lost:
                         future.set_exception(
