@@ -474,6 +474,9 @@ SHELL_NOT_RUN: dict[str, str] = {
     "dedalus-async batch work --journal $DSN --name nightly --concurrency 64": _NEEDS_POSTGRES,
     "dedalus-async batch status --journal $DSN --name nightly": _NEEDS_POSTGRES,
     "python -m nox -s bench -- --sizes 1000 --rounds 5": "benchmarks: minutes",
+    "python -m benchmarks.workers --jobs 10000 --workers 1,2,4 --concurrency 100": (
+        "benchmarks: minutes, and a PostgreSQL server"
+    ),
     "python -m benchmarks --sizes 10000 --rounds 3 --cpu-executions 0 --lag-executions 0"
     " --drivers aiohttp,dedalus_async,dedalus_async-run_many,sdk-aiohttp": "benchmarks: minutes",
     "python -m benchmarks --sizes 50000 --rounds 2 --cpu-executions 0 --lag-executions 0"
