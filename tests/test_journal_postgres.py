@@ -4,10 +4,22 @@ shares with the SQLite journal is tested on both in tests/test_journal.py."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
+import attrs
 import pytest
 
-from dedalus_async import ExecutionRequest, JobState, JournalError, PostgresJournal, Session
+from dedalus_async import (
+    Batch,
+    ExecutionRequest,
+    JobRecord,
+    JobState,
+    JournalError,
+    PostgresJournal,
+    Session,
+)
+from dedalus_async._journal import _MAX_ROWS
 from dedalus_async._postgres import MIGRATIONS, SCHEMA_VERSION, migrate, redact_dsn
 from dedalus_async.testing import FakeDedalus
 
@@ -139,3 +151,53 @@ async def test_a_closed_journal_says_so(postgres_dsn: str) -> None:
         await journal.load()
     with pytest.raises(JournalError, match="is closed"):
         await journal.flush()
+
+
+def _record(job: str) -> JobRecord:
+    return JobRecord(
+        job=job, position=0, fingerprint="f", machine_id=MACHINE, command=("x",),
+        idempotency_key=f"key-{job}",
+    )  # fmt: skip
+
+
+async def test_lazy_saves_are_written_in_groups_and_by_aclose(postgres_dsn: str) -> None:
+    many = [attrs.evolve(_record(f"j{i}"), position=i) for i in range(_MAX_ROWS + 5)]
+    async with PostgresJournal(postgres_dsn, batch="b") as journal:
+        with pytest.raises(ValueError, match="holds batch 'b', not 'other'"):
+            await journal.start(Batch(name="other", salt="s", jobs=()))
+        await journal.start(Batch(name="b", salt="s", jobs=tuple(many)))
+        created = [attrs.evolve(r, state=JobState.CREATED, execution_id="e") for r in many]
+        await journal.save(*created, durable=False)  # past _MAX_ROWS: written at once
+        await journal.save(attrs.evolve(many[0], state=JobState.SENT), durable=False)
+    # aclose wrote the last one, which waited for LAZY_WINDOW
+    rows = await _fetch(postgres_dsn, "SELECT state, count(*) FROM dedalus_jobs GROUP BY 1")
+    assert {row[0]: row[1] for row in rows} == {"created": len(many) - 1, "sent": 1}
+
+
+async def test_a_failed_lazy_write_is_reported_by_the_next_call(postgres_dsn: str) -> None:
+    journal = PostgresJournal(postgres_dsn, batch="never-started")
+    # a job of a batch that was never written: the database refuses it (foreign key)
+    await journal.save(_record("orphan"), durable=False)
+    await asyncio.sleep(0.2)  # LAZY_WINDOW passes, the write fails with nobody waiting
+    with pytest.raises(JournalError, match="failed to write"):
+        await journal.save(_record("next"), durable=True)
+    with pytest.raises(JournalError, match="failed to write"):
+        await journal.aclose()
+    await journal.aclose()  # closed all the same
+
+
+async def test_a_record_this_version_cannot_read_is_refused(postgres_dsn: str) -> None:
+    async with PostgresJournal(postgres_dsn, batch="b") as journal:
+        await journal.start(Batch(name="b", salt="s", jobs=(_record("a"),)))
+    await _fetch(postgres_dsn, "UPDATE dedalus_jobs SET state = 'exploded'")
+    async with PostgresJournal(postgres_dsn, batch="b") as journal:
+        with pytest.raises(JournalError, match="cannot read"):
+            await journal.load()
+
+
+async def _fetch(dsn: str, query: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(query)
+    finally:
+        await conn.close()
