@@ -446,7 +446,7 @@ async def work_batch(
     on_start: Callable[[str], object] | None = None,
 ) -> WorkSummary:
     """Run jobs of batch ``name`` (stored by :func:`submit_batch` in ``dsn``) through
-    ``session``, up to ``concurrency`` at a time, until none is left (W1-W6).
+    ``session``, up to ``concurrency`` at a time, until none is left (W1-W8).
 
     Start it on as many machines as you like. Each job is claimed under a ``lease`` of
     that many seconds, renewed while this worker lives; a worker that dies leaves its jobs

@@ -142,7 +142,15 @@ def _result_document(job: JobRecord) -> dict[str, Any]:
 def _status(found: Batch, path: str, ctx: Context) -> None:
     jobs = found.jobs
     states = Counter(job.state for job in jobs)
-    ok = sum(1 for job in jobs if job.execution is not None and execution_ok(job.execution))
+    # only finished jobs count: a job sent again after a crash may still carry the result
+    # row of an earlier attempt
+    ok = sum(
+        1
+        for job in jobs
+        if job.state is JobState.FINISHED
+        and job.execution is not None
+        and execution_ok(job.execution)
+    )
     finished = states[JobState.FINISHED]
     lines = [
         f"batch {found.name!r} in {path}: {len(jobs)} jobs",
