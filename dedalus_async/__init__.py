@@ -31,6 +31,7 @@ from ._errors import (
     ExecutionFailed,
     IdempotencyKeyReusedError,
     JournalError,
+    LeaseLostError,
     MachineFailed,
     MachineStateError,
     MachineWaitTimeout,
@@ -68,10 +69,12 @@ from ._models import (
     MachinePhase,
 )
 from ._policy import USE_POLICY_DEFAULT, PollPolicy, RetryPolicy, UsePolicyDefault
+from ._postgres import PostgresJournal
 from ._results import ExecutionResult, WaitStats
 from ._session import Session
 from ._throttle import Throttle
 from ._version import __version__
+from ._workers import WorkSummary, submit_batch, work_batch
 
 if TYPE_CHECKING:
     from ._local import LocalBackend
@@ -123,6 +126,7 @@ __all__ = [
     "JobState",
     "Journal",
     "JournalError",
+    "LeaseLostError",
     "LifecycleStatus",
     "LocalBackend",
     "LogCapture",
@@ -138,6 +142,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",
+    "PostgresJournal",
     "Progress",
     "RateLimitedError",
     "RequestTimeout",
@@ -156,5 +161,8 @@ __all__ = [
     "UsePolicyDefault",
     "WaitStats",
     "WaitTimeout",
+    "WorkSummary",
     "__version__",
+    "submit_batch",
+    "work_batch",
 ]

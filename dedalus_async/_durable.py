@@ -42,6 +42,7 @@ from ._checks import check_count
 from ._errors import APIStatusError, BatchChangedError, JournalError, StaleReservationError
 from ._journal import Batch, JobRecord, JobState, Journal, SQLiteJournal
 from ._models import Execution, ExecutionStatus
+from ._postgres import PostgresJournal, is_dsn
 from ._results import ExecutionResult
 
 __all__ = ["Ledger", "RetryExecution", "job_id", "open_journal"]
@@ -120,12 +121,16 @@ def fingerprint(
 
 def open_journal(journal: object) -> tuple[Journal, bool]:
     """The journal a ``journal=`` argument names, and whether the fan-out owns (closes) it."""
+    if is_dsn(journal):
+        assert isinstance(journal, str)
+        return PostgresJournal(journal), True
     if isinstance(journal, str | os.PathLike):
         return SQLiteJournal(journal), True
     if isinstance(journal, Journal):
         return journal, False
     raise TypeError(
-        "journal must be a path (str or os.PathLike) to an SQLite journal, or a Journal, "
+        "journal must be a path (str or os.PathLike) to an SQLite journal, a PostgreSQL DSN "
+        "(postgresql://...), or a Journal, "
         f"not {type(journal).__name__}"
     )
 

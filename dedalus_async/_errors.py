@@ -25,7 +25,8 @@
     │   └── MachineFailed                  ... because it is in the ``failed`` phase
     └── JournalError                       a batch journal cannot be used as asked
         ├── BatchChangedError (ValueError) the requests differ from the journaled batch
-        └── StaleReservationError          a create sent too long ago to re-send safely
+        ├── StaleReservationError          a create sent too long ago to re-send safely
+        └── LeaseLostError                 a worker's lease on a job ran out (work_batch)
 
 Invalid arguments are plain :class:`TypeError` / :class:`ValueError`, raised before any
 request is sent. No message here ever contains the API key.
@@ -51,6 +52,7 @@ __all__ = [
     "ExecutionFailed",
     "IdempotencyKeyReusedError",
     "JournalError",
+    "LeaseLostError",
     "MachineFailed",
     "MachineStateError",
     "MachineWaitTimeout",
@@ -341,3 +343,9 @@ def error_for_status(status: int, error_code: str | None) -> type[APIStatusError
     if status >= 500:
         return ServerError
     return _BY_STATUS.get(status, APIStatusError)
+
+
+class LeaseLostError(JournalError):
+    """A worker's lease on a job of a shared batch ran out, and another worker may have
+    taken the job over: this worker's write of its record was refused (fenced by the
+    lease's owner token), and the worker drops the job."""

@@ -1268,6 +1268,24 @@ NUMERIC_FLAGS: list[tuple[list[str], str, list[str], str]] = [
     (["machines", "create"], "--storage-gib", ["0", "2.5", "1048577"], "1048576"),
     (["machines", "list"], "--limit", ["0", "1.0", "1001"], "1000"),
     (["machines", "wait", "dm-1"], "--timeout", ["0", "31622401"], "31622400"),
+    (
+        ["batch", "submit", "f.jsonl", "--journal", "postgresql://u@h/d"],
+        "--max-in-flight",
+        ["0", "2.5", "10001"],
+        "10000",
+    ),
+    (
+        ["batch", "work", "--journal", "postgresql://u@h/d"],
+        "--concurrency",
+        ["0", "2.5", "10001"],
+        "10000",
+    ),
+    (
+        ["batch", "work", "--journal", "postgresql://u@h/d"],
+        "--lease",
+        ["0", "31622401"],
+        "31622400",
+    ),
 ]
 
 

@@ -20,6 +20,7 @@ from dedalus_async import (
     JobState,
     Journal,
     JournalError,
+    PostgresJournal,
     Progress,
     RetryExecution,
     Session,
@@ -59,9 +60,25 @@ def _wreck(path: Path) -> None:
     Path(f"{path}-wal").unlink(missing_ok=True)
 
 
-async def _set_state(path: Path, index: int, **changes: Any) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's journal lives: an SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "batch.db")
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return dsn
+
+
+def _open(target: str | Path, **options: Any) -> SQLiteJournal | PostgresJournal:
+    """The journal at ``target``, of the store its form names (as ``journal=`` does)."""
+    if str(target).startswith("postgresql://"):
+        return PostgresJournal(str(target), **options)
+    return SQLiteJournal(target, **options)
+
+
+async def _set_state(path: str | Path, index: int, **changes: Any) -> None:
     """Rewrite one job's record, as a crash at that point would have left it."""
-    async with SQLiteJournal(path) as journal:
+    async with _open(path) as journal:
         batch = await journal.load()
         assert batch is not None
         await journal.save(attrs.evolve(batch.jobs[index], **changes), durable=True)
@@ -71,13 +88,13 @@ async def _set_state(path: Path, index: int, **changes: Any) -> None:
 
 
 async def test_a_second_run_sends_nothing_and_returns_the_same_results(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     first = await session.run_many(_batch(), journal=path)
     assert [r.stdout for r in first] == [f"job {i}\n" for i in range(5)]
     sent = len(fake.requests)
-    again = await session.run_many(_batch(), journal=str(path))
+    again = await session.run_many(_batch(), journal=path)
     assert len(fake.requests) == sent  # not one request
     assert [r.execution for r in again] == [r.execution for r in first]
     assert [r.stdout for r in again] == [r.stdout for r in first]
@@ -224,12 +241,12 @@ async def test_a_closed_journal_says_so(tmp_path: Path) -> None:
 
 
 async def test_a_sent_job_is_sent_again_under_its_key_and_not_created_twice(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
     """The crash came after the POST went out, before its answer was journaled."""
-    path = tmp_path / "batch.db"
+    path = journal_target
     first = await session.run_many(_batch(), journal=path)
-    async with SQLiteJournal(path) as journal:
+    async with _open(path) as journal:
         batch = await journal.load()
     assert batch is not None
     key = batch.jobs[2].idempotency_key
@@ -244,9 +261,9 @@ async def test_a_sent_job_is_sent_again_under_its_key_and_not_created_twice(
 
 
 async def test_a_created_job_is_attached_to_not_created_again(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     first = await session.run_many(_batch(), journal=path)
     await _set_state(path, 4, state=JobState.CREATED, execution=None, output=None)
     fake.requests.clear()
@@ -260,11 +277,11 @@ async def test_a_created_job_is_attached_to_not_created_again(
 
 
 async def test_a_pending_job_runs_under_its_journaled_key(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     await session.run_many(_batch(2), journal=path)
-    async with SQLiteJournal(path) as journal:
+    async with _open(path) as journal:
         batch = await journal.load()
     assert batch is not None
     await _set_state(path, 1, state=JobState.PENDING, execution_id=None, execution=None,
@@ -275,9 +292,9 @@ async def test_a_pending_job_runs_under_its_journaled_key(
 
 
 async def test_an_old_reservation_is_reported_not_sent(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     await session.run_many(_batch(2), journal=path)
     await _set_state(path, 0, state=JobState.SENT, execution_id=None, execution=None,
                      output=None, sent_at=time.time() - 7200)  # fmt: skip
@@ -288,7 +305,7 @@ async def test_an_old_reservation_is_reported_not_sent(
     assert results[0].machine_id == MACHINE
     assert fake.requests == []
     # a larger limit sends it (under the same key: the server still knows it here)
-    longer = SQLiteJournal(path, reservation_max_age=3 * 3600)
+    longer = _open(path, reservation_max_age=3 * 3600)
     async with longer:
         resent = await session.run_many(_batch(2), journal=longer)
     assert resent[0].stdout == "job 0\n"
@@ -296,14 +313,14 @@ async def test_an_old_reservation_is_reported_not_sent(
 
 
 async def test_a_create_refused_outright_gets_a_new_key_on_resume(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     fake.add_fault(Fault(method="POST", status=422))
     results = await session.run_many(_batch(1), journal=path, return_exceptions=True)
     assert isinstance(results[0], Exception)
     refused = _creates(fake)
-    async with SQLiteJournal(path) as journal:
+    async with _open(path) as journal:
         batch = await journal.load()
     assert batch is not None
     job = batch.jobs[0]
@@ -317,9 +334,9 @@ async def test_a_create_refused_outright_gets_a_new_key_on_resume(
 
 
 async def test_a_create_that_failed_in_transit_keeps_its_key_on_resume(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     # 503s until the Session's retries give up, yet the first POST did create it
     fake.add_fault(Fault(method="POST", drop_after_commit=True))
     fake.add_fault(Fault(method="POST", status=503, times=None))
@@ -337,9 +354,9 @@ async def test_a_create_that_failed_in_transit_keeps_its_key_on_resume(
 
 
 async def test_a_changed_request_is_refused_before_anything_is_sent(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     await session.run_many(_batch(3), journal=path)
     fake.requests.clear()
     changed = _batch(3)
@@ -354,25 +371,25 @@ async def test_a_changed_request_is_refused_before_anything_is_sent(
 
 
 async def test_keyed_jobs_match_by_key_in_any_order(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     first = await session.run_many(_batch(4, keyed=True), journal=path)
     fake.requests.clear()
     shuffled = list(reversed(_batch(4, keyed=True)))
     again = await session.run_many(shuffled, journal=path)
     assert fake.requests == []
     assert [r.stdout for r in again] == [r.stdout for r in reversed(first)]
-    async with SQLiteJournal(path) as journal:
+    async with _open(path) as journal:
         batch = await journal.load()
     assert batch is not None
     assert [j.job for j in batch.jobs] == ["k3", "k2", "k1", "k0"]
 
 
 async def test_progress_starts_from_the_journaled_jobs_and_check_still_applies(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     requests = [*_batch(2), ExecutionRequest(machine_id=MACHINE, command=["false"])]
     await session.run_many(requests, journal=path, return_exceptions=True)
     seen: list[Progress] = []
@@ -386,9 +403,9 @@ async def test_progress_starts_from_the_journaled_jobs_and_check_still_applies(
 
 
 async def test_as_completed_resumes_from_the_journal(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     async with session.as_completed(_batch(3), journal=path) as completed:
         first = {item.index: item.result.stdout async for item in completed}
     fake.requests.clear()
@@ -414,10 +431,10 @@ def _expiring_then(outcome: Outcome, failures: int) -> object:
 
 
 async def test_retry_execution_creates_an_expired_job_again_under_a_new_key(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
     fake.set_script(_expiring_then(Outcome(stdout="done\n"), failures=2))  # type: ignore[arg-type]
-    path = tmp_path / "batch.db"
+    path = journal_target
     (result,) = await session.run_many(
         _batch(1), journal=path, retry_execution=RetryExecution(attempts=3)
     )
@@ -425,7 +442,7 @@ async def test_retry_execution_creates_an_expired_job_again_under_a_new_key(
     keys = _creates(fake)
     assert len(keys) == 3
     assert len(set(keys)) == 3
-    async with SQLiteJournal(path) as journal:
+    async with _open(path) as journal:
         batch = await journal.load()
     assert batch is not None
     assert batch.jobs[0].attempt == 3
@@ -457,9 +474,9 @@ async def test_retry_execution_never_reruns_a_non_zero_exit_or_other_error_codes
 
 
 async def test_as_completed_refuses_a_bad_journal_when_entered(
-    fake: FakeDedalus, session: Session, tmp_path: Path
+    fake: FakeDedalus, session: Session, journal_target: str
 ) -> None:
-    path = tmp_path / "batch.db"
+    path = journal_target
     await session.run_many(_batch(2), journal=path)
     with pytest.raises(BatchChangedError):
         async with session.as_completed(_batch(3), journal=path):

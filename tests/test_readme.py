@@ -450,6 +450,11 @@ SHELL_RUN: dict[str, Callable[[str, Path], None]] = {
     ' && dedalus-async run --local --machine-id "$ID" -- pwd': _machine_made_then_used,
 }
 
+_NEEDS_POSTGRES = (
+    "needs a PostgreSQL database; tests/test_workers.py runs batch submit, work and status "
+    "against one"
+)
+
 #: The commands that do not, and why.
 SHELL_NOT_RUN: dict[str, str] = {
     "python -m pip install . && dedalus-async run -- uname -a": (
@@ -479,7 +484,14 @@ SHELL_NOT_RUN: dict[str, str] = {
         "serves until stopped, on a fixed port that another test run here may hold; "
         "tests/test_cli.py runs serve-local"
     ),
+    "export DSN=postgresql://postgres@127.0.0.1:5432/jobs": "sets the DSN of the next lines",
+    "dedalus-async batch submit jobs.jsonl --journal $DSN --name nightly": _NEEDS_POSTGRES,
+    "dedalus-async batch work --journal $DSN --name nightly --concurrency 64": _NEEDS_POSTGRES,
+    "dedalus-async batch status --journal $DSN --name nightly": _NEEDS_POSTGRES,
     "python -m nox -s bench -- --sizes 1000 --rounds 5": "benchmarks: minutes",
+    "python -m benchmarks.workers --jobs 10000 --workers 1,2,4 --concurrency 100": (
+        "benchmarks: minutes, and a PostgreSQL server"
+    ),
     "python -m benchmarks --sizes 10000 --rounds 3 --cpu-executions 0 --lag-executions 0"
     " --drivers aiohttp,dedalus_async,dedalus_async-run_many,sdk-aiohttp": "benchmarks: minutes",
     "python -m benchmarks --sizes 50000 --rounds 2 --cpu-executions 0 --lag-executions 0"

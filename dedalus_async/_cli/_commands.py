@@ -20,7 +20,7 @@ from typing import IO, Any, Final
 
 from dedalus_async._errors import BadRequestError, DedalusError, WaitTimeout
 from dedalus_async._fanout import ExecutionRequest
-from dedalus_async._journal import SQLiteJournal
+from dedalus_async._journal import Journal
 from dedalus_async._models import TERMINAL_STATUSES, Execution
 from dedalus_async._results import may_have_output
 from dedalus_async._session import ExecutionHandle, Session
@@ -226,7 +226,7 @@ async def _fan_out(
     requests: list[ExecutionRequest],
     out: IO[bytes],
     progress: ProgressLine,
-    journal: SQLiteJournal | None = None,
+    journal: Journal | None = None,
 ) -> int:
     """Session.as_completed does the work; lines are written in input order, each as soon
     as every earlier one is written."""

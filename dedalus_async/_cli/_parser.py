@@ -105,13 +105,15 @@ its job by name instead of by line position. See `dedalus-async batch --help`.
 """
 
 _BATCH_HELP: Final = """\
-Look at a batch that run-many --journal PATH ran (or is running): every subcommand reads
-the journal only, and sends no request.
+Look at a batch that run-many --journal ran (or is running), or share one batch among
+workers on many machines (the journal then is a PostgreSQL DSN, postgresql://...).
 
-  status    counts of jobs by state, and each failure with its error
-  results   one JSON line per job, in input order:
+  status    counts of jobs by state, and each failure with its error (reads only)
+  results   one JSON line per job, in input order (reads only):
             {"index", "job", "state", "ok", "execution", "stdout", "stderr", "error"}
             (exit 0 when every job finished ok, else 1)
+  submit    store a JSON-lines file as a batch in PostgreSQL (whole: env and stdin too)
+  work      run jobs of a submitted batch until none is left; start any number of them
 """
 
 _SERVE_LOCAL_HELP: Final = """\
@@ -426,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = sub.add_parser(
         "batch",
-        help="look at a batch run with run-many --journal",
+        help="look at a batch run with run-many --journal, or share one among workers",
         description=_BATCH_HELP,
         formatter_class=formatter,
     )
@@ -437,6 +439,60 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = batch_sub.add_parser(name, parents=[common], help=what, description=what)
         _add_journal_options(cmd, required=True)
+    submit = batch_sub.add_parser(
+        "submit",
+        parents=[common],
+        help="store a JSON-lines file as a batch in PostgreSQL, for batch work to run",
+        description="store the requests of a JSON-lines file (as run-many reads them) as a "
+        "batch in a PostgreSQL database, whole: env values and stdin included, since "
+        "workers on other machines need them. Submitting the same file again does nothing.",
+    )
+    submit.add_argument("file", metavar="FILE")
+    submit.add_argument(
+        "--machine-id",
+        type=_id("--machine-id"),
+        metavar="ID",
+        help="for lines without a machine_id (default: $DEDALUS_MACHINE_ID)",
+    )
+    _add_journal_options(submit, required=True, dsn_only=True)
+    submit.add_argument(
+        "--max-in-flight",
+        type=_concurrency,
+        metavar="N",
+        help="jobs in flight across all workers together, at most (default: no cap but "
+        "each worker's --concurrency)",
+    )
+    work = batch_sub.add_parser(
+        "work",
+        parents=[common, server],
+        help="run jobs of a submitted batch until none is left (start any number)",
+        description="claim jobs of a batch that batch submit stored, run them, record "
+        "their outcomes, and exit when no job is left. Start it on as many machines as you "
+        "like: each job is held under a lease renewed while the worker lives; the jobs of "
+        "a worker that dies are taken over when its leases expire, with the same "
+        "Idempotency-Keys, so no job runs twice.",
+    )
+    _add_journal_options(work, required=True, dsn_only=True)
+    work.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        default=8,
+        metavar="N",
+        help=f"jobs this worker runs at once (default: 8, at most {MAX_CONCURRENCY})",
+    )
+    work.add_argument(
+        "--lease",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="seconds a dead worker's jobs wait before another takes them (default: 30)",
+    )
+    work.add_argument(
+        "--local",
+        action="store_true",
+        help="run the jobs on this computer even when an API key is configured",
+    )
+    work.set_defaults(machine_id=None, cancel_remote=False)
 
     for name, what in (
         ("get", "print an execution as JSON"),
@@ -608,17 +664,28 @@ def _add_machines(
     )
 
 
-def _add_journal_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+def _add_journal_options(
+    parser: argparse.ArgumentParser, *, required: bool = False, dsn_only: bool = False
+) -> None:
+    if dsn_only:
+        what = "the batch's PostgreSQL database, postgresql://USER@HOST[:PORT]/DATABASE"
+    elif required:
+        what = "the journal run-many --journal (or batch submit) wrote: a path or a DSN"
+    else:
+        what = (
+            "the batch's journal: an SQLite file (created if missing), or a PostgreSQL "
+            "database, postgresql://USER@HOST[:PORT]/DATABASE"
+        )
     parser.add_argument(
         "--journal",
-        metavar="PATH",
+        metavar="DSN" if dsn_only else "PATH|DSN",
         required=required,
-        help="the batch's journal (an SQLite file, created if missing)"
-        if not required
-        else "the journal run-many --journal wrote",
+        help=what,
     )
     parser.add_argument(
         "--batch",
+        "--name",
+        dest="batch",
         default="default",
         metavar="NAME",
         help="the batch's name within the journal (default: 'default')",
