@@ -129,7 +129,7 @@ async def test_results_come_back_in_input_order_not_finishing_order(
     """Later requests finish first; the list is still in input order."""
     live_fake_dedalus.set_script(
         lambda body: Script(
-            (Phase("running", 0.01 * (10 - _index_of(body)), 5),),
+            (Phase("running", 0.05 * (10 - _index_of(body)), 5),),
             Outcome(stdout=f"{_index_of(body)}\n"),
         )
     )
@@ -137,7 +137,10 @@ async def test_results_come_back_in_input_order_not_finishing_order(
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(10)]
     completed = [r.execution.completed_at for r in results if r.execution.completed_at]
     assert len(completed) == 10
-    assert completed == sorted(completed, reverse=True)
+    # the last request finished first, half a second before the first one (a strict
+    # reverse order of all ten would depend on how evenly a loaded machine sent creates)
+    assert completed[0] > completed[-1]
+    assert completed != sorted(completed)
 
 
 async def test_empty_input_sends_nothing(
