@@ -211,7 +211,8 @@ DEFAULT_RESERVATION_MAX_AGE: Final = 3600.0
 _Rows = tuple[tuple[Any, ...], tuple[Any, ...] | None]
 
 
-def _rows(batch: str, r: JobRecord) -> _Rows:
+def job_rows(batch: str, r: JobRecord) -> _Rows:
+    """A record as its job row and its result row, if any (every store writes these)."""
     job = (
         batch,
         r.job,
@@ -239,7 +240,8 @@ def _write(conn: sqlite3.Connection, rows: Sequence[_Rows]) -> None:
         conn.execute(_UPSERT_RESULTS, (_DUMPS(results),))
 
 
-def _record(row: Sequence[Any]) -> JobRecord:
+def record_of(row: Sequence[Any]) -> JobRecord:
+    """A job row joined with its result row (the columns of :func:`job_rows`) as a record."""
     (job, position, fp, machine, command, key, state, attempt, sent_at, eid, ex, out, err) = row
     if state != JobState.FINISHED:
         ex = out = None  # a result is a finished job's only
@@ -331,13 +333,13 @@ class SQLiteJournal:
             )
             conn.execute("DELETE FROM jobs WHERE batch = ?", (batch.name,))
             conn.execute("DELETE FROM results WHERE batch = ?", (batch.name,))
-            _write(conn, [_rows(batch.name, job) for job in batch.jobs])
+            _write(conn, [job_rows(batch.name, job) for job in batch.jobs])
 
         await self._call(write)
 
     async def save(self, *records: JobRecord, durable: bool) -> None:
         """See :meth:`Journal.save`."""
-        rows = [_rows(self.batch, record) for record in records]
+        rows = [job_rows(self.batch, record) for record in records]
         if durable:
             await self._call(lambda conn: _write(conn, rows))
             return
@@ -532,7 +534,7 @@ class SQLiteJournal:
             return None
         rows = conn.execute(_SELECT, (self.batch,)).fetchall()
         try:
-            jobs = tuple(_record(row) for row in rows)
+            jobs = tuple(record_of(row) for row in rows)
         except (ValueError, TypeError, KeyError, ResponseDecodeError) as exc:
             raise JournalError(
                 f"journal {self.path} holds a record this version cannot read ({exc}): "

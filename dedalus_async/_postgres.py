@@ -21,24 +21,21 @@ application.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from . import _journal
 from ._checks import check_seconds
-from ._convert import structure, unstructure
 from ._errors import JournalError, ResponseDecodeError
 from ._journal import (
-    _DUMPS,
     _MAX_ROWS,
     DEFAULT_RESERVATION_MAX_AGE,
     LAZY_WINDOW,
     Batch,
     JobRecord,
-    JobState,
+    job_rows,
 )
-from ._models import Execution, ExecutionOutput
 
 if TYPE_CHECKING:
     import asyncpg
@@ -147,48 +144,11 @@ def redact_dsn(dsn: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
-def job_rows(batch: str, r: JobRecord) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
-    """A record as its job row (the 12 columns of version 1) and its result row, if any."""
-    job = (
-        batch,
-        r.job,
-        r.position,
-        r.fingerprint,
-        r.machine_id,
-        _DUMPS(r.command),
-        r.idempotency_key,
-        r.state.value,
-        r.attempt,
-        r.sent_at,
-        r.execution_id,
-        r.error,
-    )
-    if r.state is not JobState.FINISHED or r.execution is None:
-        return job, None
-    output = None if r.output is None else _DUMPS(unstructure(r.output))
-    return job, (batch, r.job, _DUMPS(unstructure(r.execution)), output)
-
-
 def record_of(row: Any, where: str) -> JobRecord:
     """A row of :data:`SELECT_JOBS` as a record; a row this version cannot read is a
     :class:`JournalError`."""
-    (job, position, fp, machine, command, key, state, attempt, sent_at, eid, ex, out, err) = row
     try:
-        return JobRecord(
-            job=job,
-            position=position,
-            fingerprint=fp,
-            machine_id=machine,
-            command=tuple(json.loads(command)),
-            idempotency_key=key,
-            state=JobState(state),
-            attempt=attempt,
-            sent_at=sent_at,
-            execution_id=eid,
-            execution=None if ex is None else structure(json.loads(ex), Execution),
-            output=None if out is None else structure(json.loads(out), ExecutionOutput),
-            error=err,
-        )
+        return _journal.record_of(row)
     except (ValueError, TypeError, KeyError, ResponseDecodeError) as exc:
         raise JournalError(
             f"journal {where} holds a record this version cannot read ({exc}): start again "

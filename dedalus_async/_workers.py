@@ -52,9 +52,16 @@ from ._checks import check_count, check_seconds
 from ._durable import job_id
 from ._errors import BatchChangedError, JournalError, LeaseLostError
 from ._fanout import ExecutionRequest
-from ._journal import _DUMPS, DEFAULT_RESERVATION_MAX_AGE, LAZY_WINDOW, Batch, JobRecord
+from ._journal import (
+    _DUMPS,
+    DEFAULT_RESERVATION_MAX_AGE,
+    LAZY_WINDOW,
+    Batch,
+    JobRecord,
+    job_rows,
+)
 from ._policy import UsePolicyDefault
-from ._postgres import connect, is_dsn, job_rows, record_of, redact_dsn
+from ._postgres import connect, is_dsn, record_of, redact_dsn
 
 if TYPE_CHECKING:
     import asyncpg
