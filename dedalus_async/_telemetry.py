@@ -227,11 +227,8 @@ class Telemetry:
 
         outcome = "error"
         try:
-            if span is None:
+            with self.within(span):
                 yield observe
-            else:
-                with self._trace.use_span(span, end_on_exit=False, record_exception=False):
-                    yield observe
             outcome = seen[0] or "unseen"
         except BaseException as exc:
             outcome = "timeout" if isinstance(exc, WaitTimeout) else "error"
@@ -268,11 +265,8 @@ class Telemetry:
                 span.set_attributes(_execution_attributes(execution))
 
         try:
-            if span is None:
+            with self.within(span):
                 yield note
-            else:
-                with self._trace.use_span(span, end_on_exit=False, record_exception=False):
-                    yield note
         except BaseException as exc:
             # what the error knows of the execution: a timeout's last snapshot, a failed
             # check's result
@@ -305,7 +299,7 @@ class Telemetry:
             attributes={"dedalus.fanout.size": total, "dedalus.fanout.concurrency": concurrency},
         )
         try:
-            with self._trace.use_span(span, end_on_exit=False, record_exception=False):
+            with self.within(span):
                 yield span
         except BaseException as exc:
             self._failed(span, exc)
