@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from asyncio.subprocess import Process
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from dedalus_async import (
     submit_batch,
     work_batch,
 )
+from dedalus_async._workers import chunk_size
 from dedalus_async.testing import FakeDedalus, Fault, Script
 
 from .conftest import API_KEY
@@ -55,6 +57,24 @@ async def _cli(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
         out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def _start_workers(args: list[str], env: dict[str, str], count: int) -> list[Process]:
+    """``count`` worker processes (``dedalus-async batch work ARGS``)."""
+    return [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dedalus_async",
+            "batch",
+            "work",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(count)
+    ]
 
 
 def _requests(n: int, **fields: Any) -> list[ExecutionRequest]:
@@ -99,19 +119,7 @@ async def test_workers_share_a_batch_and_a_killed_one_is_taken_over(
     assert code == 0, err
     assert f"'big' in {postgres_dsn}: {n} jobs" in err
 
-    work = ["batch", "work", *where, "--concurrency", "40", "--lease", str(lease)]
-    workers = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "dedalus_async",
-            *work,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        for _ in range(3)
-    ]
+    workers = await _start_workers([*where, "--concurrency", "40", "--lease", str(lease)], env, 3)
     tokens = []
     for worker in workers:
         assert worker.stderr is not None
@@ -346,3 +354,82 @@ async def test_the_cap_on_jobs_in_flight_holds_across_workers(
         running += step
         peak = max(peak, running)
     assert 3 <= peak <= 4
+
+
+# --- the shared requests-per-second ceiling (W9) ---------------------------------------
+
+
+def _busiest_second(times: list[float]) -> int:
+    """The most requests in any 1-second window of ``times``."""
+    times = sorted(times)
+    most, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] > 1.0:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+async def test_the_rate_holds_across_worker_processes(
+    live_fake: FakeDedalus, postgres_dsn: str, tmp_path: Path
+) -> None:
+    """W9: three worker processes, a batch submitted with --rate 30: over any second the
+    server hears at most rate + 1 + one chunk per worker; the same batch without a rate
+    goes clearly faster (the workers could, and the ceiling held them)."""
+    n, rate, workers = 90, 30, 3
+    bound = rate + 1 + workers * chunk_size(rate)  # 30 + 1 + 3 * 3 = 40
+    env = _env(live_fake)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"command": ["echo", f"job {i}"]}) + "\n" for i in range(n)))
+    busiest = {}
+    for name, limit in (("slow", ["--rate", str(rate)]), ("free", [])):
+        where = ["--journal", postgres_dsn, "--name", name]
+        code, _, err = await _cli(
+            ["batch", "submit", str(jobs), "--machine-id", MACHINE, *where, *limit], env
+        )
+        assert code == 0, err
+        live_fake.requests.clear()
+        live_fake.executions.clear()
+        for worker in await _start_workers([*where, "--concurrency", "20"], env, workers):
+            async with asyncio.timeout(120):
+                _, err_bytes = await worker.communicate()
+            assert worker.returncode == 0, err_bytes.decode()
+        _one_execution_per_job(live_fake, n)
+        times = [r.at for r in live_fake.requests]
+        assert len(times) >= n
+        busiest[name] = _busiest_second(times)
+    assert busiest["slow"] <= bound, busiest
+    assert busiest["free"] > 2 * bound, busiest
+
+
+async def test_submitting_again_changes_the_rate_while_workers_run(
+    live_fake: FakeDedalus, postgres_dsn: str
+) -> None:
+    """W9 from Python: two workers (Sessions of their own) share rate=5; submitted again
+    with rate=None mid-batch, they finish the rest at once."""
+    live_fake.set_script(Script.immediate())
+    n, rate = 40, 5.0
+    requests = _requests(n)
+    await submit_batch(postgres_dsn, requests, name="rated", rate=rate)
+
+    async def worker() -> WorkSummary:
+        async with Session(API_KEY, base_url=live_fake.base_url) as session:
+            return await work_batch(session, postgres_dsn, name="rated", concurrency=8, lease=5)
+
+    async def lift_the_rate() -> float:
+        await asyncio.sleep(3.0)
+        await submit_batch(postgres_dsn, requests, name="rated")  # rate=None: no ceiling
+        return time.monotonic()
+
+    started = time.monotonic()
+    summaries, lifted = await asyncio.gather(asyncio.gather(worker(), worker()), lift_the_rate())
+    ended = time.monotonic()
+    assert sum(summary.finished for summary in summaries) == n
+    _one_execution_per_job(live_fake, n)
+    before = [r.at for r in live_fake.requests if r.at < lifted]
+    # within the ceiling until it was lifted: 3 s at 5/s, + 1, + a chunk (1) per worker
+    assert 10 <= len(before) <= 3 * rate + 1 + 2 * chunk_size(rate), len(before)
+    assert _busiest_second(before) <= rate + 1 + 2 * chunk_size(rate)
+    # then the rest at once: at 5/s they would need (n - 18) / 5 > 4 s more
+    after = sorted(round(r.at - lifted, 2) for r in live_fake.requests if r.at >= lifted)
+    assert ended - lifted < 2.0, (ended - started, lifted - started, after, len(before))
