@@ -32,7 +32,7 @@ from dedalus_async import (
     submit_batch,
     work_batch,
 )
-from dedalus_async._workers import chunk_size
+from dedalus_async._workers import CLAIMS_MAX_AGE, chunk_size
 from dedalus_async.testing import FakeDedalus, Fault, Script
 
 from .conftest import API_KEY
@@ -433,3 +433,40 @@ async def test_submitting_again_changes_the_rate_while_workers_run(
     # then the rest at once: at 5/s they would need (n - 18) / 5 > 4 s more
     after = sorted(round(r.at - lifted, 2) for r in live_fake.requests if r.at >= lifted)
     assert ended - lifted < 2.0, (ended - started, lifted - started, after, len(before))
+
+
+# --- the claims log stays bounded (W10) ------------------------------------------------
+
+
+async def test_claims_of_finished_jobs_are_pruned_after_their_age(
+    live_fake: FakeDedalus, postgres_dsn: str
+) -> None:
+    """W10: a worker's start deletes the claims of finished jobs older than CLAIMS_MAX_AGE,
+    in every batch; recent claims and those of unfinished jobs stay."""
+    await submit_batch(postgres_dsn, _requests(4), name="done")
+    await submit_batch(postgres_dsn, _requests(1), name="waiting")
+    async with Session(API_KEY, base_url=live_fake.base_url) as session:
+        await work_batch(session, postgres_dsn, name="done", lease=5)
+        age = CLAIMS_MAX_AGE + 60
+        await _fetch(
+            postgres_dsn,
+            "INSERT INTO dedalus_claims (batch, job, owner, claimed_at) "
+            "SELECT 'waiting', '#0', 'old', clock_timestamp() - make_interval(secs => $1)",
+            age,
+        )
+        await _fetch(
+            postgres_dsn,
+            "UPDATE dedalus_claims SET claimed_at = clock_timestamp() - make_interval(secs => $1) "
+            "WHERE batch = 'done' AND job IN ('#0', '#1')",
+            age,
+        )
+        await _fetch(  # just younger than the limit: kept
+            postgres_dsn,
+            "UPDATE dedalus_claims SET claimed_at = clock_timestamp() - make_interval(secs => $1) "
+            "WHERE batch = 'done' AND job = '#2'",
+            CLAIMS_MAX_AGE - 60,
+        )
+        summary = await work_batch(session, postgres_dsn, name="done", lease=5)
+    assert summary.claimed == 0  # nothing left to run: it only started, and pruned
+    rows = await _fetch(postgres_dsn, "SELECT batch, job FROM dedalus_claims ORDER BY 1, 2")
+    assert [tuple(row) for row in rows] == [("done", "#2"), ("done", "#3"), ("waiting", "#0")]
