@@ -51,7 +51,9 @@ async def test_a_gate_applies_inside_gated_only_and_after_a_pause() -> None:
     passed: list[tuple[str, float]] = []
 
     def gate() -> None:
-        passed.append((asyncio.current_task().get_name(), clock.monotonic()))  # type: ignore[union-attr]
+        task = asyncio.current_task()
+        assert task is not None
+        passed.append((task.get_name(), clock.monotonic()))
 
     start = clock.monotonic()
     assert throttle.acquire() is None
@@ -65,8 +67,13 @@ async def test_a_gate_applies_inside_gated_only_and_after_a_pause() -> None:
     await outside
     assert throttle.acquire() is None
     assert not throttle.active
-    me = asyncio.current_task().get_name()  # type: ignore[union-attr]
-    assert passed == [(me, start), ("started inside", start), (me, start + 2.0)]
+    me = asyncio.current_task()
+    assert me is not None
+    assert passed == [
+        (me.get_name(), start),
+        ("started inside", start),
+        (me.get_name(), start + 2.0),
+    ]
 
 
 async def test_a_gate_that_waits_holds_the_request() -> None:

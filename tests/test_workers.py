@@ -32,7 +32,7 @@ from dedalus_async import (
     submit_batch,
     work_batch,
 )
-from dedalus_async._workers import CLAIMS_MAX_AGE, chunk_size
+from dedalus_async._workers import _FENCED_WRITE, _RENEW, CLAIMS_MAX_AGE, chunk_size
 from dedalus_async.testing import FakeDedalus, Fault, Script
 
 from .conftest import API_KEY
@@ -470,3 +470,55 @@ async def test_claims_of_finished_jobs_are_pruned_after_their_age(
     assert summary.claimed == 0  # nothing left to run: it only started, and pruned
     rows = await _fetch(postgres_dsn, "SELECT batch, job FROM dedalus_claims ORDER BY 1, 2")
     assert [tuple(row) for row in rows] == [("done", "#2"), ("done", "#3"), ("waiting", "#0")]
+
+
+# --- the heartbeat and the writer (commit 28eab6f) -------------------------------------
+
+
+async def test_the_heartbeat_skips_rows_its_writer_holds_instead_of_deadlocking(
+    postgres_dsn: str,
+) -> None:
+    """The writer's transaction holds job #1's row and is about to write #0; the
+    heartbeat renews the worker's leases meanwhile. Waiting for #1 (while holding #0) would
+    deadlock the two (PostgreSQL aborts one after deadlock_timeout): the heartbeat skips
+    #1 instead, renews #0 and lets the writer go on."""
+    await submit_batch(postgres_dsn, _requests(2), name="dl")
+    owner = "worker-token"
+    writer = await asyncpg.connect(postgres_dsn)
+    beat = await asyncpg.connect(postgres_dsn)
+    try:
+        await writer.execute(
+            "UPDATE dedalus_jobs SET lease_owner = $1, "
+            "lease_until = clock_timestamp() + interval '1 minute'",
+            owner,
+        )
+
+        def fenced(job: str) -> Any:  # one job's row, as _Writer writes it (sent)
+            return writer.fetch(
+                _FENCED_WRITE, "dl", owner, [job], ["sent"], [1], [1.0], [None], [None],
+                [f"key-{job}"],
+            )  # fmt: skip
+
+        async with writer.transaction():
+            assert len(await fenced("#1")) == 1  # the writer holds #1
+            renew = asyncio.create_task(beat.execute(_RENEW, "dl", owner, 600.0))
+            async with asyncio.timeout(10):  # the heartbeat is done, or waits for a lock
+                while not renew.done():
+                    waiting = await writer.fetchval(
+                        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                        beat.get_server_pid(),
+                    )
+                    if waiting:
+                        break
+                    await asyncio.sleep(0.01)
+            assert len(await fenced("#0")) == 1  # the writer goes on: no deadlock
+        async with asyncio.timeout(10):
+            assert await renew == "UPDATE 1"  # #0 renewed, #1 skipped (the next beat's)
+        rows = await writer.fetch(
+            "SELECT job, state, lease_until > clock_timestamp() + interval '5 minutes' "
+            "FROM dedalus_jobs ORDER BY job"
+        )
+    finally:
+        await writer.close()
+        await beat.close()
+    assert [tuple(row) for row in rows] == [("#0", "sent", True), ("#1", "sent", False)]
