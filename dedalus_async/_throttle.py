@@ -85,7 +85,7 @@ class Throttle:
     ``rate`` is the ceiling in requests per second (``None``: no ceiling, only 429 pauses);
     ``burst`` how many requests may go back to back after a quiet spell; ``max_pause`` caps
     a server's ``Retry-After``; ``recovery_time`` is how long a halved rate takes to climb
-    back. The module docstring states the rules (T1-T6).
+    back. The module docstring states the rules (T1-T7).
 
     A Session makes one from ``Session(max_requests_per_second=...)`` and exposes it as
     ``session.throttle``; all of the Session's callers share it.
