@@ -32,7 +32,13 @@ from dedalus_async import (
     submit_batch,
     work_batch,
 )
-from dedalus_async._workers import _FENCED_WRITE, _RENEW, CLAIMS_MAX_AGE, chunk_size
+from dedalus_async._workers import (
+    _FENCED_WRITE,
+    _RENEW,
+    CLAIMS_MAX_AGE,
+    SYNC_INTERVAL,
+    chunk_size,
+)
 from dedalus_async.testing import FakeDedalus, Fault, Script
 
 from .conftest import API_KEY
@@ -433,6 +439,35 @@ async def test_submitting_again_changes_the_rate_while_workers_run(
     # then the rest at once: at 5/s they would need (n - 18) / 5 > 4 s more
     after = sorted(round(r.at - lifted, 2) for r in live_fake.requests if r.at >= lifted)
     assert ended - lifted < 2.0, (ended - started, lifted - started, after, len(before))
+
+
+async def test_a_rate_set_while_a_worker_runs_applies_within_a_sync_interval(
+    live_fake: FakeDedalus, postgres_dsn: str
+) -> None:
+    """W9: a batch submitted without a rate, submitted again with rate=10 once its worker
+    is going: from SYNC_INTERVAL (and a round trip) later, the worker keeps to it."""
+    live_fake.set_script(Script.running(0.2))
+    n, rate = 30, 10.0
+    requests = _requests(n)
+    await submit_batch(postgres_dsn, requests, name="later")
+
+    async def set_the_rate() -> float:
+        async with asyncio.timeout(10):
+            while len(live_fake.requests) < 5:  # noqa: ASYNC110 - the fake has no event
+                await asyncio.sleep(0.005)
+        await submit_batch(postgres_dsn, requests, name="later", rate=rate)
+        return time.monotonic()
+
+    async with Session(API_KEY, base_url=live_fake.base_url) as session:
+        summary, set_at = await asyncio.gather(
+            work_batch(session, postgres_dsn, name="later", concurrency=10, lease=5),
+            set_the_rate(),
+        )
+    assert summary.finished == n
+    _one_execution_per_job(live_fake, n)
+    after = [r.at for r in live_fake.requests if r.at > set_at + SYNC_INTERVAL + 0.2]
+    assert len(after) >= 2 * rate  # the rate held a good part of the batch
+    assert _busiest_second(after) <= rate + 1 + chunk_size(rate), _busiest_second(after)
 
 
 # --- the claims log stays bounded (W10) ------------------------------------------------
