@@ -10,7 +10,9 @@ transaction-level advisory lock, so workers that start together migrate it once.
 M1  ``dedalus_schema`` holds the schema's version. Its absence means version 0 (empty).
 M2  :data:`MIGRATIONS` are ordered: version N is reached by applying migration N to
     version N-1. Version 1 is the single-process journal (the SQLite journal's tables);
-    version 2 adds what workers need (the full request, the lease, the claims log).
+    version 2 adds what workers need (the full request, the lease, the claims log);
+    version 3 the batch's shared requests-per-second ceiling (W9) and ties each claim to
+    its job (deleting a job or a batch deletes its claims, W10).
 M3  A database at a version newer than :data:`SCHEMA_VERSION` is refused before anything
     is written: an older library must not write a schema it does not know.
 
@@ -99,6 +101,19 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         claimed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
         previous_owner text
     );
+    """,
+    # 3: the batch's requests-per-second ceiling shared by its workers (the rate, and the
+    # next free slot of its schedule, W9); claims go with their job (W10)
+    """
+    ALTER TABLE dedalus_batches
+        ADD COLUMN rate double precision,
+        ADD COLUMN rate_next timestamptz;
+    DELETE FROM dedalus_claims AS c WHERE NOT EXISTS (
+        SELECT FROM dedalus_jobs AS j WHERE j.batch = c.batch AND j.job = c.job
+    );
+    ALTER TABLE dedalus_claims ADD CONSTRAINT dedalus_claims_job
+        FOREIGN KEY (batch, job) REFERENCES dedalus_jobs (batch, job) ON DELETE CASCADE;
+    CREATE INDEX dedalus_claims_by_job ON dedalus_claims (batch, job);
     """,
 )
 #: The version this code reads and writes.

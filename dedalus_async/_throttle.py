@@ -23,6 +23,12 @@ T5. *Release.* When a pause ends, waiting callers do not all fire at once: with 
     one each waits an extra random fraction of the pause (up to a quarter, at most 1 s).
 T6. *No rate configured:* only T2 and T5 apply. Until a 429 arrives, :meth:`acquire` is a
     single attribute test (no allocation, no await): the Session's hot path pays nothing.
+T7. *Gate.* Inside :meth:`gated` (a context manager: the current task and the tasks it
+    starts), a request that has passed T1-T5 also passes the given gate: a callable that
+    returns ``None`` (go) or an awaitable (go once it completes). The workers of a batch
+    use it for their shared requests-per-second ceiling (:mod:`~dedalus_async._workers`,
+    W9). Passing the throttle first means a request that waited out a pause takes its
+    gate's slot only then, not before.
 
 Nothing here is bound to an event loop: the state is plain numbers, waiting is the
 injected clock's ``sleep``. So one Session (and its throttle) can be created outside any
@@ -31,10 +37,12 @@ loop, e.g. before a FastAPI lifespan or a pytest fixture's loop starts.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import random as _random
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final, TypeAlias
 
 from ._checks import is_number
 from ._clock import Clock, SystemClock
@@ -50,6 +58,11 @@ _SPREAD_FRACTION: Final = 0.25
 _MAX_SPREAD: Final = 1.0
 # A wait shorter than this is rounding residue of the schedule's sums, not a wait.
 _EPSILON: Final = 1e-9
+
+#: T7: what a gate is: ``None`` to go now, or an awaitable to wait for first.
+Gate: TypeAlias = Callable[[], Awaitable[None] | None]
+# T7: the gate of the current task (and of the tasks it started), set by Throttle.gated
+_GATE: contextvars.ContextVar[Gate | None] = contextvars.ContextVar("dedalus_gate", default=None)
 
 
 def _positive(name: str, value: object) -> float:
@@ -72,7 +85,7 @@ class Throttle:
     ``rate`` is the ceiling in requests per second (``None``: no ceiling, only 429 pauses);
     ``burst`` how many requests may go back to back after a quiet spell; ``max_pause`` caps
     a server's ``Retry-After``; ``recovery_time`` is how long a halved rate takes to climb
-    back. The module docstring states the rules (T1-T6).
+    back. The module docstring states the rules (T1-T7).
 
     A Session makes one from ``Session(max_requests_per_second=...)`` and exposes it as
     ``session.throttle``; all of the Session's callers share it.
@@ -83,6 +96,7 @@ class Throttle:
         "_burst_tolerance",
         "_clock",
         "_floor",
+        "_gates",
         "_interval",
         "_last_growth",
         "_random",
@@ -143,6 +157,8 @@ class Throttle:
         self._slope = 0.0 if self.rate is None else 0.5 * self.rate / self.recovery_time
         self._last_growth = -math.inf
         self._spread = 0.0
+        # T7: how many gated() blocks are open (while any is, acquire looks for a gate)
+        self._gates = 0
 
     def __repr__(self) -> str:
         rate = "unlimited" if self.current_rate is None else f"{self.current_rate:g}/s"
@@ -163,9 +179,25 @@ class Throttle:
         if not self.active:
             return None
         delay = self._reserve(self._clock.monotonic())
+        gate = _GATE.get() if self._gates else None
         if delay <= _EPSILON:
-            return None
-        return self._wait(delay, self.epoch)
+            return None if gate is None else gate()
+        if gate is None:
+            return self._wait(delay, self.epoch)
+        return self._wait_then(delay, self.epoch, gate)
+
+    @contextlib.contextmanager
+    def gated(self, gate: Gate) -> Iterator[None]:
+        """T7: within the block (in the current task and the tasks started in it), every
+        request of this throttle's Session also passes ``gate`` before it goes."""
+        token = _GATE.set(gate)
+        self._gates += 1
+        self.active = True
+        try:
+            yield
+        finally:
+            self._gates -= 1
+            _GATE.reset(token)
 
     def _reserve(self, now: float) -> float:
         """Seconds until the caller may send; takes a slot of the schedule if there is one."""
@@ -174,7 +206,8 @@ class Throttle:
             if left > 0:
                 # T5 without a rate: spread the release so the pause does not end in a herd
                 return left + self._random() * self._spread
-            self.active = False  # the pause is over and there is nothing else to enforce
+            # the pause is over: nothing else to enforce, unless a gate is in use (T7)
+            self.active = self._gates > 0
             return 0.0
         # T1, generic cell rate: the slot is the theoretical arrival time, less what a
         # burst may run ahead, but never before now or before the end of a pause.
@@ -182,6 +215,12 @@ class Throttle:
         tat = max(self._tat, earliest)
         self._tat = tat + self._interval
         return max(earliest, tat - self._burst_tolerance) - now
+
+    async def _wait_then(self, delay: float, epoch: int, gate: Gate) -> None:
+        await self._wait(delay, epoch)
+        waiting = gate()
+        if waiting is not None:
+            await waiting
 
     async def _wait(self, delay: float, epoch: int) -> None:
         clock = self._clock

@@ -34,6 +34,23 @@ W8  One cap on jobs in flight across all workers (``max_in_flight``, set at subm
     job is in flight from its claim until its outcome is written (or its lease expires).
     Claims are serialized under a transaction-level advisory lock per batch, and each
     takes at most the cap less the live leases.
+W9  One requests-per-second ceiling for all (``rate``, set at submit, changed by
+    submitting again): the batch's row holds the next free slot of one schedule, a slot
+    every ``1 / rate`` seconds on the database's clock. A worker reserves a chunk of
+    :func:`chunk_size` consecutive slots with one ``UPDATE ... RETURNING`` (about
+    :data:`ROUND_TRIPS_PER_SECOND` round trips a second when it alone uses the whole
+    rate), and its Session's throttle (T7, :meth:`~dedalus_async.Throttle.gated`) lets
+    each request go at its slot's time, after any 429 pause. So in any T seconds the
+    batch's workers send at most ``rate * T + 1`` requests on fresh slots, plus the slots
+    that were reserved earlier and not yet spent: at most one chunk per worker. A worker
+    that dies loses the unspent slots of its chunk (at most one chunk: the others' requests
+    are not delayed by more than ``chunk / rate`` seconds). Each worker reads the rate with
+    the 429 pause (W7), so a new one applies within :data:`SYNC_INTERVAL`.
+W10 The claims log stays bounded: claims of jobs finished, made more than
+    :data:`CLAIMS_MAX_AGE` ago, are deleted (across all batches of the database) when a
+    worker starts; a claim goes with its job, so deleting a batch
+    (``DELETE FROM dedalus_batches WHERE name = ...``) deletes its jobs, results and
+    claims.
 """
 
 from __future__ import annotations
@@ -41,14 +58,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
 from ._checks import check_count, check_seconds
+from ._clock import Clock
 from ._durable import job_id
 from ._errors import BatchChangedError, JournalError, LeaseLostError
 from ._fanout import ExecutionRequest
@@ -62,6 +81,7 @@ from ._journal import (
 )
 from ._policy import UsePolicyDefault
 from ._postgres import connect, is_dsn, record_of, redact_dsn
+from ._throttle import check_rate
 
 if TYPE_CHECKING:
     import asyncpg
@@ -76,6 +96,17 @@ DEFAULT_LEASE: Final = 30.0
 SYNC_INTERVAL: Final = 0.25
 #: Default failures (exceptions, W5) after which a job is left unfinished.
 DEFAULT_MAX_FAILURES: Final = 3
+#: W9: a worker that alone uses a batch's whole rate reserves its slots in chunks sized
+#: for about this many database round trips a second.
+ROUND_TRIPS_PER_SECOND: Final = 10
+#: W10: seconds after which the claims of a finished job are deleted (a week).
+CLAIMS_MAX_AGE: Final = 7 * 24 * 3600.0
+
+
+def chunk_size(rate: float) -> int:
+    """W9: how many slots of a batch's schedule a worker reserves at once, at ``rate``
+    requests per second: ``rate / ROUND_TRIPS_PER_SECOND`` rounded up."""
+    return max(1, math.ceil(rate / ROUND_TRIPS_PER_SECOND))
 
 
 @attrs.frozen(kw_only=True)
@@ -145,6 +176,7 @@ async def submit_batch(
     *,
     name: str = "default",
     max_in_flight: int | None = None,
+    rate: float | None = None,
 ) -> int:
     """Store ``requests`` as batch ``name`` in the PostgreSQL database ``dsn``, for
     :func:`work_batch` to run on any number of machines; returns the number of jobs.
@@ -153,11 +185,14 @@ async def submit_batch(
     them). Submitting the same requests again under the same name does nothing; different
     ones raise :class:`~dedalus_async.BatchChangedError` (use a new name).
     ``max_in_flight`` caps the jobs in flight across all the batch's workers together
-    (``None``: each worker's ``concurrency`` is the only limit); submitting again sets it.
+    (``None``: each worker's ``concurrency`` is the only limit); ``rate`` caps the requests
+    per second of all the batch's workers together (``None``: no shared ceiling; W9).
+    Submitting again sets both, while workers run.
     """
     dsn, name = _check_dsn(dsn), _check_name(name)
     if max_in_flight is not None:
         max_in_flight = check_count("max_in_flight", max_in_flight)
+    rate = check_rate(rate)
     items = list(requests)
     for position, request in enumerate(items):
         if not isinstance(request, ExecutionRequest):
@@ -178,7 +213,7 @@ async def submit_batch(
                 if [(r["job"], r["request"]) for r in held] == list(
                     zip(jobs, documents, strict=True)
                 ):
-                    await conn.execute(_SET_CAP, name, max_in_flight)
+                    await conn.execute(_SET_LIMITS, name, max_in_flight, rate)
                     return len(items)
                 raise BatchChangedError(
                     f"batch {name!r} of {redact_dsn(dsn)} holds other requests: submit "
@@ -186,12 +221,13 @@ async def submit_batch(
                 )
             salt = secrets.token_hex(16)
             await conn.execute(
-                "INSERT INTO dedalus_batches (name, salt, created_at, shared, max_in_flight) "
-                "VALUES ($1, $2, $3, true, $4)",
+                "INSERT INTO dedalus_batches (name, salt, created_at, shared, max_in_flight, "
+                "rate) VALUES ($1, $2, $3, true, $4, $5)",
                 name,
                 salt,
                 time.time(),
                 max_in_flight,
+                rate,
             )
             rows = []
             for position, (request, job, document) in enumerate(
@@ -219,7 +255,7 @@ async def submit_batch(
 
 # --- working ---------------------------------------------------------------------------
 
-_SET_CAP: Final = "UPDATE dedalus_batches SET max_in_flight = $2 WHERE name = $1"
+_SET_LIMITS: Final = "UPDATE dedalus_batches SET max_in_flight = $2, rate = $3 WHERE name = $1"
 # W8: claims of one batch one at a time, and how many more its cap allows
 _CLAIM_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext('dedalus_claims'), hashtext($1))"
 _ROOM: Final = """
@@ -294,9 +330,24 @@ SET paused_until = greatest(coalesce(paused_until, '-infinity'),
     clock_timestamp() + make_interval(secs => $2))
 WHERE name = $1
 """
-_READ_PAUSE: Final = """
-SELECT extract(epoch FROM paused_until - clock_timestamp())::float8 FROM dedalus_batches
-WHERE name = $1
+_READ_SHARED: Final = """
+SELECT extract(epoch FROM paused_until - clock_timestamp())::float8 AS pause, rate
+FROM dedalus_batches WHERE name = $1
+"""
+# W9: the next `$2` slots of the batch's schedule (none before now); RETURNING says how
+# far ahead of now the schedule's end is, and at what rate its slots are spaced
+_RESERVE: Final = """
+UPDATE dedalus_batches
+SET rate_next = greatest(coalesce(rate_next, '-infinity'), clock_timestamp())
+    + make_interval(secs => $2::float8 / rate)
+WHERE name = $1 AND rate IS NOT NULL
+RETURNING rate, extract(epoch FROM rate_next - clock_timestamp())::float8 AS ahead
+"""
+# W10
+_PRUNE_CLAIMS: Final = """
+DELETE FROM dedalus_claims AS c USING dedalus_jobs AS j
+WHERE j.batch = c.batch AND j.job = c.job AND j.state = 'finished'
+    AND c.claimed_at < clock_timestamp() - make_interval(secs => $1)
 """
 _OPEN: Final = """
 SELECT count(*) FILTER (WHERE failures < $2) AS open,
@@ -409,6 +460,74 @@ class _Writer:
                 await self._conn.execute(_RESULTS, self._batch, *results)
 
 
+class _SharedRate:
+    """W9: this worker's part of the batch's requests-per-second ceiling, the gate its
+    Session's throttle applies (T7). Slots are reserved a chunk at a time on a connection
+    of their own (opened when first needed) and spent one per request, at their times."""
+
+    def __init__(self, dsn: str, batch: str, clock: Clock, rate: float | None) -> None:
+        #: the batch's rate as last read (W7's look at the batch refreshes it); None: no gate
+        self.rate = rate
+        self._dsn = dsn
+        self._batch = batch
+        self._clock = clock
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._next = 0.0  # when the next reserved slot is due, on the clock's monotonic scale
+        self._interval = 0.0
+        self._left = 0  # reserved slots not yet spent
+
+    def take(self) -> Awaitable[None] | None:
+        """The gate: ``None`` when a request may go now, else what to await first."""
+        if self.rate is None:
+            return None
+        if self._left and not self._lock.locked():
+            return self._spend()
+        return self._take()
+
+    def _spend(self) -> Awaitable[None] | None:
+        slot = self._next
+        self._next += self._interval
+        self._left -= 1
+        delay = slot - self._clock.monotonic()
+        return None if delay <= 0 else self._clock.sleep(delay)
+
+    async def _take(self) -> None:
+        async with self._lock:  # one reservation at a time; callers queue behind it
+            while not self._left:
+                # not before the last chunk's slots are due: this worker holds at most
+                # one chunk of the schedule ahead of time (what it loses if it dies)
+                due = self._next - self._clock.monotonic()
+                if due > 0:
+                    await self._clock.sleep(due)
+                if self.rate is None or not await self._reserve():
+                    return  # the batch has no rate (any more): go
+            waiting = self._spend()
+        if waiting is not None:
+            await waiting
+
+    async def _reserve(self) -> bool:
+        if self._conn is None:
+            self._conn = await connect(self._dsn)
+        count = chunk_size(self.rate or 1.0)
+        row = await self._conn.fetchrow(_RESERVE, self._batch, float(count))
+        if row is None:
+            self.rate = None
+            return False
+        self.rate = rate = float(row["rate"])
+        # the chunk's slots end `ahead` seconds from now (the database's now, taken as
+        # ours: the round trip only makes them later)
+        self._interval = 1.0 / rate
+        self._next = self._clock.monotonic() + row["ahead"] - count * self._interval
+        self._left = count
+        return True
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+
+
 class _ClaimedJob:
     """The journal of one claimed job, as the durable fan-out sees it: a batch of one,
     named ``#0``; its writes go, fenced, to the worker's writer."""
@@ -473,11 +592,12 @@ async def work_batch(
     where = redact_dsn(dsn)
     conn = await connect(dsn)
     beat: asyncpg.Connection | None = None
+    shared: _SharedRate | None = None
     counts = {"claimed": 0, "taken_over": 0, "finished": 0, "failed": 0, "lost": 0}
     left = 0
     try:
         found = await conn.fetchrow(
-            "SELECT salt, shared FROM dedalus_batches WHERE name = $1", name
+            "SELECT salt, shared, rate FROM dedalus_batches WHERE name = $1", name
         )
         if found is None or not found["shared"]:  # a run_many batch has no requests
             raise JournalError(
@@ -487,12 +607,14 @@ async def work_batch(
                 path=where,
             )
         salt: str = found["salt"]
+        shared = _SharedRate(dsn, name, session.clock, found["rate"])
+        await conn.execute(_PRUNE_CLAIMS, CLAIMS_MAX_AGE)  # W10
         if on_start is not None:
             on_start(owner)
         beat = await connect(dsn)
         writer = _Writer(conn, name, owner)
         running: set[asyncio.Task[None]] = set()
-        heartbeat = asyncio.create_task(_upkeep(session, beat, name, owner, lease_s))
+        heartbeat = asyncio.create_task(_upkeep(session, beat, name, owner, lease_s, shared))
         try:
             while True:
                 free = concurrency - len(running)
@@ -507,8 +629,11 @@ async def work_batch(
                     request = _request_of(_loads(row["request"]))
                     job = _ClaimedJob(name, salt, record, writer, max_age)
                     task = asyncio.create_task(
-                        _run_job(session, conn, writer, name, owner, job, record, request, counts)
-                    )
+                        _run_job(
+                            session, shared, conn, writer, name, owner, job, record, request,
+                            counts,
+                        )
+                    )  # fmt: skip
                     running.add(task)
                     task.add_done_callback(running.discard)
                 if claimed and len(running) < concurrency:
@@ -533,6 +658,8 @@ async def work_batch(
         await conn.close()
         if beat is not None:
             await beat.close()
+        if shared is not None:
+            await shared.aclose()
     return WorkSummary(worker=owner, left=left, **counts)
 
 
@@ -552,6 +679,7 @@ async def _claim(
 
 async def _run_job(
     session: Session,
+    shared: _SharedRate,
     conn: asyncpg.Connection,
     writer: _Writer,
     batch: str,
@@ -562,9 +690,10 @@ async def _run_job(
     counts: dict[str, int],
 ) -> None:
     try:
-        (outcome,) = await session.run_many(
-            [attrs.evolve(request, key=None)], journal=journal, return_exceptions=True
-        )
+        with session.throttle.gated(shared.take):  # W9: every request of the job
+            (outcome,) = await session.run_many(
+                [attrs.evolve(request, key=None)], journal=journal, return_exceptions=True
+            )
     except JournalError as exc:  # the final flush: lease lost (W3), or the database failed
         outcome = exc
     if not isinstance(outcome, BaseException):
@@ -579,10 +708,16 @@ async def _run_job(
 
 
 async def _upkeep(
-    session: Session, conn: asyncpg.Connection, batch: str, owner: str, lease: float
+    session: Session,
+    conn: asyncpg.Connection,
+    batch: str,
+    owner: str,
+    lease: float,
+    shared: _SharedRate,
 ) -> None:
-    """W2 and W7, on a connection of their own: renew this worker's leases every third of
-    the lease time; share 429 pauses every :data:`SYNC_INTERVAL`."""
+    """W2, W7 and W9, on a connection of their own: renew this worker's leases every third
+    of the lease time; share 429 pauses and read the batch's rate every
+    :data:`SYNC_INTERVAL`."""
     throttle = session.throttle
     seen = throttle.rate_limited_count
     renewed = time.monotonic()
@@ -597,7 +732,11 @@ async def _upkeep(
                 # this Session was told to back off: so is every worker of the batch
                 await conn.execute(_SHARE_PAUSE, batch, throttle.paused_until - now)
             seen = throttle.rate_limited_count
-            left = await conn.fetchval(_READ_PAUSE, batch)
+            row = await conn.fetchrow(_READ_SHARED, batch)
+            if row is None:  # the batch was deleted under its workers
+                continue
+            shared.rate = row["rate"]
+            left = row["pause"]
             if left is not None and left > 0 and throttle.paused_until < now + left - 0.05:
                 throttle.rate_limited(left, throttle.epoch)
                 seen = throttle.rate_limited_count

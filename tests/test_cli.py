@@ -1275,6 +1275,12 @@ NUMERIC_FLAGS: list[tuple[list[str], str, list[str], str]] = [
         "10000",
     ),
     (
+        ["batch", "submit", "f.jsonl", "--journal", "postgresql://u@h/d"],
+        "--rate",
+        ["0", "1000001"],
+        "1000000",
+    ),
+    (
         ["batch", "work", "--journal", "postgresql://u@h/d"],
         "--concurrency",
         ["0", "2.5", "10001"],

@@ -18,10 +18,14 @@ from dedalus_async import (
     JournalError,
     PostgresJournal,
     Session,
+    submit_batch,
+    work_batch,
 )
 from dedalus_async._journal import _MAX_ROWS
 from dedalus_async._postgres import MIGRATIONS, SCHEMA_VERSION, migrate, redact_dsn
 from dedalus_async.testing import FakeDedalus
+
+from .conftest import API_KEY
 
 MACHINE = "dm-5b0c3a9e-2f71-4d86-9e15-7a4c8b2d6f03"
 
@@ -46,7 +50,7 @@ async def test_an_empty_database_gets_the_latest_schema_and_no_secret(
     session: Session, postgres_dsn: str
 ) -> None:
     await session.run_many(_requests(3), journal=postgres_dsn)
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert await _version(postgres_dsn) == SCHEMA_VERSION
     conn = await asyncpg.connect(postgres_dsn)
     try:
@@ -79,9 +83,9 @@ async def test_a_version_1_journal_is_migrated_and_its_batch_resumes(
         assert has_lease == 0
     finally:
         await conn.close()
-    # the journal migrates it to version 2 when it connects (rows of version 1: below)
+    # the journal migrates it to the latest when it connects (rows of version 1: below)
     first = await session.run_many(_requests(3), journal=postgres_dsn)
-    assert await _version(postgres_dsn) == 2
+    assert await _version(postgres_dsn) == SCHEMA_VERSION
     sent = len(fake.requests)
     again = await session.run_many(_requests(3), journal=postgres_dsn)
     assert len(fake.requests) == sent
@@ -108,7 +112,49 @@ async def test_rows_written_at_version_1_are_read_after_the_migration(
     assert (job.state, job.idempotency_key, job.command, job.sent_at) == (
         JobState.SENT, "key-1", ("true",), 5.0,
     )  # fmt: skip
-    assert await _version(postgres_dsn) == 2
+    assert await _version(postgres_dsn) == SCHEMA_VERSION
+
+
+async def test_a_version_2_database_is_migrated_and_its_shared_batch_is_worked(
+    live_fake: FakeDedalus, postgres_dsn: str
+) -> None:
+    """From version 2 to 3: a batch submitted at version 2 gets a rate (W9) and is worked;
+    its claims survive, a claim of no job (possible at version 2) is deleted, and claims
+    now go with their batch (W10)."""
+    request = ExecutionRequest(machine_id=MACHINE, command=["true"])
+    fingerprint = request._spec(0, "key-1").fingerprint("salt")
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await migrate(conn, "test", to=2)
+        await conn.execute(
+            "INSERT INTO dedalus_batches (name, salt, created_at, shared) "
+            "VALUES ('old', 'salt', 0, true);"
+            "INSERT INTO dedalus_jobs (batch, job, position, fingerprint, machine_id, "
+            "command, idempotency_key, state, attempt, request) VALUES ('old', '#0', 0, "
+            f"'{fingerprint}', '{MACHINE}', '[\"true\"]', 'key-1', 'pending', 0, "
+            f'\'{{"machine_id": "{MACHINE}", "command": ["true"]}}\');'
+            "INSERT INTO dedalus_claims (batch, job, owner) VALUES ('old', '#0', 'w1'), "
+            "('gone', '#0', 'w2')"
+        )
+    finally:
+        await conn.close()
+    await submit_batch(postgres_dsn, [], name="other", rate=1000.0)  # connects: migrates
+    assert await _version(postgres_dsn) == SCHEMA_VERSION
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute("UPDATE dedalus_batches SET rate = 50 WHERE name = 'old'")
+        async with Session(API_KEY, base_url=live_fake.base_url) as session:
+            summary = await work_batch(session, postgres_dsn, name="old", lease=5)
+        assert (summary.claimed, summary.finished) == (1, 1)
+        assert await conn.fetchval(
+            "SELECT rate_next IS NOT NULL FROM dedalus_batches WHERE name = 'old'"
+        )  # the rate was used
+        owners = [r[0] for r in await conn.fetch("SELECT owner FROM dedalus_claims ORDER BY id")]
+        assert owners == ["w1", summary.worker]
+        await conn.execute("DELETE FROM dedalus_batches WHERE name = 'old'")
+        assert await conn.fetchval("SELECT count(*) FROM dedalus_claims") == 0
+    finally:
+        await conn.close()
 
 
 async def test_a_newer_schema_is_refused_before_anything_is_written(
@@ -176,6 +222,7 @@ async def test_lazy_saves_are_written_in_groups_and_by_aclose(postgres_dsn: str)
 
 async def test_a_failed_lazy_write_is_reported_by_the_next_call(postgres_dsn: str) -> None:
     journal = PostgresJournal(postgres_dsn, batch="never-started")
+    assert await journal.load() is None  # connected (and the schema made): not timed below
     # a job of a batch that was never written: the database refuses it (foreign key)
     await journal.save(_record("orphan"), durable=False)
     await asyncio.sleep(0.2)  # LAZY_WINDOW passes, the write fails with nobody waiting

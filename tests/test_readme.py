@@ -54,6 +54,7 @@ from pathlib import Path
 from types import CodeType
 from typing import Any
 
+import asyncpg
 import httpx
 import mypy.api
 import pytest
@@ -85,6 +86,21 @@ MACHINE_ID = "{MACHINE_ID}"
 """
 #: The fragment is the body of this function (its line stands right above the block's).
 FRAGMENT_WRAPPER = "async def readme_fragment(session: Session, handle: ExecutionHandle) -> None:\n"
+#: Sections whose blocks need a PostgreSQL database: they run with the ``postgres_dsn``
+#: fixture's (skipped without a server, as every PostgreSQL test is; failed under ``CI``),
+#: exported as ``DSN`` (the recipe's ``export DSN=...``).
+NEEDS_POSTGRES = {"Many workers"}
+#: Above a fragment of these sections, after FRAGMENT_PRELUDE: what else its reader has.
+SECTION_PRELUDE = {
+    "Many workers": """\
+import os
+
+from dedalus_async import ExecutionRequest
+
+DSN = os.environ["DSN"]
+requests = [ExecutionRequest(machine_id=MACHINE_ID, command=["echo", f"job {i}"]) for i in range(5)]
+""",
+}
 
 
 MARKER = re.compile(r"<!-- not run: (?P<reason>\S.*?) -->")
@@ -126,7 +142,8 @@ class Block:
         README."""
         head, wrapper, body = "", "", self.source
         if self.kind == "fragment":
-            head, wrapper = FRAGMENT_PRELUDE, FRAGMENT_WRAPPER
+            head = FRAGMENT_PRELUDE + SECTION_PRELUDE.get(self.section, "")
+            wrapper = FRAGMENT_WRAPPER
             body = textwrap.indent(self.source, "    ")
         padding = self.line - 1 - head.count("\n") - wrapper.count("\n")
         assert padding >= 0, f"the prelude is longer than the README before line {self.line}"
@@ -177,6 +194,7 @@ def readme_blocks(text: str) -> list[Block]:
 BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
 PYTHON_BLOCKS = [block for block in BLOCKS if block.language == "python"]
 PYTEST_BLOCKS = [block for block in PYTHON_BLOCKS if block.kind == "pytest"]
+POSTGRES_BLOCKS = [block for block in PYTHON_BLOCKS if block.section in NEEDS_POSTGRES]
 
 
 def pytest_settings(blocks: list[Block]) -> str:
@@ -318,13 +336,47 @@ def _run_pytest_block(block: Block, project: Path) -> None:
 # --- the Python blocks ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda block: f"L{block.line}-{block.kind}")
+@pytest.mark.parametrize(
+    "block",
+    [block for block in PYTHON_BLOCKS if block not in POSTGRES_BLOCKS],
+    ids=lambda block: f"L{block.line}-{block.kind}",
+)
 async def test_readme_python_block_runs(
     block: Block,
     readme_fake: FakeDedalus,
     readme_env: None,
     tmp_path: Path,
 ) -> None:
+    await _run_python_block(block, readme_fake, tmp_path)
+
+
+@pytest.mark.parametrize("block", POSTGRES_BLOCKS, ids=lambda block: f"L{block.line}-{block.kind}")
+async def test_readme_python_block_runs_on_postgres(
+    block: Block,
+    readme_fake: FakeDedalus,
+    readme_env: None,
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("DSN", postgres_dsn)
+    await _run_python_block(block, readme_fake, tmp_path)
+    # what the block submitted (SECTION_PRELUDE's requests) was run, each once
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        states = await conn.fetch("SELECT state, count(*) FROM dedalus_jobs GROUP BY 1")
+    finally:
+        await conn.close()
+    assert {row[0]: row[1] for row in states} == {"finished": 5}
+    commands = sorted(" ".join(record.command) for record in readme_fake.executions.values())
+    assert commands == sorted(["echo hi", *(f"echo job {i}" for i in range(5))])
+
+
+def test_the_postgres_blocks_are_found() -> None:
+    assert [block.kind for block in POSTGRES_BLOCKS] == ["fragment"]
+
+
+async def _run_python_block(block: Block, readme_fake: FakeDedalus, tmp_path: Path) -> None:
     if block.not_run is not None:
         pytest.skip(f"{block}: not run: {block.not_run}")
     if block.kind == "pytest":
@@ -450,10 +502,24 @@ SHELL_RUN: dict[str, Callable[[str, Path], None]] = {
     ' && dedalus-async run --local --machine-id "$ID" -- pwd': _machine_made_then_used,
 }
 
-_NEEDS_POSTGRES = (
-    "needs a PostgreSQL database; tests/test_workers.py runs batch submit, work and status "
-    "against one"
-)
+_SUBMIT = "dedalus-async batch submit jobs.jsonl --journal $DSN --name nightly --rate 50"
+_WORK = "dedalus-async batch work --journal $DSN --name nightly --concurrency 64"
+_STATUS = "dedalus-async batch status --journal $DSN --name nightly"
+
+
+def _nightly_done(out: str, home: Path) -> None:
+    assert out.splitlines()[:2] == [
+        f"batch 'nightly' in {os.environ['DSN']}: 2 jobs",
+        "finished 2 (2 ok, 0 not ok), pending 0, sent 0, created 0",
+    ], out
+
+
+#: Recipes that need PostgreSQL (NEEDS_POSTGRES), run as one script each, with ``DSN``
+#: exported as the ``postgres_dsn`` fixture's database: the steps one after the other, the
+#: commands of a step side by side (two workers). The check gets the last step's stdout.
+SHELL_RUN_ON_POSTGRES: dict[tuple[tuple[str, ...], ...], Callable[[str, Path], None]] = {
+    ((_SUBMIT,), (_WORK, _WORK), (_STATUS,)): _nightly_done,
+}
 
 #: The commands that do not, and why.
 SHELL_NOT_RUN: dict[str, str] = {
@@ -484,10 +550,9 @@ SHELL_NOT_RUN: dict[str, str] = {
         "serves until stopped, on a fixed port that another test run here may hold; "
         "tests/test_cli.py runs serve-local"
     ),
-    "export DSN=postgresql://postgres@127.0.0.1:5432/jobs": "sets the DSN of the next lines",
-    "dedalus-async batch submit jobs.jsonl --journal $DSN --name nightly": _NEEDS_POSTGRES,
-    "dedalus-async batch work --journal $DSN --name nightly --concurrency 64": _NEEDS_POSTGRES,
-    "dedalus-async batch status --journal $DSN --name nightly": _NEEDS_POSTGRES,
+    "export DSN=postgresql://postgres@127.0.0.1:5432/jobs": (
+        "sets the DSN of the next lines; their test exports the DSN of a database of its own"
+    ),
     "python -m nox -s bench -- --sizes 1000 --rounds 5": "benchmarks: minutes",
     "python -m benchmarks.workers --jobs 10000 --workers 1,2,4 --concurrency 100": (
         "benchmarks: minutes, and a PostgreSQL server"
@@ -504,14 +569,56 @@ SHELL_NOT_RUN: dict[str, str] = {
 
 
 def test_every_shell_command_runs_or_says_why_not() -> None:
-    unknown = [c for c in SHELL_COMMANDS if c not in SHELL_RUN and c not in SHELL_NOT_RUN]
+    in_recipes = [c for recipe in SHELL_RUN_ON_POSTGRES for step in recipe for c in step]
+    known = {*SHELL_RUN, *SHELL_NOT_RUN, *in_recipes}
+    unknown = [c for c in SHELL_COMMANDS if c not in known]
     assert unknown == []
-    stale = [c for c in [*SHELL_RUN, *SHELL_NOT_RUN] if c not in SHELL_COMMANDS]
+    stale = [c for c in known if c not in SHELL_COMMANDS]
     assert stale == []
 
 
 @pytest.mark.parametrize("command", list(SHELL_RUN))
 def test_readme_shell_command_runs(command: str, tmp_path: Path) -> None:
+    completed = _bash(command, tmp_path, {})
+    assert completed.returncode == 0, completed.stderr
+    assert "local" in completed.stderr  # it said it runs on the local backend
+    SHELL_RUN[command](completed.stdout, tmp_path / "home")
+
+
+@pytest.mark.parametrize(
+    "recipe", list(SHELL_RUN_ON_POSTGRES), ids=lambda recipe: " | ".join(s[0] for s in recipe)
+)
+async def test_readme_shell_recipe_runs_on_postgres(
+    recipe: tuple[tuple[str, ...], ...],
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("DSN", postgres_dsn)  # for the check, too
+    lines = ["set -e"]
+    for step in recipe:
+        if len(step) == 1:
+            lines.append(f"{step[0]} > out")
+            continue
+        pids = []
+        for number, command in enumerate(step):
+            lines.append(f"{command} & p{number}=$!")
+            pids.append(f"$p{number}")
+        lines.extend(f"wait {pid}" for pid in pids)
+    # the README's jobs.jsonl has no machine_id: its reader names one (as serve-local says)
+    env = {"DSN": postgres_dsn, "DEDALUS_MACHINE_ID": "dm-local"}
+    completed = await asyncio.to_thread(_bash, "\n".join(lines), tmp_path, env)
+    assert completed.returncode == 0, completed.stderr
+    assert "local" in completed.stderr  # the workers ran on the local backend
+    home = tmp_path / "home"
+    SHELL_RUN_ON_POSTGRES[recipe]((home / "out").read_text(), home)
+
+
+def _bash(
+    script: str, tmp_path: Path, extra_env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``script`` run by bash in a fresh HOME (``tmp_path / "home"``, with jobs.jsonl), no
+    API key, ``dedalus-async`` the code under test, ``extra_env`` added."""
     home = tmp_path / "home"
     bin_dir = tmp_path / "bin"
     home.mkdir()
@@ -525,8 +632,9 @@ def test_readme_shell_command_runs(command: str, tmp_path: Path) -> None:
     env.pop("XDG_DATA_HOME", None)
     env["HOME"] = str(home)
     env["PATH"] = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env["PATH"]])
-    completed = subprocess.run(
-        ["bash", "-c", command],
+    env.update(extra_env)
+    return subprocess.run(
+        ["bash", "-c", script],
         cwd=home,
         env=env,
         capture_output=True,
@@ -534,6 +642,3 @@ def test_readme_shell_command_runs(command: str, tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert completed.returncode == 0, completed.stderr
-    assert "local" in completed.stderr  # it said it runs on the local backend
-    SHELL_RUN[command](completed.stdout, home)

@@ -1,4 +1,4 @@
-"""The Session-wide throttle (rules T1-T6 of dedalus_async._throttle), on a fake clock."""
+"""The Session-wide throttle (rules T1-T7 of dedalus_async._throttle), on a fake clock."""
 
 from __future__ import annotations
 
@@ -41,6 +41,50 @@ def test_unconfigured_acquire_allocates_nothing() -> None:
     for _ in range(10_000):
         acquire()
     assert sys.getallocatedblocks() - before < 5
+
+
+async def test_a_gate_applies_inside_gated_only_and_after_a_pause() -> None:
+    """T7: inside gated(), each request also passes the gate, in the current task and the
+    tasks it starts, after a 429 pause, never before; outside, the free path is back."""
+    clock = FakeClock()
+    throttle = Throttle(clock=clock, random=_zero)
+    passed: list[tuple[str, float]] = []
+
+    def gate() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        passed.append((task.get_name(), clock.monotonic()))
+
+    start = clock.monotonic()
+    assert throttle.acquire() is None
+    with throttle.gated(gate):
+        assert throttle.active
+        await _take(throttle)
+        await asyncio.create_task(_take(throttle), name="started inside")
+        throttle.rate_limited(2.0, throttle.epoch)
+        await _take(throttle)  # waits out the pause, then passes the gate
+    outside = asyncio.create_task(_take(throttle), name="started outside")
+    await outside
+    assert throttle.acquire() is None
+    assert not throttle.active
+    me = asyncio.current_task()
+    assert me is not None
+    assert passed == [
+        (me.get_name(), start),
+        ("started inside", start),
+        (me.get_name(), start + 2.0),
+    ]
+
+
+async def test_a_gate_that_waits_holds_the_request() -> None:
+    """T7: the awaitable a gate returns is awaited before acquire's caller may go."""
+    clock = FakeClock()
+    throttle = Throttle(clock=clock)
+    with throttle.gated(lambda: clock.sleep(0.5)):
+        start = clock.monotonic()
+        await _take(throttle)
+        await _take(throttle)
+    assert clock.monotonic() - start == pytest.approx(1.0)
 
 
 async def test_rate_spaces_requests_evenly() -> None:

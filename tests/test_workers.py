@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from asyncio.subprocess import Process
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,13 @@ from dedalus_async import (
     WorkSummary,
     submit_batch,
     work_batch,
+)
+from dedalus_async._workers import (
+    _FENCED_WRITE,
+    _RENEW,
+    CLAIMS_MAX_AGE,
+    SYNC_INTERVAL,
+    chunk_size,
 )
 from dedalus_async.testing import FakeDedalus, Fault, Script
 
@@ -55,6 +63,24 @@ async def _cli(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
         out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def _start_workers(args: list[str], env: dict[str, str], count: int) -> list[Process]:
+    """``count`` worker processes (``dedalus-async batch work ARGS``)."""
+    return [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dedalus_async",
+            "batch",
+            "work",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(count)
+    ]
 
 
 def _requests(n: int, **fields: Any) -> list[ExecutionRequest]:
@@ -99,19 +125,7 @@ async def test_workers_share_a_batch_and_a_killed_one_is_taken_over(
     assert code == 0, err
     assert f"'big' in {postgres_dsn}: {n} jobs" in err
 
-    work = ["batch", "work", *where, "--concurrency", "40", "--lease", str(lease)]
-    workers = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "dedalus_async",
-            *work,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        for _ in range(3)
-    ]
+    workers = await _start_workers([*where, "--concurrency", "40", "--lease", str(lease)], env, 3)
     tokens = []
     for worker in workers:
         assert worker.stderr is not None
@@ -346,3 +360,200 @@ async def test_the_cap_on_jobs_in_flight_holds_across_workers(
         running += step
         peak = max(peak, running)
     assert 3 <= peak <= 4
+
+
+# --- the shared requests-per-second ceiling (W9) ---------------------------------------
+
+
+def _busiest_second(times: list[float]) -> int:
+    """The most requests in any 1-second window of ``times``."""
+    times = sorted(times)
+    most, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] > 1.0:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+async def test_the_rate_holds_across_worker_processes(
+    live_fake: FakeDedalus, postgres_dsn: str, tmp_path: Path
+) -> None:
+    """W9: three worker processes, a batch submitted with --rate 30: over any second the
+    server hears at most rate + 1 + one chunk per worker; the same batch without a rate
+    goes clearly faster (the workers could, and the ceiling held them)."""
+    n, rate, workers = 90, 30, 3
+    bound = rate + 1 + workers * chunk_size(rate)  # 30 + 1 + 3 * 3 = 40
+    env = _env(live_fake)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"command": ["echo", f"job {i}"]}) + "\n" for i in range(n)))
+    busiest = {}
+    for name, limit in (("slow", ["--rate", str(rate)]), ("free", [])):
+        where = ["--journal", postgres_dsn, "--name", name]
+        code, _, err = await _cli(
+            ["batch", "submit", str(jobs), "--machine-id", MACHINE, *where, *limit], env
+        )
+        assert code == 0, err
+        live_fake.requests.clear()
+        live_fake.executions.clear()
+        for worker in await _start_workers([*where, "--concurrency", "20"], env, workers):
+            async with asyncio.timeout(120):
+                _, err_bytes = await worker.communicate()
+            assert worker.returncode == 0, err_bytes.decode()
+        _one_execution_per_job(live_fake, n)
+        times = [r.at for r in live_fake.requests]
+        assert len(times) >= n
+        busiest[name] = _busiest_second(times)
+    assert busiest["slow"] <= bound, busiest
+    assert busiest["free"] > 2 * bound, busiest
+
+
+async def test_submitting_again_changes_the_rate_while_workers_run(
+    live_fake: FakeDedalus, postgres_dsn: str
+) -> None:
+    """W9 from Python: two workers (Sessions of their own) share rate=5; submitted again
+    with rate=None mid-batch, they finish the rest at once."""
+    live_fake.set_script(Script.immediate())
+    n, rate = 40, 5.0
+    requests = _requests(n)
+    await submit_batch(postgres_dsn, requests, name="rated", rate=rate)
+
+    async def worker() -> WorkSummary:
+        async with Session(API_KEY, base_url=live_fake.base_url) as session:
+            return await work_batch(session, postgres_dsn, name="rated", concurrency=8, lease=5)
+
+    async def lift_the_rate() -> float:
+        await asyncio.sleep(3.0)
+        await submit_batch(postgres_dsn, requests, name="rated")  # rate=None: no ceiling
+        return time.monotonic()
+
+    started = time.monotonic()
+    summaries, lifted = await asyncio.gather(asyncio.gather(worker(), worker()), lift_the_rate())
+    ended = time.monotonic()
+    assert sum(summary.finished for summary in summaries) == n
+    _one_execution_per_job(live_fake, n)
+    before = [r.at for r in live_fake.requests if r.at < lifted]
+    # within the ceiling until it was lifted: 3 s at 5/s, + 1, + a chunk (1) per worker
+    assert 10 <= len(before) <= 3 * rate + 1 + 2 * chunk_size(rate), len(before)
+    assert _busiest_second(before) <= rate + 1 + 2 * chunk_size(rate)
+    # then the rest at once: at 5/s they would need (n - 18) / 5 > 4 s more
+    after = sorted(round(r.at - lifted, 2) for r in live_fake.requests if r.at >= lifted)
+    assert ended - lifted < 2.0, (ended - started, lifted - started, after, len(before))
+
+
+async def test_a_rate_set_while_a_worker_runs_applies_within_a_sync_interval(
+    live_fake: FakeDedalus, postgres_dsn: str
+) -> None:
+    """W9: a batch submitted without a rate, submitted again with rate=10 once its worker
+    is going: from SYNC_INTERVAL (and a round trip) later, the worker keeps to it."""
+    live_fake.set_script(Script.running(0.2))
+    n, rate = 30, 10.0
+    requests = _requests(n)
+    await submit_batch(postgres_dsn, requests, name="later")
+
+    async def set_the_rate() -> float:
+        async with asyncio.timeout(10):
+            while len(live_fake.requests) < 5:  # noqa: ASYNC110 - the fake has no event
+                await asyncio.sleep(0.005)
+        await submit_batch(postgres_dsn, requests, name="later", rate=rate)
+        return time.monotonic()
+
+    async with Session(API_KEY, base_url=live_fake.base_url) as session:
+        summary, set_at = await asyncio.gather(
+            work_batch(session, postgres_dsn, name="later", concurrency=10, lease=5),
+            set_the_rate(),
+        )
+    assert summary.finished == n
+    _one_execution_per_job(live_fake, n)
+    after = [r.at for r in live_fake.requests if r.at > set_at + SYNC_INTERVAL + 0.2]
+    assert len(after) >= 2 * rate  # the rate held a good part of the batch
+    assert _busiest_second(after) <= rate + 1 + chunk_size(rate), _busiest_second(after)
+
+
+# --- the claims log stays bounded (W10) ------------------------------------------------
+
+
+async def test_claims_of_finished_jobs_are_pruned_after_their_age(
+    live_fake: FakeDedalus, postgres_dsn: str
+) -> None:
+    """W10: a worker's start deletes the claims of finished jobs older than CLAIMS_MAX_AGE,
+    in every batch; recent claims and those of unfinished jobs stay."""
+    await submit_batch(postgres_dsn, _requests(4), name="done")
+    await submit_batch(postgres_dsn, _requests(1), name="waiting")
+    async with Session(API_KEY, base_url=live_fake.base_url) as session:
+        await work_batch(session, postgres_dsn, name="done", lease=5)
+        age = CLAIMS_MAX_AGE + 60
+        await _fetch(
+            postgres_dsn,
+            "INSERT INTO dedalus_claims (batch, job, owner, claimed_at) "
+            "SELECT 'waiting', '#0', 'old', clock_timestamp() - make_interval(secs => $1)",
+            age,
+        )
+        await _fetch(
+            postgres_dsn,
+            "UPDATE dedalus_claims SET claimed_at = clock_timestamp() - make_interval(secs => $1) "
+            "WHERE batch = 'done' AND job IN ('#0', '#1')",
+            age,
+        )
+        await _fetch(  # just younger than the limit: kept
+            postgres_dsn,
+            "UPDATE dedalus_claims SET claimed_at = clock_timestamp() - make_interval(secs => $1) "
+            "WHERE batch = 'done' AND job = '#2'",
+            CLAIMS_MAX_AGE - 60,
+        )
+        summary = await work_batch(session, postgres_dsn, name="done", lease=5)
+    assert summary.claimed == 0  # nothing left to run: it only started, and pruned
+    rows = await _fetch(postgres_dsn, "SELECT batch, job FROM dedalus_claims ORDER BY 1, 2")
+    assert [tuple(row) for row in rows] == [("done", "#2"), ("done", "#3"), ("waiting", "#0")]
+
+
+# --- the heartbeat and the writer (commit 28eab6f) -------------------------------------
+
+
+async def test_the_heartbeat_skips_rows_its_writer_holds_instead_of_deadlocking(
+    postgres_dsn: str,
+) -> None:
+    """The writer's transaction holds job #1's row and is about to write #0; the
+    heartbeat renews the worker's leases meanwhile. Waiting for #1 (while holding #0) would
+    deadlock the two (PostgreSQL aborts one after deadlock_timeout): the heartbeat skips
+    #1 instead, renews #0 and lets the writer go on."""
+    await submit_batch(postgres_dsn, _requests(2), name="dl")
+    owner = "worker-token"
+    writer = await asyncpg.connect(postgres_dsn)
+    beat = await asyncpg.connect(postgres_dsn)
+    try:
+        await writer.execute(
+            "UPDATE dedalus_jobs SET lease_owner = $1, "
+            "lease_until = clock_timestamp() + interval '1 minute'",
+            owner,
+        )
+
+        def fenced(job: str) -> Any:  # one job's row, as _Writer writes it (sent)
+            return writer.fetch(
+                _FENCED_WRITE, "dl", owner, [job], ["sent"], [1], [1.0], [None], [None],
+                [f"key-{job}"],
+            )  # fmt: skip
+
+        async with writer.transaction():
+            assert len(await fenced("#1")) == 1  # the writer holds #1
+            renew = asyncio.create_task(beat.execute(_RENEW, "dl", owner, 600.0))
+            async with asyncio.timeout(10):  # the heartbeat is done, or waits for a lock
+                while not renew.done():
+                    waiting = await writer.fetchval(
+                        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                        beat.get_server_pid(),
+                    )
+                    if waiting:
+                        break
+                    await asyncio.sleep(0.01)
+            assert len(await fenced("#0")) == 1  # the writer goes on: no deadlock
+        async with asyncio.timeout(10):
+            assert await renew == "UPDATE 1"  # #0 renewed, #1 skipped (the next beat's)
+        rows = await writer.fetch(
+            "SELECT job, state, lease_until > clock_timestamp() + interval '5 minutes' "
+            "FROM dedalus_jobs ORDER BY job"
+        )
+    finally:
+        await writer.close()
+        await beat.close()
+    assert [tuple(row) for row in rows] == [("#0", "sent", True), ("#1", "sent", False)]

@@ -90,7 +90,11 @@ async def _submit(args: argparse.Namespace, ctx: Context) -> int:
     machine = args.machine_id or os.environ.get("DEDALUS_MACHINE_ID") or None
     requests = load_requests(args.file, machine, None)
     count = await submit_batch(
-        args.journal, requests, name=args.batch, max_in_flight=args.max_in_flight
+        args.journal,
+        requests,
+        name=args.batch,
+        max_in_flight=args.max_in_flight,
+        rate=args.rate,
     )
     ctx.note(
         f"batch {args.batch!r} in {journal_name(args.journal)}: {count} jobs; run them with "

@@ -27,6 +27,7 @@ __all__ = [
     "MAX_MEMORY_MIB",
     "MAX_OUTPUT_CAP",
     "MAX_PAGE_SIZE",
+    "MAX_RATE",
     "MAX_STORAGE_GIB",
     "MAX_VCPU",
     "NUMERIC_TYPES",
@@ -35,6 +36,8 @@ __all__ = [
 
 #: --concurrency at most: more executions at once than any machine or account runs.
 MAX_CONCURRENCY: Final = 10_000
+#: batch submit --rate at most (requests per second: more than any account is allowed).
+MAX_RATE: Final = 1_000_000
 #: list --limit at most (a page size; servers clamp it lower anyway).
 MAX_PAGE_SIZE: Final = 1_000
 #: serve-local --output-cap at most (1 GiB per stream, kept in memory per execution).
@@ -216,6 +219,19 @@ def _vcpu(text: str) -> float:
     return int(value) if value.is_integer() else value
 
 
+def _rate(text: str) -> float:
+    """--rate: a positive number of requests per second (0.5 is fine), at most MAX_RATE."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of requests per second: {text!r}") from None
+    if not 0 < value <= MAX_RATE:  # NaN and infinities fail too
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of requests per second, at most {MAX_RATE}, not {text!r}"
+        )
+    return value
+
+
 def _autosleep(text: str) -> str:
     try:
         check_autosleep(text)
@@ -254,6 +270,7 @@ NUMERIC_TYPES: Final = frozenset(
         _page_size,
         _output_cap,
         _vcpu,
+        _rate,
         _memory_mib,
         _storage_gib,
     }
@@ -461,6 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="jobs in flight across all workers together, at most (default: no cap but "
         "each worker's --concurrency)",
+    )
+    submit.add_argument(
+        "--rate",
+        type=_rate,
+        metavar="R",
+        help="requests per second of all workers together, at most, e.g. 50 or 0.5 "
+        "(default: no shared ceiling). Submitting again changes it (and --max-in-flight) "
+        "while workers run",
     )
     work = batch_sub.add_parser(
         "work",
