@@ -36,7 +36,7 @@ from ._models import (
     Machine,
 )
 
-__all__ = ["structure", "unstructure"]
+__all__ = ["structure", "unstructure", "unstructure_datetime"]
 
 T = TypeVar("T")
 
@@ -206,7 +206,8 @@ def _bound(hook: Callable[[object, Any], T], cls: type[T]) -> Callable[[object, 
 # --- the way back: models to JSON-ready dicts ------------------------------------------
 
 
-def _unstructure_datetime(value: datetime) -> str:
+def unstructure_datetime(value: datetime) -> str:
+    """A time as :func:`unstructure` writes it."""
     # milliseconds, the API's own precision, when they lose nothing; microseconds otherwise,
     # so that structure() reads back the same instant
     if value.tzinfo is None:
@@ -238,7 +239,7 @@ def _add_unstructure_hooks(conv: cattrs.Converter) -> None:
         none_default = {f.name: omit for f in attrs.fields(cls) if f.default is None}
         return _make_unstructure_fn(cls, conv, **none_default)
 
-    conv.register_unstructure_hook(datetime, _unstructure_datetime)
+    conv.register_unstructure_hook(datetime, unstructure_datetime)
     conv.register_unstructure_hook_func(_is_tuple, unstructure_tuple)
     conv.register_unstructure_hook_factory(attrs.has, record_hook)
 
