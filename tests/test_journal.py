@@ -668,7 +668,7 @@ _FULL = Execution(
     creation_request_id="req-1",
     creation_trace_id="0" * 32,
 )
-_MODELS = [
+_MODELS: list[Execution | ExecutionOutput] = [
     _FULL,
     Execution(execution_id="exe-2", machine_id=MACHINE, created_at=_AT, status="queued"),
     Execution(
