@@ -187,16 +187,40 @@ CREATE TABLE results (
 # journal's cost (pages written to the WAL, then again at each checkpoint).
 
 
-def _from_json(table: str, columns: str, count: int) -> str:
-    # One statement for all the rows of a transaction, passed as one JSON array: sqlite3
-    # lets go of the GIL at each step of a statement, so executemany over N rows makes the
-    # event loop's thread and this one trade the GIL N times; this makes it once.
-    values = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(count))
-    return f"INSERT OR REPLACE INTO {table} {columns} SELECT {values} FROM json_each(?)"
+# The rows of a transaction go in a few statements of many rows each
+# (INSERT ... VALUES (...), (...), ...), their values bound as they are: sqlite3 lets go of
+# the GIL at each step of a statement, so executemany over N rows made the event loop's
+# thread and this one trade the GIL N times, and passing the rows as one JSON array (the
+# way before) made SQLite parse each row's text again for each of its columns. Row counts
+# are powers of two (a few statement texts, each prepared once and cached), each statement
+# within the 999 parameters of SQLite before 3.32.
+_MAX_PARAMETERS: Final = 999
 
 
-_UPSERT_JOBS: Final = _from_json("jobs", "", 12)
-_UPSERT_RESULTS: Final = _from_json("results", "(batch, job, execution, output)", 4)
+def _inserts(table: str, width: int) -> dict[int, str]:
+    """``INSERT OR REPLACE`` statements of ``table`` by their number of rows."""
+    one = "(" + ", ".join("?" * width) + ")"
+    statements = {}
+    size = 1
+    while size * width <= _MAX_PARAMETERS:
+        statements[size] = f"INSERT OR REPLACE INTO {table} VALUES " + ", ".join([one] * size)
+        size *= 2
+    return statements
+
+
+_INSERT_JOBS: Final = _inserts("jobs", 12)
+_INSERT_RESULTS: Final = _inserts("results (batch, job, execution, output)", 4)
+
+
+def _insert(conn: sqlite3.Connection, statements: dict[int, str], rows: Sequence[Any]) -> None:
+    largest = max(statements)
+    done, count = 0, len(rows)
+    while done < count:
+        size = min(largest, 1 << ((count - done).bit_length() - 1))
+        conn.execute(statements[size], [value for row in rows[done : done + size] for value in row])
+        done += size
+
+
 _SELECT: Final = (
     "SELECT j.job, j.position, j.fingerprint, j.machine_id, j.command, j.idempotency_key, "
     "j.state, j.attempt, j.sent_at, j.execution_id, r.execution, r.output, j.error "
@@ -301,10 +325,10 @@ def job_rows(batch: str, r: JobRecord) -> _Rows:
 
 
 def _write(conn: sqlite3.Connection, rows: Sequence[_Rows]) -> None:
-    conn.execute(_UPSERT_JOBS, (dumps([job for job, _ in rows]),))
+    _insert(conn, _INSERT_JOBS, [job for job, _ in rows])
     results = [result for _, result in rows if result is not None]
     if results:
-        conn.execute(_UPSERT_RESULTS, (dumps(results),))
+        _insert(conn, _INSERT_RESULTS, results)
 
 
 def record_of(row: Sequence[Any]) -> JobRecord:
