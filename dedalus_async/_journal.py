@@ -40,6 +40,7 @@ import sqlite3
 import threading
 import time
 import types
+import typing
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final, Protocol, TypeVar, runtime_checkable
@@ -253,31 +254,37 @@ dumps: Callable[[Any], str] = _orjson_dumps if _ORJSON else _DUMPS
 # tests/test_journal.py holds the two equal for every field.
 
 
-def _conversion(kind: Any, functions: dict[str, Any]) -> str:
+def _conversion(kind: Any, functions: dict[str, Any]) -> str | None:
     """How a value of type ``kind`` (without its ``| None``) becomes JSON-ready: an
-    expression of ``v``."""
+    expression of ``v``; ``None`` for a type this does not know (unstructure's then)."""
+    if kind in (str, int, bool):
+        return "v"
     if kind is datetime:
         functions["time"] = unstructure_datetime
         return "time(v)"
-    if getattr(kind, "__origin__", None) is tuple:
-        item = kind.__args__[0]
-        if attrs.has(item):
-            functions[item.__name__] = _plain_of(item)
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        if item is str:
+            return "list(v)"
+        if attrs.has(item) and (function := _plain_of(item)) is not None:
+            functions[item.__name__] = function
             return f"[{item.__name__}(x) for x in v]"
-        return "list(v)"
-    if attrs.has(kind):
-        functions[kind.__name__] = _plain_of(kind)
+        return None
+    if attrs.has(kind) and (function := _plain_of(kind)) is not None:
+        functions[kind.__name__] = function
         return f"{kind.__name__}(v)"
-    return "v"
+    return None
 
 
-def _plain_of(cls: type[Any]) -> Callable[[Any], dict[str, Any]]:
+def _plain_of(cls: type[Any]) -> Callable[[Any], dict[str, Any]] | None:
     functions: dict[str, Any] = {}
     first, then = [], []
     for f in attrs.fields(attrs.resolve_types(cls)):
-        args = [a for a in getattr(f.type, "__args__", ()) if a is not type(None)]
-        kind = args[0] if type(f.type) is types.UnionType and len(args) == 1 else f.type
-        convert = _conversion(kind, functions)
+        args = [a for a in typing.get_args(f.type) if a is not type(None)]
+        union = typing.get_origin(f.type) in (typing.Union, types.UnionType)
+        convert = _conversion(args[0] if union and len(args) == 1 else f.type, functions)
+        if convert is None:
+            return None
         if f.default is None:
             then.append(
                 f"    v = m.{f.name}\n    if v is not None:\n        d[{f.name!r}] = {convert}"
@@ -293,7 +300,9 @@ def _plain_of(cls: type[Any]) -> Callable[[Any], dict[str, Any]]:
 
 
 _PLAIN: Final[dict[type[Any], Callable[[Any], dict[str, Any]]]] = {
-    cls: _plain_of(cls) for cls in (Execution, ExecutionOutput)
+    cls: function
+    for cls in (Execution, ExecutionOutput)
+    if (function := _plain_of(cls)) is not None
 }
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 import pytest
@@ -685,6 +685,18 @@ _MODELS: list[Execution | ExecutionOutput] = [
 ]
 
 
+@attrs.frozen
+class _WithSet:
+    name: str
+    tags: frozenset[str] | None = None
+
+
+@attrs.frozen
+class _WithOptional:
+    name: str
+    when: Optional[datetime] = None  # noqa: UP045 - the typing.Union spelling, on purpose
+
+
 def test_results_are_stored_as_unstructure_and_json_write_them() -> None:
     """The journal's fast paths (its own unstructure, orjson) store the very text that
     unstructure + json.dumps(ensure_ascii=False, compact) stores, for every field."""
@@ -697,6 +709,11 @@ def test_results_are_stored_as_unstructure_and_json_write_them() -> None:
     # what orjson refuses (a lone surrogate, an integer past 64 bits) is json's to write
     for odd in (["\ud800"], [2**64], {"x": [-(2**70)]}):
         assert _journal._orjson_dumps(odd) == _journal._DUMPS(odd)
+    # both models have their function (else every result goes the slow way)...
+    assert set(_journal._PLAIN) == {Execution, ExecutionOutput}
+    # ...and a model with a field of a type it has no case for has none (unstructure's)
+    assert _journal._plain_of(_WithSet) is None
+    assert _journal._plain_of(_WithOptional) is not None
     # a value of a type it has no case for: unstructure's answer
     odd_status = attrs.evolve(_FULL, status=JobState.SENT)
     assert _journal.plain(odd_status) == unstructure(odd_status)
