@@ -399,7 +399,7 @@ def _step(
     output: ExecutionOutput | None = None,
 ) -> JobRecord:
     """``r`` moved on a step: what a job's steps change, all given (a result only to a
-    finished job). Twice as fast as ``attrs.evolve``, which a batch calls 3 times a job."""
+    finished job). About half the cost of ``attrs.evolve`` (timeit), 3 times a job."""
     return JobRecord(
         job=r.job,
         position=r.position,
