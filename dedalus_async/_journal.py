@@ -39,15 +39,25 @@ import queue
 import sqlite3
 import threading
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
 from ._checks import check_seconds
-from ._convert import structure, unstructure
+from ._convert import structure, unstructure, unstructure_datetime
 from ._errors import JournalError, ResponseDecodeError
 from ._models import Execution, ExecutionOutput
+
+try:  # orjson is optional (the "fast" extra): it writes the same text as _DUMPS, faster
+    import orjson
+
+    _ORJSON = True
+except ImportError:  # pragma: no cover - exercised when orjson is absent (a subprocess test)
+    _ORJSON = False
 
 __all__ = ["Batch", "JobRecord", "JobState", "Journal", "SQLiteJournal"]
 
@@ -179,16 +189,40 @@ CREATE TABLE results (
 # journal's cost (pages written to the WAL, then again at each checkpoint).
 
 
-def _from_json(table: str, columns: str, count: int) -> str:
-    # One statement for all the rows of a transaction, passed as one JSON array: sqlite3
-    # lets go of the GIL at each step of a statement, so executemany over N rows makes the
-    # event loop's thread and this one trade the GIL N times; this makes it once.
-    values = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(count))
-    return f"INSERT OR REPLACE INTO {table} {columns} SELECT {values} FROM json_each(?)"
+# The rows of a transaction go in a few statements of many rows each
+# (INSERT ... VALUES (...), (...), ...), their values bound as they are: sqlite3 lets go of
+# the GIL at each step of a statement, so executemany over N rows made the event loop's
+# thread and this one trade the GIL N times, and passing the rows as one JSON array (the
+# way before) made SQLite parse each row's text again for each of its columns. Row counts
+# are powers of two (a few statement texts, each prepared once and cached), each statement
+# within the 999 parameters of SQLite before 3.32.
+_MAX_PARAMETERS: Final = 999
 
 
-_UPSERT_JOBS: Final = _from_json("jobs", "", 12)
-_UPSERT_RESULTS: Final = _from_json("results", "(batch, job, execution, output)", 4)
+def _inserts(table: str, width: int) -> dict[int, str]:
+    """``INSERT OR REPLACE`` statements of ``table`` by their number of rows."""
+    one = "(" + ", ".join("?" * width) + ")"
+    statements = {}
+    size = 1
+    while size * width <= _MAX_PARAMETERS:
+        statements[size] = f"INSERT OR REPLACE INTO {table} VALUES " + ", ".join([one] * size)
+        size *= 2
+    return statements
+
+
+_INSERT_JOBS: Final = _inserts("jobs", 12)
+_INSERT_RESULTS: Final = _inserts("results (batch, job, execution, output)", 4)
+
+
+def _insert(conn: sqlite3.Connection, statements: dict[int, str], rows: Sequence[Any]) -> None:
+    largest = max(statements)
+    done, count = 0, len(rows)
+    while done < count:
+        size = min(largest, 1 << ((count - done).bit_length() - 1))
+        conn.execute(statements[size], [value for row in rows[done : done + size] for value in row])
+        done += size
+
+
 _SELECT: Final = (
     "SELECT j.job, j.position, j.fingerprint, j.machine_id, j.command, j.idempotency_key, "
     "j.state, j.attempt, j.sent_at, j.execution_id, r.execution, r.output, j.error "
@@ -196,6 +230,89 @@ _SELECT: Final = (
     "WHERE j.batch = ? ORDER BY j.position"
 )
 _DUMPS: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _orjson_dumps(value: Any) -> str:
+    try:
+        return str(orjson.dumps(value), "utf-8")
+    except TypeError:
+        # orjson.JSONEncodeError (a TypeError): a lone surrogate, an integer past 64 bits
+        # (json writes both); what json then does, raising included, is the answer
+        return _DUMPS(value)
+
+
+#: A value as JSON text: the same text as :data:`_DUMPS` (compact, not ASCII-escaped),
+#: written by orjson when it is importable. The values a journal writes hold no float but
+#: times (never NaN, which orjson would write as null).
+dumps: Callable[[Any], str] = _orjson_dumps if _ORJSON else _DUMPS
+
+
+# What unstructure() gives for the models of a result, without cattrs' dispatch of each
+# field's value to its hook (most of the cost of a result's journal row, measured): a
+# function for each model, written from its fields' types as cattrs writes its own. A None
+# is left out where the default is None; fields not left out come first, as cattrs has them.
+# tests/test_journal.py holds the two equal for every field.
+
+
+def _conversion(kind: Any, functions: dict[str, Any]) -> str | None:
+    """How a value of type ``kind`` (without its ``| None``) becomes JSON-ready: an
+    expression of ``v``; ``None`` for a type this does not know (unstructure's then)."""
+    if kind in (str, int, bool):
+        return "v"
+    if kind is datetime:
+        functions["time"] = unstructure_datetime
+        return "time(v)"
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        if item is str:
+            return "list(v)"
+        if attrs.has(item) and (function := _plain_of(item)) is not None:
+            functions[item.__name__] = function
+            return f"[{item.__name__}(x) for x in v]"
+        return None
+    if attrs.has(kind) and (function := _plain_of(kind)) is not None:
+        functions[kind.__name__] = function
+        return f"{kind.__name__}(v)"
+    return None
+
+
+def _plain_of(cls: type[Any]) -> Callable[[Any], dict[str, Any]] | None:
+    functions: dict[str, Any] = {}
+    first, then = [], []
+    for f in attrs.fields(attrs.resolve_types(cls)):
+        args = [a for a in typing.get_args(f.type) if a is not type(None)]
+        union = typing.get_origin(f.type) in (typing.Union, types.UnionType)
+        convert = _conversion(args[0] if union and len(args) == 1 else f.type, functions)
+        if convert is None:
+            return None
+        if f.default is None:
+            then.append(
+                f"    v = m.{f.name}\n    if v is not None:\n        d[{f.name!r}] = {convert}"
+            )
+        elif convert == "v":
+            first.append(f"{f.name!r}: m.{f.name}")
+        else:
+            first.append(f"{f.name!r}: None if (v := m.{f.name}) is None else {convert}")
+    source = "\n".join([f"def plain(m):\n    d = {{{', '.join(first)}}}", *then, "    return d"])
+    exec(compile(source, f"<plain {cls.__name__}>", "exec"), functions)
+    function: Callable[[Any], dict[str, Any]] = functions["plain"]
+    return function
+
+
+_PLAIN: Final[dict[type[Any], Callable[[Any], dict[str, Any]]]] = {
+    cls: function
+    for cls in (Execution, ExecutionOutput)
+    if (function := _plain_of(cls)) is not None
+}
+
+
+def plain(model: attrs.AttrsInstance) -> dict[str, Any]:
+    """:func:`~dedalus_async._convert.unstructure` of a result's model (an execution, its
+    output), equal to it, without cattrs' per-field dispatch; any other model goes to
+    unstructure."""
+    function = _PLAIN.get(type(model))
+    return unstructure(model) if function is None else function(model)
+
 
 #: Seconds a write nobody waits for (J3, J4) may wait for others to share its commit: a
 #: crash loses at most this much of them, which resuming redoes without running anything
@@ -219,7 +336,7 @@ def job_rows(batch: str, r: JobRecord) -> _Rows:
         r.position,
         r.fingerprint,
         r.machine_id,
-        _DUMPS(r.command),
+        dumps(r.command),
         r.idempotency_key,
         r.state.value,
         r.attempt,
@@ -229,15 +346,15 @@ def job_rows(batch: str, r: JobRecord) -> _Rows:
     )
     if r.state is not JobState.FINISHED or r.execution is None:
         return job, None
-    output = None if r.output is None else _DUMPS(unstructure(r.output))
-    return job, (batch, r.job, _DUMPS(unstructure(r.execution)), output)
+    output = None if r.output is None else dumps(plain(r.output))
+    return job, (batch, r.job, dumps(plain(r.execution)), output)
 
 
 def _write(conn: sqlite3.Connection, rows: Sequence[_Rows]) -> None:
-    conn.execute(_UPSERT_JOBS, (_DUMPS([job for job, _ in rows]),))
+    _insert(conn, _INSERT_JOBS, [job for job, _ in rows])
     results = [result for _, result in rows if result is not None]
     if results:
-        conn.execute(_UPSERT_RESULTS, (_DUMPS(results),))
+        _insert(conn, _INSERT_RESULTS, results)
 
 
 def record_of(row: Sequence[Any]) -> JobRecord:

@@ -3,10 +3,15 @@ from it against FakeDedalus (fake clock), counting what the server was sent."""
 
 from __future__ import annotations
 
+import os
+import pickle
 import sqlite3
+import subprocess
+import sys
 import time
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 import pytest
@@ -26,8 +31,14 @@ from dedalus_async import (
     Session,
     SQLiteJournal,
     StaleReservationError,
+    _journal,
 )
+from dedalus_async._convert import unstructure
+from dedalus_async._durable import fingerprint
+from dedalus_async._models import ArtifactRef, Execution, ExecutionOutput, LogCapture
 from dedalus_async.testing import FakeDedalus, Fault, Outcome, Script
+
+REPO = Path(_journal.__file__).resolve().parent.parent
 
 MACHINE = "dm-5b0c3a9e-2f71-4d86-9e15-7a4c8b2d6f03"
 
@@ -123,14 +134,19 @@ async def test_a_lazy_save_is_durable_after_flush_and_batches_are_separate(
 ) -> None:
     path = tmp_path / "j.db"
     record = JobRecord(
-        job="a", position=0, fingerprint="f", machine_id=MACHINE, command=("x",),
+        job="a",
+        position=0,
+        fingerprint="f",
+        machine_id=MACHINE,
+        command=("x",),
         idempotency_key="k1",
-    )  # fmt: skip
+    )
     async with SQLiteJournal(path, batch="one") as one:
         assert await one.load() is None
         await one.start(Batch(name="one", salt="s", jobs=(record,)))
-        await one.save(attrs.evolve(record, state=JobState.CREATED, execution_id="e1"),
-                       durable=False)  # fmt: skip
+        await one.save(
+            attrs.evolve(record, state=JobState.CREATED, execution_id="e1"), durable=False
+        )
         await one.flush()
         # another connection sees it once flushed
         with sqlite3.connect(path) as conn:
@@ -250,8 +266,7 @@ async def test_a_sent_job_is_sent_again_under_its_key_and_not_created_twice(
         batch = await journal.load()
     assert batch is not None
     key = batch.jobs[2].idempotency_key
-    await _set_state(path, 2, state=JobState.SENT, execution_id=None, execution=None,
-                     output=None)  # fmt: skip
+    await _set_state(path, 2, state=JobState.SENT, execution_id=None, execution=None, output=None)
     fake.requests.clear()
     again = await session.run_many(_batch(), journal=path)
     assert _creates(fake) == [key]
@@ -284,8 +299,15 @@ async def test_a_pending_job_runs_under_its_journaled_key(
     async with _open(path) as journal:
         batch = await journal.load()
     assert batch is not None
-    await _set_state(path, 1, state=JobState.PENDING, execution_id=None, execution=None,
-                     output=None, sent_at=None)  # fmt: skip
+    await _set_state(
+        path,
+        1,
+        state=JobState.PENDING,
+        execution_id=None,
+        execution=None,
+        output=None,
+        sent_at=None,
+    )
     fake.requests.clear()
     await session.run_many(_batch(2), journal=path)
     assert _creates(fake) == [batch.jobs[1].idempotency_key]
@@ -296,8 +318,15 @@ async def test_an_old_reservation_is_reported_not_sent(
 ) -> None:
     path = journal_target
     await session.run_many(_batch(2), journal=path)
-    await _set_state(path, 0, state=JobState.SENT, execution_id=None, execution=None,
-                     output=None, sent_at=time.time() - 7200)  # fmt: skip
+    await _set_state(
+        path,
+        0,
+        state=JobState.SENT,
+        execution_id=None,
+        execution=None,
+        output=None,
+        sent_at=time.time() - 7200,
+    )
     fake.requests.clear()
     results = await session.run_many(_batch(2), journal=path, return_exceptions=True)
     assert isinstance(results[0], StaleReservationError)
@@ -466,9 +495,10 @@ async def test_retry_execution_never_reruns_a_non_zero_exit_or_other_error_codes
     assert result.exit_code == 3
     assert len(_creates(fake)) == 1
     fake.set_script(
-        Script.immediate(Outcome(status="failed", exit_code=None,
-                                 error_code="execution_runner_interrupted"))
-    )  # fmt: skip
+        Script.immediate(
+            Outcome(status="failed", exit_code=None, error_code="execution_runner_interrupted")
+        )
+    )
     (result,) = await session.run_many(_batch(1), retry_execution=retry)
     assert len(_creates(fake)) == 1 + 5
 
@@ -487,9 +517,13 @@ async def test_a_failed_write_is_reported_to_its_waiter_or_to_the_next_caller(
     tmp_path: Path,
 ) -> None:
     good = JobRecord(
-        job="a", position=0, fingerprint="f", machine_id=MACHINE, command=("x",),
+        job="a",
+        position=0,
+        fingerprint="f",
+        machine_id=MACHINE,
+        command=("x",),
         idempotency_key="k1",
-    )  # fmt: skip
+    )
     unbindable = attrs.evolve(good, fingerprint=None)  # type: ignore[arg-type] # NOT NULL
     async with SQLiteJournal(tmp_path / "j.db") as journal:
         await journal.start(Batch(name="default", salt="s", jobs=(good,)))
@@ -600,3 +634,167 @@ async def test_one_commit_marks_several_creates_sent_and_none_is_sent_unmarked(
     assert all(isinstance(r, BaseException) for r in results)
     assert _creates(fake).count(None) == 0
     assert len(fake.executions) == 40  # the first batch's only: nothing was sent unmarked
+
+
+# --- what the journal stores, with and without orjson --------------------------------------
+
+_AT = datetime(2026, 3, 4, 5, 6, 7, 891_000, tzinfo=UTC)
+# every field of an execution set, times in three forms, text JSON must escape
+_FULL = Execution(
+    execution_id="exe-1",
+    machine_id=MACHINE,
+    created_at=_AT,
+    status="failed",
+    command=("sh", "-c", 'echo "caf\u00e9"\n\t\\ \u2028 \U0001f600'),
+    started_at=_AT.replace(microsecond=123_456),  # microseconds
+    completed_at=_AT.astimezone(timezone(timedelta(hours=-5))),  # another offset
+    cwd="/w\u00e9rk",
+    env_keys=("A", "B"),
+    exit_code=3,
+    signal=9,
+    error_code="execution_runner_interrupted",
+    error_message="ctrl \x00\x01\x1f\x7f",
+    stdout_bytes=2**40,
+    stderr_bytes=0,
+    stdout_truncated=True,
+    stderr_truncated=False,
+    retry_after_ms=0,
+    expires_at=datetime(2026, 3, 5),  # naive: read as UTC
+    artifacts=(
+        ArtifactRef(artifact_id="a1", name="out.txt"),
+        ArtifactRef(artifact_id="a2", name=""),
+    ),
+    log_capture=LogCapture(state="incomplete", code="c", lost_bytes=1, unconfirmed_bytes=0),
+    creation_request_id="req-1",
+    creation_trace_id="0" * 32,
+)
+_MODELS: list[Execution | ExecutionOutput] = [
+    _FULL,
+    Execution(execution_id="exe-2", machine_id=MACHINE, created_at=_AT, status="queued"),
+    Execution(
+        execution_id="exe-3",
+        machine_id=MACHINE,
+        created_at=_AT,
+        status="succeeded",
+        log_capture=LogCapture(),
+        artifacts=(),
+        command=(),
+    ),
+    ExecutionOutput(execution_id="exe-1", stdout="\u00e9\n" * 3, stderr="", stdout_bytes=9),
+    ExecutionOutput(execution_id="exe-2"),
+]
+
+
+@attrs.frozen
+class _WithSet:
+    name: str
+    tags: frozenset[str] | None = None
+
+
+@attrs.frozen
+class _WithOptional:
+    name: str
+    when: Optional[datetime] = None  # noqa: UP045 - the typing.Union spelling, on purpose
+
+
+def test_results_are_stored_as_unstructure_and_json_write_them() -> None:
+    """The journal's fast paths (its own unstructure, orjson) store the very text that
+    unstructure + json.dumps(ensure_ascii=False, compact) stores, for every field."""
+    assert all(getattr(_FULL, f.name) is not None for f in attrs.fields(Execution))
+    for model in _MODELS:
+        assert _journal.plain(model) == unstructure(model)
+        text = _journal._DUMPS(unstructure(model))
+        assert _journal._orjson_dumps(_journal.plain(model)) == text
+        assert _journal.dumps(_journal.plain(model)) == text
+    # what orjson refuses (a lone surrogate, an integer past 64 bits) is json's to write
+    for odd in (["\ud800"], [2**64], {"x": [-(2**70)]}):
+        assert _journal._orjson_dumps(odd) == _journal._DUMPS(odd)
+    # both models have their function (else every result goes the slow way)...
+    assert set(_journal._PLAIN) == {Execution, ExecutionOutput}
+    # ...and a model with a field of a type it has no case for has none (unstructure's)
+    assert _journal._plain_of(_WithSet) is None
+    assert _journal._plain_of(_WithOptional) is not None
+    # a value of a type it has no case for: unstructure's answer
+    odd_status = attrs.evolve(_FULL, status=JobState.SENT)
+    assert _journal.plain(odd_status) == unstructure(odd_status)
+
+
+def test_fingerprints_are_the_ones_earlier_versions_wrote() -> None:
+    """A journal written before orjson wrote fingerprints resumes: these were computed with
+    json.dumps."""
+    args = (("echo", "caf\u00e9 \u2028", '"q"'), "/tmp", {"B": "2", "A": "1\n"}, "in\x00\x7f")
+    assert (
+        fingerprint("s4lt", "dm-5b0c3a9e-2f71-4d86-9e15-7a4c8b2d6f03", *args, 5000, "key-1")
+        == "993ea99c171a4bd8a8bda9fa283aff0ebf149824993aadb7e13dd720fb5d8735"
+    )
+    assert (
+        fingerprint(
+            "s4lt",
+            "dm-5b0c3a9e-2f71-4d86-9e15-7a4c8b2d6f03",
+            ("echo",),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        == "ee07b7f68435e477a05e723b519bf7d565eb7ea3195f19676f85bc758114e2b6"
+    )
+
+
+_WRITE_BATCH = """
+import asyncio, pickle, sys
+{block}
+from dedalus_async import Batch, SQLiteJournal, _journal
+
+async def main():
+    records = pickle.loads(sys.stdin.buffer.read())
+    async with SQLiteJournal(sys.argv[1]) as journal:
+        await journal.start(Batch(name="default", salt="s", jobs=tuple(records)))
+    print(_journal.dumps is _journal._DUMPS)
+
+asyncio.run(main())
+"""
+
+
+def _stored(path: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as conn:
+        jobs = conn.execute("SELECT * FROM jobs ORDER BY position").fetchall()
+        results = conn.execute("SELECT * FROM results ORDER BY id").fetchall()
+    return jobs + results
+
+
+def test_the_journal_stores_the_same_text_without_orjson(tmp_path: Path) -> None:
+    """The same records, written by a process without orjson (stdlib json) and by one
+    with it: the same rows, to the byte."""
+    records = [
+        JobRecord(
+            job=f"k\u00e9{i}",
+            position=i,
+            fingerprint="f",
+            machine_id=MACHINE,
+            command=("echo", f"\u00e9\n{i}"),
+            idempotency_key=f"key-{i}",
+            state=JobState.FINISHED,
+            sent_at=1.5 + i,
+            execution_id=model.execution_id,
+            execution=model,
+            output=ExecutionOutput(execution_id=model.execution_id, stdout="\u00e9\x00\n"),
+        )
+        for i, model in enumerate(m for m in _MODELS if isinstance(m, Execution))
+    ]
+    stored = {}
+    for name, block in (("with", ""), ("without", "sys.modules['orjson'] = None")):
+        path = tmp_path / f"{name}.db"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        out = subprocess.run(
+            [sys.executable, "-c", _WRITE_BATCH.format(block=block), str(path)],
+            input=pickle.dumps(records),
+            capture_output=True,
+            check=True,
+            env=env,
+        )
+        assert out.stdout.decode().strip() == str(name == "without")  # the path it took
+        stored[name] = _stored(path)
+    assert stored["with"] == stored["without"]
+    assert len(stored["with"]) == 2 * len(records)
