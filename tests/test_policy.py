@@ -519,7 +519,8 @@ def test_a_wider_grid_follows_hint_jitter() -> None:
     policy = PollPolicy(hint_jitter=0.1)
     decision, _ = _poll(policy, retry_after_ms=1000, grid_offset=0.03)
     assert isinstance(decision, Sleep)
-    assert (decision.seconds, decision.reason) == (pytest.approx(1.07), "hint")
+    assert decision.seconds == pytest.approx(1.07)
+    assert decision.reason == "hint"
 
 
 def test_the_grid_leaves_backoff_expiry_and_deadline_alone() -> None:
