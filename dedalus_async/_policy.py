@@ -378,8 +378,10 @@ class PollPolicy:
     hint_floor: float = attrs.field(default=0.05, validator=_number("> 0", lambda _, v: v > 0))
     #: A server hint above this is lowered to it.
     hint_ceiling: float = attrs.field(default=30.0, validator=_not_below("hint_floor"))
-    #: Up to this much is added to a hint at random, so many pollers do not stampede. Small:
-    #: it adds up over the polls of one wait, and every millisecond of it is detection lag.
+    #: Up to this much is added to a hint, so many pollers do not stampede: a Session's
+    #: waits look on a grid of moments this far apart, placed at random per Session (P3),
+    #: so its looks due together share one wake-up while Sessions spread out. Small: it
+    #: adds up over the polls of one wait, and every millisecond of it is detection lag.
     hint_jitter: float = attrs.field(default=0.005, validator=_number(">= 0", lambda _, v: v >= 0))
     #: Without a hint: the first backoff.
     initial_interval: float = attrs.field(default=0.2, validator=_number("> 0", lambda _, v: v > 0))
