@@ -63,10 +63,21 @@ P2. *Deadline passed.* Otherwise, ``remaining <= 0`` gives :class:`GiveUp` (the 
     raises ``WaitTimeout``).
 P3. *Server hint.* When the latest response carries ``retry_after_ms`` (any int: 0,
     negative and huge included) it is obeyed:
-    ``clamp(retry_after_ms / 1000, hint_floor, hint_ceiling) + rand * hint_jitter``.
-    The jitter spreads out pollers woken by the same event; it is only ever added, so we
-    never look before the (clamped) hint. The hint is read from every response, never only
-    the first, and it resets the backoff of P4 to its start.
+    ``clamp(retry_after_ms / 1000, hint_floor, hint_ceiling) + jitter``, the jitter in
+    ``[0, hint_jitter]``. It is only ever added, so we never look before the (clamped)
+    hint. The hint is read from every response, never only the first, and it resets the
+    backoff of P4 to its start. The jitter is one of two kinds:
+
+    - *on a grid* when the caller passes ``grid_offset`` (every wait of a Session does):
+      the look goes out at the first moment of the caller's poll grid at or after the
+      hint. The grid's moments are ``hint_jitter`` apart; ``grid_offset`` is the seconds
+      from one of them to now (only its value modulo ``hint_jitter`` counts). Looks of one
+      Session due within the same ``hint_jitter`` window go out together, in one wake-up
+      of the event loop (spread-out looks each pay for their own: PROFILE.md); Sessions
+      place their grids at random, so pollers of many processes woken by one event are
+      spread over the window and do not stampede. Within one Session, a herd is metered
+      by its connection pool.
+    - *uniform*, ``rand * hint_jitter``, without a grid.
 P4. *No hint:* exponential backoff, quick for a short job and gentle for a long one,
     ``min(max_interval, initial_interval * multiplier ** n) * (1 - jitter * rand)`` where
     ``n`` counts the responses without a hint since the last hint (0 for the first). The
@@ -96,7 +107,8 @@ P9. *Errors while polling.* There is no separate function: a GET of a wait that 
     succeeds again, the poll schedule resumes where it was.
 
 Every input is checked: ``rand`` outside ``[0, 1)``, a NaN ``remaining``, ``slept`` or
-``expires_in``, and ``attempt < 1`` are programming errors and raise :class:`ValueError`.
+``expires_in``, a ``grid_offset`` that is not finite, and ``attempt < 1`` are programming
+errors and raise :class:`ValueError`.
 Policies validate their fields on construction; change one with :func:`attrs.evolve`.
 """
 
@@ -366,8 +378,10 @@ class PollPolicy:
     hint_floor: float = attrs.field(default=0.05, validator=_number("> 0", lambda _, v: v > 0))
     #: A server hint above this is lowered to it.
     hint_ceiling: float = attrs.field(default=30.0, validator=_not_below("hint_floor"))
-    #: Up to this much is added to a hint at random, so many pollers do not stampede. Small:
-    #: it adds up over the polls of one wait, and every millisecond of it is detection lag.
+    #: Up to this much is added to a hint, so many pollers do not stampede: a Session's
+    #: waits look on a grid of moments this far apart, placed at random per Session (P3),
+    #: so its looks due together share one wake-up while Sessions spread out. Small: it
+    #: adds up over the polls of one wait, and every millisecond of it is detection lag.
     hint_jitter: float = attrs.field(default=0.005, validator=_number(">= 0", lambda _, v: v >= 0))
     #: Without a hint: the first backoff.
     initial_interval: float = attrs.field(default=0.2, validator=_number("> 0", lambda _, v: v > 0))
@@ -460,6 +474,11 @@ def _hint_seconds(retry_after_ms: int) -> float:
         return math.inf if retry_after_ms > 0 else -math.inf
 
 
+# A hint that ends this close before a grid moment (float rounding of the grid arithmetic,
+# far below a clock's resolution) is on it: the look is not put off by a whole grid step.
+_ON_GRID = 1e-6
+
+
 def next_poll(
     policy: PollPolicy,
     state: PollState,
@@ -469,6 +488,7 @@ def next_poll(
     expires_in: float | None,
     remaining: float | None,
     rand: float,
+    grid_offset: float | None = None,
 ) -> tuple[PollDecision, PollState]:
     """Decide what follows a successful GET of the execution (rules P1-P8).
 
@@ -477,10 +497,14 @@ def next_poll(
     ``expires_in``: seconds from now until the snapshot's ``expires_at``, negative once it
     has passed (``None`` if absent). ``remaining``: seconds left before the wait's
     deadline (``None``: no deadline). ``rand``: a uniform draw in ``[0, 1)``.
+    ``grid_offset``: seconds since a moment of the caller's poll grid (``None``: no grid,
+    the hint's jitter is uniform; see P3).
     """
     _check_rand(rand)
     _check_not_nan("expires_in", expires_in)
     _check_not_nan("remaining", remaining)
+    if grid_offset is not None and not math.isfinite(grid_offset):
+        raise ValueError(f"grid_offset must be finite, got {grid_offset!r}")
     polls = state.polls + 1
 
     if done:  # P1
@@ -491,7 +515,16 @@ def next_poll(
     reason: SleepReason
     if retry_after_ms is not None:  # P3
         hinted = min(max(_hint_seconds(retry_after_ms), policy.hint_floor), policy.hint_ceiling)
-        delay = hinted + rand * policy.hint_jitter
+        step = policy.hint_jitter
+        if grid_offset is None or not step:
+            delay = hinted + rand * step
+        else:
+            # the next grid moment at or after the hint
+            jitter = (-(grid_offset + hinted)) % step
+            if step - jitter < _ON_GRID:
+                # on the grid but for float rounding: now, not one whole step later
+                jitter = 0.0
+            delay = hinted + jitter
         reason = "hint"
         backoff_attempt = 0
     else:  # P4

@@ -76,6 +76,9 @@ class WaitLoop:
         self.poll = poll
         self._new_key = new_key
         self._poll_retry_cache: tuple[RetryPolicy, RetryPolicy] | None = None
+        #: where this Session's poll grid sits, as a fraction of a grid step (P3 of
+        #: _policy): drawn once, so the waits of one Session share it and Sessions differ
+        self.grid_phase = requester.random()
 
     def deadline(self, seconds: float | None) -> float | None:
         """The monotonic moment ``seconds`` from now (``None``: no deadline)."""
@@ -165,14 +168,20 @@ class WaitLoop:
                     expires_in = None
                     if snapshot.expires_at is not None:
                         expires_in = (snapshot.expires_at - clock.now()).total_seconds()
+                    now = clock.monotonic()
                     decision, state = next_poll(
                         policy,
                         state,
                         done=done,
                         retry_after_ms=snapshot.retry_after_ms,
                         expires_in=expires_in,
-                        remaining=None if deadline is None else deadline - clock.monotonic(),
+                        remaining=None if deadline is None else deadline - now,
                         rand=requester.random(),
+                        # this loop's own sleeps land on the Session's poll grid; a pause
+                        # (fan-out) keeps the uniform jitter and schedules by itself
+                        grid_offset=(
+                            now - self.grid_phase * policy.hint_jitter if pause is None else None
+                        ),
                     )
                     if isinstance(decision, Done):
                         finished = True

@@ -478,6 +478,66 @@ def test_hint_is_clamped_and_jittered_upwards(
     assert state.backoff_attempt == 0
 
 
+@pytest.mark.parametrize(
+    ("retry_after_ms", "grid_offset", "expected"),
+    [
+        (1000, 0.0, 1.0),  # the hint ends on a grid moment: nothing added
+        (1000, 0.001, 1.004),  # 1 ms past a grid moment: 4 ms to the next one
+        (1000, 0.004, 1.001),
+        (1000, 1000.0037, 1.0013),  # only the offset modulo the step counts
+        (1000, -0.0037, 1.0037),  # negative offsets too
+        (123, 0.0, 0.125),  # a hint between grid moments waits for the next one
+        (10, 0.002, 0.053),  # the floor (50 ms) first, then the grid
+        (45_000, 0.0, 30.0),  # the ceiling first
+        (1000, 1e-7, 1.0),  # within 1 us of a grid moment (float rounding): on it
+        (1000, 2e-6, 1.005 - 2e-6),  # 2 us past: the next moment, a step later
+    ],
+)
+def test_hint_on_a_grid_lands_on_its_next_moment(
+    retry_after_ms: int, grid_offset: float, expected: float
+) -> None:
+    # P3 on a grid: the first grid moment at or after the (clamped) hint; rand is unused
+    for rand in (0.0, 0.5, 0.99):
+        decision, state = _poll(retry_after_ms=retry_after_ms, rand=rand, grid_offset=grid_offset)
+        assert isinstance(decision, Sleep)
+        assert decision.reason == "hint"
+        assert decision.seconds == pytest.approx(expected, abs=1e-9)
+        assert state.backoff_attempt == 0
+        assert state.slept == decision.seconds
+
+
+def test_a_grid_without_jitter_is_the_bare_hint() -> None:
+    # P3: hint_jitter=0 has no grid to land on (and no division by a zero step)
+    policy = PollPolicy(hint_jitter=0.0)
+    for grid_offset in (0.0, 0.0013, -7.5):
+        decision, _ = _poll(policy, retry_after_ms=1234, grid_offset=grid_offset, rand=0.7)
+        assert decision == Sleep(1.234, "hint")
+
+
+def test_a_wider_grid_follows_hint_jitter() -> None:
+    # P3: grid moments are hint_jitter apart
+    policy = PollPolicy(hint_jitter=0.1)
+    decision, _ = _poll(policy, retry_after_ms=1000, grid_offset=0.03)
+    assert isinstance(decision, Sleep)
+    assert decision.seconds == pytest.approx(1.07)
+    assert decision.reason == "hint"
+
+
+def test_the_grid_leaves_backoff_expiry_and_deadline_alone() -> None:
+    # P4 without a hint: the grid plays no part; P5 and P7 still cut a gridded hint short
+    assert _poll(grid_offset=0.001) == _poll()
+    decision, _ = _poll(retry_after_ms=1000, grid_offset=0.001, expires_in=0.5)
+    assert decision == Sleep(0.5, "expires_at")
+    decision, _ = _poll(retry_after_ms=1000, grid_offset=0.001, remaining=1.002)
+    assert decision == Sleep(1.002, "deadline")
+
+
+@pytest.mark.parametrize("grid_offset", [math.nan, math.inf, -math.inf])
+def test_a_grid_offset_must_be_finite(grid_offset: float) -> None:
+    with pytest.raises(ValueError, match="grid_offset must be finite"):
+        _poll(retry_after_ms=1000, grid_offset=grid_offset)
+
+
 def test_hint_resets_the_backoff() -> None:
     # P3: a hint puts the backoff back to its start
     decision, state = _poll(state=PollState(backoff_attempt=7), retry_after_ms=2000)

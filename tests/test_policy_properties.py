@@ -139,11 +139,44 @@ def test_poll_delay_is_bounded(
 
 @given(
     policy=poll_policies(),
+    retry_after_ms=st.integers(-10_000, 120_000),
+    grid_offset=_seconds(-1e4, 1e4),
+    rand=rands,
+)
+def test_a_gridded_hint_lands_on_the_grid(
+    policy: PollPolicy, retry_after_ms: int, grid_offset: float, rand: float
+) -> None:
+    """With a grid, a look after a hint goes out on a grid moment (grid_offset + sleep is a
+    whole number of hint_jitter steps), the first one at or after the clamped hint."""
+    step = policy.hint_jitter
+    decision, _ = next_poll(
+        policy,
+        PollState(),
+        done=False,
+        retry_after_ms=retry_after_ms,
+        expires_in=None,
+        remaining=None,
+        rand=rand,
+        grid_offset=grid_offset,
+    )
+    assert isinstance(decision, Sleep)
+    hint = _clamped_hint(policy, retry_after_ms)
+    if step < 1e-3:  # below float precision at these offsets: only the bounds hold
+        assert hint <= decision.seconds <= hint + step
+        return
+    assert hint <= decision.seconds < hint + step
+    steps = (grid_offset + decision.seconds) / step
+    assert abs(steps - round(steps)) * step < 1e-6
+
+
+@given(
+    policy=poll_policies(),
     state=poll_states(),
     retry_after_ms=st.integers(),
     expires_in=st.none() | finite,
     remaining=st.none() | finite,
     rand=rands,
+    grid_offset=st.none() | _seconds(-1e6, 1e6),
 )
 def test_hint_is_honoured(
     policy: PollPolicy,
@@ -152,8 +185,10 @@ def test_hint_is_honoured(
     expires_in: float | None,
     remaining: float | None,
     rand: float,
+    grid_offset: float | None,
 ) -> None:
-    """No look comes before the clamped hint, unless expiry or the deadline comes first."""
+    """No look comes before the clamped hint, unless expiry or the deadline comes first,
+    and none later than the hint's jitter after it, with or without a grid."""
     decision, after = next_poll(
         policy,
         state,
@@ -162,6 +197,7 @@ def test_hint_is_honoured(
         expires_in=expires_in,
         remaining=remaining,
         rand=rand,
+        grid_offset=grid_offset,
     )
     if not isinstance(decision, Sleep):
         return

@@ -134,6 +134,63 @@ async def test_cancel_remote_leaves_a_finished_execution_alone(
     assert fake.requests_for("DELETE") == []
 
 
+async def test_the_looks_of_one_loop_land_on_its_poll_grid(
+    parts: tuple[WaitLoop, Session], fake: FakeDedalus, clock: FakeClock
+) -> None:
+    """P3 on a grid: every look the loop sleeps for goes out on the loop's grid (moments
+    hint_jitter apart, placed by its phase), never before the hint and less than a step
+    after it; waits started at different moments share the grid. A pause (fan-out) gets
+    the uniform jitter instead."""
+    loop, session = parts
+    policy = PollPolicy(hint_jitter=0.005)
+    assert loop.grid_phase == 0.5  # random=0.5: the grid is 2.5 ms past each 5 ms
+    hints = (0.123, 0.0671, 0.2999)
+    fake.set_script(
+        Script(tuple(Phase("running", h, round(h * 1000)) for h in hints))  # 123, 67, 300 ms
+    )
+    for head_start in (0.0, 0.0011, 0.0173):
+        clock.advance(head_start)
+        watched = await _watched(session)
+        sleeps_before = len(clock.sleeps)
+        wake = clock.monotonic()
+        await loop.wait(
+            watched,
+            timeout=None,
+            deadline=None,
+            done_when=is_terminal,
+            cancel_remote=False,
+            policy=policy,
+        )
+        sleeps = clock.sleeps[sleeps_before:]
+        assert len(sleeps) == 3
+        for slept, hint in zip(sleeps, (0.123, 0.067, 0.3), strict=True):
+            wake += slept
+            assert hint <= slept < hint + 0.005
+            steps = (wake - 0.0025) / 0.005
+            assert steps == pytest.approx(round(steps), abs=1e-6)
+
+    decisions: list[Sleep] = []
+
+    async def pause(decision: Sleep) -> Execution | None:
+        decisions.append(decision)
+        await clock.sleep(decision.seconds)
+        return None
+
+    clock.advance(0.0011)
+    watched = await _watched(session)
+    await loop.wait(
+        watched,
+        timeout=None,
+        deadline=None,
+        done_when=is_terminal,
+        cancel_remote=False,
+        policy=policy,
+        pause=pause,
+    )
+    # random=0.5: half the jitter on top of each hint, wherever the grid is
+    assert [d.seconds for d in decisions] == pytest.approx([0.1255, 0.0695, 0.3025])
+
+
 async def test_a_pause_that_brings_a_snapshot_saves_the_get(
     parts: tuple[WaitLoop, Session], fake: FakeDedalus
 ) -> None:
