@@ -17,7 +17,8 @@ detection lag it saw, or the error it ended with.
   its aiohttp transport) with the polling loop its users write by hand.
 * experiments, not run by default: ``aiohttp-jitter`` (the bare loop plus the library's
   0-10 ms poll jitter) and ``dedalus_async-nojitter`` (``hint_jitter=0``) price the jitter
-  alone; see ``PROFILE.md``.
+  alone; ``dedalus_async-run_many-cc100`` (``create_concurrency=100``) prices the create
+  limit; see ``PROFILE.md``.
 
 Every driver creates its executions on the server's machines in turn (one machine unless
 the server was started with ``--machines N``: see :func:`bench_machines`).
@@ -301,6 +302,17 @@ class DedalusAsyncRunManyJournal(DedalusAsyncRunMany):
         return {"journal": f"{self._folder.name}/batch-{self._runs}.db"}
 
 
+class DedalusAsyncRunManyCreates(DedalusAsyncRunMany):
+    """``Session.run_many`` with 100 creates in flight (the connection pool's size) instead
+    of the default 10: an experiment, to price the create limit in wall time."""
+
+    name = "dedalus_async-run_many-cc100"
+    description = "dedalus_async, Session.run_many, create_concurrency=100 (experiment)"
+
+    def _options(self) -> dict[str, Any]:
+        return {"create_concurrency": 100}
+
+
 class OfficialSdk(Driver):
     """``dedalus_sdk.AsyncDedalus`` with the polling loop its users write by hand."""
 
@@ -381,6 +393,7 @@ DRIVERS: dict[str, type[Driver]] = {
         DedalusAsyncRun,
         DedalusAsyncRunMany,
         DedalusAsyncRunManyJournal,
+        DedalusAsyncRunManyCreates,
         DedalusAsyncNoJitter,
         OfficialSdk,
         OfficialSdkAiohttp,
