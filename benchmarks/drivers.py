@@ -17,7 +17,11 @@ detection lag it saw, or the error it ended with.
   its aiohttp transport) with the polling loop its users write by hand.
 * experiments, not run by default: ``aiohttp-jitter`` (the bare loop plus the library's
   0-10 ms poll jitter) and ``dedalus_async-nojitter`` (``hint_jitter=0``) price the jitter
-  alone; see ``PROFILE.md``.
+  alone; ``dedalus_async-run_many-cc100`` (``create_concurrency=100``) prices the create
+  limit; see ``PROFILE.md``.
+
+Every driver creates its executions on the server's machines in turn (one machine unless
+the server was started with ``--machines N``: see :func:`bench_machines`).
 
 Concurrency is the same scaffolding for every driver except ``run_many``, which brings its
 own: with a limit, that many worker tasks take executions one after another; without
@@ -27,10 +31,12 @@ one, one task per execution, all started at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import secrets
-from collections.abc import Awaitable, Callable
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar, NamedTuple
 
@@ -40,7 +46,7 @@ from dedalus_async import PollPolicy, Session
 
 from .server import API_KEY, MACHINE_ID
 
-__all__ = ["DRIVERS", "Driver", "Sample", "available", "fan_out"]
+__all__ = ["DRIVERS", "Driver", "Sample", "available", "bench_machines", "fan_out"]
 
 COMMAND = ("echo", "ok")
 # The API's terminal statuses, spelled out: the bare loop and the SDK loop owe nothing to us.
@@ -114,6 +120,19 @@ class Driver:
         return await fan_out(n, concurrency, self.one)
 
 
+def bench_machines(base_url: str) -> list[str]:
+    """The machines the benchmark server spreads executions over (``/_bench/config``);
+    asked once, in a driver's setup, outside the measured window."""
+    with urllib.request.urlopen(f"{base_url}/_bench/config", timeout=30) as response:
+        config = json.loads(response.read())
+    machines = config.get("machines") or [MACHINE_ID]
+    return [str(machine_id) for machine_id in machines]
+
+
+def _in_turn(base_url: str) -> Iterator[str]:
+    return itertools.cycle(bench_machines(base_url))
+
+
 def _lag(completed_at: datetime | None) -> float | None:
     if completed_at is None:
         return None
@@ -128,7 +147,9 @@ class AiohttpLoop(Driver):
 
     async def setup(self, base_url: str) -> None:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
-        self._base = f"{base_url}/v1/machines/{MACHINE_ID}/executions"
+        self._bases = itertools.cycle(
+            [f"{base_url}/v1/machines/{m}/executions" for m in bench_machines(base_url)]
+        )
         self._headers = {"x-api-key": API_KEY, "Accept": "application/json"}
         self._body = json.dumps({"command": list(COMMAND)}).encode()
 
@@ -149,10 +170,11 @@ class AiohttpLoop(Driver):
             "Content-Type": "application/json",
             "Idempotency-Key": secrets.token_hex(16),
         }
-        async with self._session.post(self._base, data=self._body, headers=headers) as resp:
+        base = next(self._bases)
+        async with self._session.post(base, data=self._body, headers=headers) as resp:
             resp.raise_for_status()
             execution = json.loads(await resp.read())
-        url = f"{self._base}/{execution['execution_id']}"
+        url = f"{base}/{execution['execution_id']}"
         while execution["status"] not in TERMINAL:
             await asyncio.sleep(execution.get("retry_after_ms", 500) / 1000 + self._jitter())
             execution = await self._get(url)
@@ -185,13 +207,14 @@ class DedalusAsyncRun(Driver):
 
     async def setup(self, base_url: str) -> None:
         self._session = Session(API_KEY, base_url=base_url)
+        self._machines = _in_turn(base_url)
         await self._session.open()
 
     async def teardown(self) -> None:
         await self._session.aclose()
 
     async def one(self) -> Sample:
-        result = await self._session.run(MACHINE_ID, COMMAND)
+        result = await self._session.run(next(self._machines), COMMAND)
         if result.stdout != EXPECTED_STDOUT:
             return Sample(None, result.stats.detection_lag, f"unexpected {result!r}"[:300])
         return Sample(result, result.stats.detection_lag, None)
@@ -205,6 +228,7 @@ class DedalusAsyncNoJitter(DedalusAsyncRun):
 
     async def setup(self, base_url: str) -> None:
         self._session = Session(API_KEY, base_url=base_url, poll=PollPolicy(hint_jitter=0.0))
+        self._machines = _in_turn(base_url)
         await self._session.open()
 
 
@@ -227,7 +251,8 @@ class DedalusAsyncRunMany(DedalusAsyncRun):
         request_cls: Any = getattr(dedalus_async, "ExecutionRequest", None)
         if request_cls is None:
             from dedalus_async._fanout import ExecutionRequest as request_cls
-        requests = [request_cls(machine_id=MACHINE_ID, command=COMMAND) for _ in range(n)]
+        machines = self._machines
+        requests = [request_cls(machine_id=next(machines), command=COMMAND) for _ in range(n)]
         run_many: Any = getattr(self._session, "run_many")  # noqa: B009 - absent in old versions
         outcomes = await run_many(
             requests, concurrency=concurrency or n, return_exceptions=True, **self._options()
@@ -277,6 +302,17 @@ class DedalusAsyncRunManyJournal(DedalusAsyncRunMany):
         return {"journal": f"{self._folder.name}/batch-{self._runs}.db"}
 
 
+class DedalusAsyncRunManyCreates(DedalusAsyncRunMany):
+    """``Session.run_many`` with 100 creates in flight (the connection pool's size) instead
+    of the default 10: an experiment, to price the create limit in wall time."""
+
+    name = "dedalus_async-run_many-cc100"
+    description = "dedalus_async, Session.run_many, create_concurrency=100 (experiment)"
+
+    def _options(self) -> dict[str, Any]:
+        return {"create_concurrency": 100}
+
+
 class OfficialSdk(Driver):
     """``dedalus_sdk.AsyncDedalus`` with the polling loop its users write by hand."""
 
@@ -301,23 +337,25 @@ class OfficialSdk(Driver):
             api_key=API_KEY, base_url=base_url, http_client=self._http_client()
         )
         self._executions = self._client.machines.executions
+        self._machines = _in_turn(base_url)
 
     async def teardown(self) -> None:
         await self._client.close()
 
     async def one(self) -> Sample:
         executions = self._executions
-        execution = await executions.create(machine_id=MACHINE_ID, command=list(COMMAND))
+        machine_id = next(self._machines)
+        execution = await executions.create(machine_id=machine_id, command=list(COMMAND))
         while execution.status not in TERMINAL:
             await asyncio.sleep((execution.retry_after_ms or 500) / 1000)
             execution = await executions.retrieve(
-                machine_id=MACHINE_ID, execution_id=execution.execution_id
+                machine_id=machine_id, execution_id=execution.execution_id
             )
         lag = _lag(execution.completed_at)
         output = None
         if execution.stdout_bytes or execution.stderr_bytes:
             output = await executions.output(
-                machine_id=MACHINE_ID, execution_id=execution.execution_id
+                machine_id=machine_id, execution_id=execution.execution_id
             )
         if output is None or output.stdout != EXPECTED_STDOUT:
             return Sample(None, lag, f"unexpected output {output!r}"[:300])
@@ -355,6 +393,7 @@ DRIVERS: dict[str, type[Driver]] = {
         DedalusAsyncRun,
         DedalusAsyncRunMany,
         DedalusAsyncRunManyJournal,
+        DedalusAsyncRunManyCreates,
         DedalusAsyncNoJitter,
         OfficialSdk,
         OfficialSdkAiohttp,

@@ -18,6 +18,11 @@ Scenarios:
   reported: from ``completed_at`` (seen by the client), and *over the hint* (measured by
   the server: see :mod:`benchmarks.server`), which leaves out what the server's own hints
   imposed.
+* the server's style: ``--hints whole-phase|remaining`` (each hint the phase's whole
+  duration, or the time left in it), ``--list-order oldest|newest`` and ``--machines N``
+  (see :mod:`benchmarks.server`). A style other than the default (whole-phase, oldest
+  first, one machine) is part of each scenario's name and title, so runs of several
+  styles merge into one report (``--from-json``).
 * with ``--memory`` (the default), one more run per driver and fan-out size under
   ``tracemalloc``: the traced peak per execution, and the part of it that is not the
   records kept at the end (what waiting costs). Its timings are not used.
@@ -44,11 +49,15 @@ from typing import Any
 
 import attrs
 
+from dedalus_async._server import LIST_ORDERS
+
 from .drivers import DRIVERS, available
 
 __all__ = ["Scenario", "collect", "main", "merge", "render", "summarise"]
 
 BASELINE = "aiohttp"
+# the runner's names for the benchmark server's hint styles
+HINTS = {"whole-phase": "phase", "remaining": "remaining"}
 DEFAULT_DRIVERS = ("aiohttp", "dedalus_async", "dedalus_async-run_many", "sdk", "sdk-aiohttp")
 SLOW_DRIVERS = ("sdk",)
 _ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +133,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--time-scale", type=float, default=1.0, help="scale the script")
+    parser.add_argument(
+        "--hints",
+        choices=sorted(HINTS),
+        default="whole-phase",
+        help="the server's retry_after_ms: the phase's whole duration (default) or the "
+        "time remaining in it",
+    )
+    parser.add_argument(
+        "--list-order",
+        choices=LIST_ORDERS,
+        default="oldest",
+        help="the order of a machine's executions list (default oldest first)",
+    )
+    parser.add_argument(
+        "--machines", type=int, default=1, help="spread the executions over N machines"
+    )
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument(
@@ -160,10 +185,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.shared_server = True
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.machines < 1:
+        parser.error("--machines must be at least 1")
     return args
 
 
+def _style(args: argparse.Namespace) -> tuple[str, str]:
+    """The server's style as a scenario name suffix and a title suffix ("" by default)."""
+    parts: list[tuple[str, str]] = []
+    if args.hints != "whole-phase":
+        parts.append((args.hints, f"{args.hints} hints"))
+    if args.list_order != "oldest":
+        parts.append((args.list_order, f"{args.list_order} first"))
+    if args.machines != 1:
+        parts.append((f"m{args.machines}", f"{args.machines} machines"))
+    if not parts:
+        return "", ""
+    return "-" + "-".join(n for n, _ in parts), " (" + ", ".join(t for _, t in parts) + ")"
+
+
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
+    name, title = _style(args)
+    return [
+        Scenario(s.name + name, s.title + title, s.executions, s.concurrency)
+        for s in _scenarios(args)
+    ]
+
+
+def _scenarios(args: argparse.Namespace) -> list[Scenario]:
     out: list[Scenario] = []
     if args.cpu_executions > 0:
         out.append(
@@ -200,9 +249,12 @@ def _env() -> dict[str, str]:
 class ServerProcess:
     """``python -m benchmarks.server`` in a child process; a context manager."""
 
-    def __init__(self, time_scale: float) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
+        command = [sys.executable, "-m", "benchmarks.server", "--time-scale", str(args.time_scale)]
+        command += ["--hints", HINTS[args.hints], "--list-order", args.list_order]
+        command += ["--machines", str(args.machines)]
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.server", "--time-scale", str(time_scale)],
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -242,7 +294,7 @@ def run_one(
 ) -> Result:
     """Run one client process against ``server`` (default: a fresh one); its figures."""
     if server is None:
-        with ServerProcess(args.time_scale) as fresh:
+        with ServerProcess(args) as fresh:
             return run_one(driver, scenario, args, trace_memory=trace_memory, server=fresh)
     command = [
         sys.executable,
@@ -321,7 +373,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, dict[str, list[Result | None]]] = {}
     memory: dict[str, dict[str, Result]] = {}
     not_run: dict[str, dict[str, str]] = {}
-    shared = ServerProcess(args.time_scale) if args.shared_server else None
+    shared = ServerProcess(args) if args.shared_server else None
     try:
         for scenario in scenarios(args):
             _scenario(scenario, drivers, args, shared, runs, memory, not_run)
@@ -391,6 +443,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "versions": versions,
         "argv": sys.argv[1:],
         "rounds": args.rounds,
+        "server": {"hints": args.hints, "list_order": args.list_order, "machines": args.machines},
     }
 
 

@@ -1,6 +1,7 @@
 """The benchmark's server process: a FakeDedalus on loopback, plus a little bookkeeping.
 
-Run as ``python -m benchmarks.server [--time-scale S]``. It prints one line,
+Run as ``python -m benchmarks.server [--time-scale S] [--hints phase|remaining]
+[--list-order oldest|newest] [--machines N]``. It prints one line,
 ``READY http://127.0.0.1:PORT``, then serves until its standard input closes (so it never
 outlives the runner that started it). It lives in its own process so that the client's
 CPU time is the client's alone.
@@ -9,6 +10,13 @@ Every execution follows ``Script.default`` (``wake_in_progress`` 0.2 s, ``queued
 ``running`` 0.3 s, each phase's ``retry_after_ms`` hint equal to its duration), scaled by
 ``--time-scale``, and ends ``succeeded`` with ``stdout="ok\\n"`` so that every client also
 fetches the output: 5 requests per execution when every poll lands on time.
+
+The server's style is selectable, since the real service's is not documented:
+``--hints remaining`` makes each hint the time left in the current phase (what a real
+server likely sends) instead of the phase's whole duration; ``--list-order newest`` lists
+a machine's executions newest first (offset cursors) instead of oldest first;
+``--machines N`` spreads the executions over N machines: ``GET /_bench/config`` answers
+``{"machines": [...]}``, and every driver creates its executions on them in turn.
 
 A middleware watches the traffic without changing it:
 
@@ -46,9 +54,20 @@ from typing import Any
 from aiohttp import web
 
 from dedalus_async import TERMINAL_STATUSES
+from dedalus_async._server import LIST_ORDERS
 from dedalus_async.testing import FakeDedalus, Outcome, Phase, Script
+from dedalus_async.testing._fake_script import HINT_STYLES
 
-__all__ = ["API_KEY", "MACHINE_ID", "ServerStats", "bench_script", "main", "percentile", "to_ms"]
+__all__ = [
+    "API_KEY",
+    "MACHINE_ID",
+    "ServerStats",
+    "bench_script",
+    "machine_ids",
+    "main",
+    "percentile",
+    "to_ms",
+]
 
 #: The key every benchmark client presents.
 API_KEY = "bench-key"
@@ -58,14 +77,23 @@ MACHINE_ID = "dm-654ed9cb-4d87-556a-a534-d08332976a86"
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def bench_script(time_scale: float = 1.0) -> Script:
-    """``Script.default`` timing times ``time_scale``, ending with some stdout."""
+def bench_script(time_scale: float = 1.0, hints: str = "phase") -> Script:
+    """``Script.default`` timing times ``time_scale``, ending with some stdout; ``hints``
+    as :class:`~dedalus_async.testing.Script` takes it."""
     phases = (
         Phase("wake_in_progress", 0.2 * time_scale, round(200 * time_scale)),
         Phase("queued", 0.1 * time_scale, round(100 * time_scale)),
         Phase("running", 0.3 * time_scale, round(300 * time_scale)),
     )
-    return Script(phases, Outcome(stdout="ok\n"))
+    return Script(phases, Outcome(stdout="ok\n"), hints=hints)
+
+
+def machine_ids(count: int) -> list[str]:
+    """The ``count`` machines a benchmark spreads its executions over (``MACHINE_ID``
+    first)."""
+    if count < 1:
+        raise ValueError("need at least one machine")
+    return [MACHINE_ID, *(f"dm-bench-{i:04d}" for i in range(1, count))]
 
 
 class ServerStats:
@@ -184,12 +212,15 @@ def _kind(method: str, parts: list[str]) -> str:
     return "other"
 
 
-def make_middleware(fake: FakeDedalus, stats: ServerStats) -> Any:
+def make_middleware(fake: FakeDedalus, stats: ServerStats, machines: int = 1) -> Any:
     """The watching middleware described in the module docstring."""
+    config = {"machines": machine_ids(machines)}
 
     @web.middleware
     async def watch(request: web.Request, handler: _Handler) -> web.StreamResponse:
         path = request.path
+        if path == "/_bench/config":
+            return web.json_response(config)
         if path.startswith("/_bench/"):
             if path == "/_bench/reset":
                 stats.reset()
@@ -234,13 +265,24 @@ def make_middleware(fake: FakeDedalus, stats: ServerStats) -> Any:
     return watch
 
 
-async def serve(time_scale: float, port: int) -> None:
+async def serve(
+    time_scale: float,
+    port: int,
+    *,
+    hints: str = "phase",
+    list_order: str = "oldest",
+    machines: int = 1,
+) -> None:
     """Serve until standard input reaches its end."""
     stats = ServerStats()
     fake = FakeDedalus(
-        api_key=API_KEY, script=bench_script(time_scale), port=port, record_requests=False
+        api_key=API_KEY,
+        script=bench_script(time_scale, hints),
+        port=port,
+        record_requests=False,
+        list_order=list_order,
     )
-    fake.app.middlewares.append(make_middleware(fake, stats))
+    fake.app.middlewares.append(make_middleware(fake, stats, machines))
     async with fake:
         print(f"READY {fake.base_url}", flush=True)
         loop = asyncio.get_running_loop()
@@ -253,8 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__)
     parser.add_argument("--time-scale", type=float, default=1.0)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--hints", choices=HINT_STYLES, default="phase")
+    parser.add_argument("--list-order", choices=LIST_ORDERS, default="oldest")
+    parser.add_argument("--machines", type=int, default=1)
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.time_scale, args.port))
+    if args.machines < 1:
+        parser.error("--machines must be at least 1")
+    asyncio.run(
+        serve(
+            args.time_scale,
+            args.port,
+            hints=args.hints,
+            list_order=args.list_order,
+            machines=args.machines,
+        )
+    )
     return 0
 
 

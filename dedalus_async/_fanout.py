@@ -11,7 +11,8 @@
   and no task is left behind when the call returns, raises or is left early.
 * Waiting: when several executions of one machine are waited on at once, a per-machine
   :class:`_Refresher` reads them a page at a time from ``list_executions`` instead of
-  one GET per execution per look; each waiter keeps its own schedule (the pure
+  one GET per execution per look, reading only the pages (and decoding only the items)
+  its due waiters need; each waiter keeps its own schedule (the pure
   :func:`~dedalus_async._policy.next_poll`) and its own deadline, and falls back to its
   own GET whenever the page does not serve it.
 * The Session's :class:`~dedalus_async.Throttle` paces every request of every worker.
@@ -38,7 +39,7 @@ from ._durable import JobSpec, Ledger, RetryExecution, fingerprint, job_id, open
 from ._errors import APIStatusError, DedalusError, ExecutionFailed
 from ._handle import ExecutionHandle, create_seen_through, read_result
 from ._journal import JobState, Journal
-from ._models import Execution
+from ._models import TERMINAL_STATUSES, Execution
 from ._policy import USE_POLICY_DEFAULT, PollPolicy, Sleep, UsePolicyDefault, resolve_timeout
 from ._requester import DeadlineReached
 from ._results import ExecutionResult
@@ -56,10 +57,24 @@ logger = logging.getLogger("dedalus_async")
 BATCH_MIN_WAITERS: Final = 4
 # The page size asked for when reading a machine's executions (servers may clamp it).
 _PAGE_SIZE: Final = 100
+# A page costs the client more than a GET (a hundred executions to read, against one): a
+# sweep reads one only while at least this many due waiters are still to be found.
+_PAGE_WORTH: Final = 2
+# Where the waiters are known to be, a page is asked for no more executions than this many
+# per waiter on the machine (and at least _PAGE_MIN): the finished executions around them
+# would only be read to be skipped.
+_PAGE_PER_WAITER: Final = 2
+_PAGE_MIN: Final = 10
 # A waiter may be served by a page read this fraction of its own sleep early: looking a
 # little early costs nothing when the page is read anyway, and it lets one page serve
 # waiters whose schedules are close but not equal.
 _EARLY_FRACTION: Final = 0.5
+# ... and a sweep waits for the first waiter due this fraction of its sleep (at most
+# _LATE_MAX seconds) past its moment, so that the waiters due meanwhile share its pages:
+# a little detection lag for far fewer requests when waiters' moments are spread out (a
+# server whose hints are the time left in a phase puts each on a moment of its own).
+_LATE_FRACTION: Final = 0.25
+_LATE_MAX: Final = 0.1
 # A machine's waiters go back to their own GETs for the rest of the fan-out when, over
 # this many sweeps in a row, the pages read served no more looks than there were pages.
 _LEDGER_SWEEPS: Final = 8
@@ -582,8 +597,10 @@ class _FanOut:
             if refresher.engaged:
                 # only a schedule of our own choosing may be served early; the deadline
                 # and expires_at are moments to look at exactly
-                early = _EARLY_FRACTION if decision.reason in ("hint", "backoff") else 0.0
-                snapshot = await refresher.look(look, decision.seconds, early)
+                ours = decision.reason in ("hint", "backoff")
+                early = _EARLY_FRACTION if ours else 0.0
+                late = min(decision.seconds * _LATE_FRACTION, _LATE_MAX) if ours else 0.0
+                snapshot = await refresher.look(look, decision.seconds, early, late)
                 if snapshot is not None:
                     return snapshot
             else:
@@ -640,6 +657,12 @@ class _FanOut:
 # --- many waiters on one machine -----------------------------------------------------------
 
 
+def _raw_page(response: _wire.Response) -> tuple[list[Any], str | None, _wire.Response]:
+    # the items undecoded, and the response to structure the few a waiter takes from
+    items, cursor = _wire.raw_page(response)
+    return items, cursor, response
+
+
 class _Look:
     """One waiter's standing request to its machine's refresher."""
 
@@ -649,6 +672,7 @@ class _Look:
         "early_by",
         "event",
         "execution_id",
+        "late_by",
         "not_before",
         "seen",
         "snapshot",
@@ -664,6 +688,7 @@ class _Look:
         self.seen: Execution | None = None
         self.due: float | None = None  # None: not waiting for a look right now
         self.early_by = 0.0
+        self.late_by = 0.0  # how long past ``due`` a sweep may come for it
         self.event: anyio.Event | None = None
         self.snapshot: Execution | None = None
 
@@ -672,7 +697,8 @@ class _Refresher:
     """Reads the executions of one machine a page at a time for the waiters on it.
 
     Each waiter asks for a look at a moment of its own choosing (:meth:`look`). When the
-    earliest moment comes, one *sweep* reads pages of ``list_executions`` and serves every
+    earliest moment comes (a little after it for a schedule of the waiter's own: see
+    ``_LATE_FRACTION``), one *sweep* reads pages of ``list_executions`` and serves every
     waiter that is due (or nearly: see ``_EARLY_FRACTION``), plus every waiter whose
     execution the page shows terminal, whenever it was due. A due waiter the sweep cannot
     serve (too few due, not on the pages read, the list failed) is told to GET for itself,
@@ -687,9 +713,23 @@ class _Refresher:
     Pages are read from where the oldest waited-on execution was found last time (the
     API lists oldest first, so the rest of a long history is skipped), wrapping around to
     the first page when the wanted ones were not found before the end (a newest-first
-    server). A sweep reads at most one page per two due waiters, and the next one reads on
-    from where it stopped if it found none of its own; when sweeps stop saving requests
-    (or the server refuses the list) the machine's waiters go back to their own GETs.
+    server). What a sweep reads is what its due waiters need, and no more:
+
+    * it stops once fewer than ``_PAGE_WORTH`` due waiters are still to be found (one GET
+      each is cheaper than another page), and at most one page per two due waiters;
+    * it stops (or goes round to the first page, once) when a page shows none of the
+      machine's waiters after earlier pages did: it has passed them, and what lies further
+      is finished executions, among which a waiter still missing (an old one deep in a
+      newest-first list) is cheaper to GET than the pages down to it;
+    * where the waiters were found last time, a page asks for ``_PAGE_PER_WAITER`` items
+      per waiter on the machine (the finished ones around them are only skipped);
+    * items are looked at through their raw ``execution_id``, ``status`` and
+      ``retry_after_ms``: only an item a waiter takes (or a finish kept for one) is
+      structured into an :class:`Execution`.
+
+    The next sweep reads on from where the last one stopped if it found none of its own;
+    when sweeps stop saving requests (or the server refuses the list) the machine's
+    waiters go back to their own GETs.
     """
 
     def __init__(self, waits: WaitLoop, machine_id: str, tg: TaskGroup, policy: PollPolicy) -> None:
@@ -705,6 +745,7 @@ class _Refresher:
         self._nap: anyio.CancelScope | None = None
         self._nap_until = math.inf
         self._start_cursor: str | None = None
+        self._start_known = False  # whether the last sweep found waiters from there on
         self._ledger: deque[tuple[int, int]] = deque(maxlen=_LEDGER_SWEEPS)
         self.disabled = False
         #: the context its loop task starts in (the fan-out's span, with OpenTelemetry)
@@ -735,15 +776,18 @@ class _Refresher:
         if self._wake is not None:
             self._wake.set()  # the loop ends once nobody is left
 
-    async def look(self, look: _Look, seconds: float, early: float) -> Execution | None:
+    async def look(
+        self, look: _Look, seconds: float, early: float, late: float = 0.0
+    ) -> Execution | None:
         """A snapshot from a sweep at least ``seconds`` (less ``early`` of it) from now, or
         a terminal one sooner; ``None``: no sweep could serve, GET it yourself now."""
         now = self.requester.clock.monotonic()
         look.due = now + seconds
         look.early_by = seconds * early
+        look.late_by = late
         look.snapshot = None
         event = look.event = anyio.Event()
-        if look.due < self._nap_until and self._nap is not None:
+        if look.due + late < self._nap_until and self._nap is not None:
             self._nap.cancel()  # the loop is sleeping past this waiter's moment
         if self._wake is not None:
             self._wake.set()
@@ -786,7 +830,7 @@ class _Refresher:
                 # everyone at least part-way through their sleep (see _EARLY_FRACTION):
                 # waiters served together stay in step, so the next sweep serves them
                 # together again.
-                first = min(look.due for look in waiting if look.due is not None)
+                first = min(look.due + look.late_by for look in waiting if look.due is not None)
                 now = clock.monotonic()
                 if first > now:
                     with anyio.CancelScope() as nap:
@@ -816,7 +860,7 @@ class _Refresher:
             for look in waiting
             if look.due is not None and look.due - look.early_by <= now
         }
-        if self.disabled or len(due) < 2 or len(self._looks) < BATCH_MIN_WAITERS:
+        if self.disabled or len(due) < _PAGE_WORTH or len(self._looks) < BATCH_MIN_WAITERS:
             # one GET each is as cheap as a page, and fresher
             for look in due.values():
                 self._release(look, now)
@@ -827,42 +871,63 @@ class _Refresher:
         pages = 0
         missing = set(due)
         served = 0
+        looks = self._looks
         # where the oldest waited-on execution sits: pages read after going round to the
         # first page come before the ones read earlier in the list
         first: dict[bool, str | None] = {}
         start = cursor = self._start_cursor
         wrapped = start is None
         went_round = False
+        # whether a page read since this sweep began (or went round) showed a waiter
+        found = False
         try:
-            while missing and pages < max_pages:
-                request = _wire.page_request(self._path, limit=_PAGE_SIZE, cursor=cursor)
-                items, next_cursor = await self.requester.send(
-                    request, lambda r: _wire.decode_page(r, Execution), deadline=deadline
+            # A page costs more than a GET: it is read for two missing waiters or more
+            while len(missing) >= _PAGE_WORTH and pages < max_pages:
+                # searching, a whole page; where ours are, about as many as there are
+                limit = _PAGE_SIZE
+                if found or (cursor == start and self._start_known):
+                    limit = min(_PAGE_SIZE, max(_PAGE_MIN, _PAGE_PER_WAITER * len(looks)))
+                request = _wire.page_request(self._path, limit=limit, cursor=cursor)
+                items, next_cursor, response = await self.requester.send(
+                    request, _raw_page, deadline=deadline
                 )
                 pages += 1
                 self.pages += 1
+                ours = False
                 for item in items:
-                    waiter = self._looks.get(item.execution_id)
+                    # Only what a waiter takes is structured: the rest of the page is
+                    # looked at through its id, never decoded into an Execution.
+                    if type(item) is not dict:
+                        continue
+                    execution_id = item.get("execution_id")
+                    waiter = looks.get(execution_id) if type(execution_id) is str else None
                     if waiter is None:
                         continue
+                    ours = True
                     first.setdefault(wrapped and start is not None, cursor)
-                    if waiter.due is None:
-                        # busy (its own GET, or between looks): keep what the page says
-                        self._note(waiter, item)
+                    terminal = item.get("status") in TERMINAL_STATUSES
+                    if waiter.due is None or (execution_id not in missing and not terminal):
+                        # busy (its own GET, or between looks), or not due yet with
+                        # nothing it needs to know early: keep what the page says
+                        self._note(waiter, item, terminal, response)
                         continue
-                    if item.execution_id in missing:
-                        missing.discard(item.execution_id)
-                    elif not item.is_terminal:
-                        # not due yet, and nothing it needs to know early
-                        self._note(waiter, item)
-                        continue
-                    self._serve(waiter, item)
+                    missing.discard(execution_id)
+                    self._serve(waiter, _wire.structure_item(item, Execution, response))
                     served += 1
                 if next_cursor is None or (not items and next_cursor == cursor):
                     if wrapped:
                         went_round = True
                         break
-                    wrapped, next_cursor = True, None  # the end: go round to the first page
+                    wrapped, next_cursor, found = True, None, False  # go round to the first page
+                elif found and not ours:
+                    # Past the waited-on executions: what lies further down are finished
+                    # ones, and a waiter still missing sits deep among them, where its own
+                    # GET costs less than the pages down to it.
+                    if wrapped:
+                        break
+                    wrapped, next_cursor, found = True, None, False
+                else:
+                    found = found or ours
                 if wrapped and next_cursor == start and start is not None:
                     went_round = True
                     break  # came round to where this sweep began
@@ -871,15 +936,16 @@ class _Refresher:
             # a failed list must not fail the waits: they GET for themselves this time
             # (and each meets its own deadline, or error, doing so)
             logger.debug("listing executions of %s failed: %s", self.machine_id, exc)
-            self._start_cursor = None
+            self._start_cursor, self._start_known = None, False
             if isinstance(exc, APIStatusError) and exc.status in _LIST_REFUSED:
                 self._disable("the server refuses to list them")  # asking again won't help
             else:
                 self._account(pages + 1, served)
         else:
+            self._start_known = bool(first)
             if first:
                 self._start_cursor = first.get(True, first.get(False))
-            elif not went_round:
+            elif not went_round and pages >= max_pages:
                 # Stopped by the page limit before finding any of ours (a long history):
                 # the next sweep reads on from here instead of re-reading the same pages.
                 self._start_cursor = cursor
@@ -887,15 +953,17 @@ class _Refresher:
         for execution_id in missing:
             self._release(due[execution_id], now)
 
-    def _note(self, look: _Look, item: Execution) -> None:
+    def _note(
+        self, look: _Look, item: dict[str, Any], terminal: bool, response: _wire.Response
+    ) -> None:
         """What a page showed of a waiter it does not serve: a finish to hand over at its
-        next pause, or a hint its own GET must respect."""
-        if item.is_terminal:
-            look.seen = item
-        elif item.retry_after_ms is not None and item.retry_after_ms > 0:
-            hinted = self.requester.clock.monotonic() + min(
-                item.retry_after_ms / 1000, self.policy.hint_ceiling
-            )
+        next pause, or a hint its own GET must respect (read from the raw item)."""
+        if terminal:
+            look.seen = _wire.structure_item(item, Execution, response)
+            return
+        hint = item.get("retry_after_ms")
+        if type(hint) is int and hint > 0:
+            hinted = self.requester.clock.monotonic() + min(hint / 1000, self.policy.hint_ceiling)
             look.not_before = max(look.not_before, hinted)
 
     def _release(self, look: _Look, now: float) -> None:

@@ -60,7 +60,9 @@ Lists and events
     ``?limit=`` defaults to ``page_size``, is clamped to ``max_page_size``, and must be a
     positive integer (else 422). Cursors are opaque strings (today ``"c"`` + a position);
     a cursor this server did not issue is 400 ``INVALID_CURSOR``. The executions list is
-    oldest first; its ``next_cursor`` is null on the last page. The event log is ordered by
+    oldest first (``list_order="newest"``: newest first, with offset cursors, so an
+    execution created meanwhile shifts the ones after it by one, as on a server that
+    pages by offset); its ``next_cursor`` is null on the last page. The event log is ordered by
     ``sequence`` (1, 2, ...). Its ``next_cursor`` is positioned after the last returned
     item; when there is nothing new it echoes a cursor at the same position while the
     execution is not terminal, and it is null once the execution is terminal and the page
@@ -130,7 +132,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote
 
 import attrs
@@ -146,6 +148,8 @@ _log = logging.getLogger(__name__)
 
 # What can never be a path-segment id: the API says reject only these.
 _BAD_ID = re.compile(r"[\x00-\x1f\x7f/]")
+#: The orders a machine's executions list can be served in (``list_order``).
+LIST_ORDERS: Final = ("oldest", "newest")
 _CURSOR = re.compile(r"c(0|[1-9][0-9]{0,11})")
 _LIMIT = re.compile(r"[0-9]{1,9}")
 # The "compact UUIDv7" the newest SDK sends: 12 hex of Unix ms, "7", 19 random hex.
@@ -332,14 +336,19 @@ class ExecutionsServer:
         name: str = "ExecutionsServer",
         store: RecordStore | None = None,
         machine_store: MachineStore | None = None,
+        list_order: str = "oldest",
     ) -> None:
         if not 1 <= page_size <= max_page_size:
             raise ValueError("need 1 <= page_size <= max_page_size")
+        if list_order not in LIST_ORDERS:
+            raise ValueError(f"list_order must be one of {LIST_ORDERS}, got {list_order!r}")
         self._api_key = api_key.encode()
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.runner: Runner = runner
         self.page_size = page_size
         self.max_page_size = max_page_size
+        #: ``"oldest"`` or ``"newest"``: the order of a machine's executions list
+        self.list_order = list_order
         self.output_cap = output_cap
         self.require_idempotency_key = require_idempotency_key
         #: When True, an Idempotency-Key that is not a compact UUIDv7 is 400.
@@ -760,8 +769,14 @@ class ExecutionsServer:
         executions = self.executions
         items: list[dict[str, Any]] = []
         end = len(ids)
+        newest = self.list_order == "newest"
+
+        def at(position: int) -> str:
+            # newest first, position 0 is the last id created
+            return ids[end - 1 - position] if newest else ids[position]
+
         while index < end and len(items) < limit:
-            record = executions.get(ids[index])
+            record = executions.get(at(index))
             index += 1
             if record is None:
                 continue
@@ -770,7 +785,7 @@ class ExecutionsServer:
         # Deleted ids stay in the list (so cursors stay stable); skip them to tell
         # whether anything is left for another page.
         more = index
-        while more < end and ids[more] not in executions:
+        while more < end and at(more) not in executions:
             more += 1
         next_cursor = f"c{index}" if more < end else None
         return _json_response({"items": items, "next_cursor": next_cursor})
@@ -782,7 +797,11 @@ class ExecutionsServer:
             record = self.executions.get(execution_id)
             if record is not None:
                 merged[execution_id] = record  # memory is fresher than the store
-        records = sorted(merged.values(), key=lambda r: (r.created_at, r.execution_id))
+        records = sorted(
+            merged.values(),
+            key=lambda r: (r.created_at, r.execution_id),
+            reverse=self.list_order == "newest",
+        )
         args = self._page_args(request, len(records))
         if isinstance(args, APIResponse):
             return args

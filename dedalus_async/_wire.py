@@ -60,6 +60,8 @@ __all__ = [
     "machine_update_request",
     "new_idempotency_key",
     "parse_retry_after",
+    "raw_page",
+    "structure_item",
 ]
 
 T = TypeVar("T")
@@ -360,6 +362,17 @@ def decode_page(response: Response, cls: type[T]) -> tuple[list[T], str | None]:
     """Decode ``{"items": [...] | null, "next_cursor": ...}``; an empty cursor means the end."""
     items, cursor = _page_parts(response)
     return [_structure(item, cls, response) for item in items], cursor
+
+
+def raw_page(response: Response) -> tuple[list[Any], str | None]:
+    """A page's items as they came (JSON values, not checked) and its next cursor: for a
+    reader that structures only the items it wants, with :func:`structure_item`."""
+    return _page_parts(response)
+
+
+def structure_item(data: object, cls: type[T], response: Response) -> T:
+    """One item of a :func:`raw_page`, checked and structured as ``cls``."""
+    return _structure(data, cls, response)
 
 
 def _page_parts(response: Response) -> tuple[list[Any], str | None]:

@@ -1154,3 +1154,64 @@ async def test_get_record_brings_the_record_up_to_date(
     record = fake.get_record(created["execution_id"])
     assert record.status == "succeeded"
     assert record.stdout == "hi\n"
+
+
+# --- the benchmark styles: newest-first lists, time-remaining hints ---------------------
+
+
+async def test_list_newest_first_pages_by_offset(clock: FakeClock) -> None:
+    """``list_order="newest"``: the newest execution first, cursors are offsets into that
+    order (so one created meanwhile shifts the rest by one), deleted ones are skipped."""
+    async with (
+        FakeDedalus(api_key=KEY, clock=clock, list_order="newest") as fake,
+        aiohttp.ClientSession(fake.base_url, headers={"x-api-key": KEY}) as http,
+    ):
+        fake.set_script(Script.immediate())
+        ids = [(await create(http))["execution_id"] for _ in range(5)]
+        await create(http, machine="dm-7f5bf56c-8390-58ff-a89a-cd813a7323a7")
+        _, page = await get_json(http, EXECS + "?limit=2")
+        assert [i["execution_id"] for i in page["items"]] == [ids[4], ids[3]]
+        _, page = await get_json(http, EXECS + f"?limit=2&cursor={page['next_cursor']}")
+        assert [i["execution_id"] for i in page["items"]] == [ids[2], ids[1]]
+        newer = (await create(http))["execution_id"]
+        assert (await delete(http, f"{EXECS}/{ids[0]}"))[0] == 200
+        _, page = await get_json(http, EXECS + f"?limit=2&cursor={page['next_cursor']}")
+        # offset 4 of [newer, 4, 3, 2, 1, (0 deleted)]: the creation shifted ids[1] down
+        assert [i["execution_id"] for i in page["items"]] == [ids[1]]
+        assert page["next_cursor"] is None
+        _, whole = await get_json(http, EXECS + "?limit=100")
+        assert [i["execution_id"] for i in whole["items"]] == [newer, *ids[4:0:-1]]
+
+
+def test_list_order_and_hint_style_are_checked() -> None:
+    with pytest.raises(ValueError, match="list_order"):
+        FakeDedalus(list_order="random")
+    with pytest.raises(ValueError, match="hints"):
+        Script((Phase("running", 1.0, 100),), hints="sometimes")
+
+
+@pytest.mark.parametrize("hints", ["phase", "remaining"])
+async def test_hints_are_the_whole_phase_or_the_time_left_in_it(
+    fake: FakeDedalus, http: aiohttp.ClientSession, clock: FakeClock, hints: str
+) -> None:
+    """``Script(hints="remaining")``: the hint is the time left in the current phase
+    (rounded up); by default it is the phase's own ``retry_after_ms``. No hint in a phase
+    without one, none once terminal."""
+    phases = (Phase("queued", 0.2, 200), Phase("running", 0.3, 300), Phase("running", 0.1))
+    fake.set_script(Script(phases, hints=hints))
+    execution_id = (await create(http))["execution_id"]
+    seen = []
+    for step in (0.0, 0.05, 0.1004, 0.05, 0.35, 0.1):  # at 0, 50, 150.4, 200.4, 550.4, 650.4 ms
+        clock.advance(step)
+        _, data = await get_json(http, f"{EXECS}/{execution_id}")
+        seen.append((data["status"], data.get("retry_after_ms")))
+    if hints == "phase":
+        hinted = [200, 200, 200, 300, None, None]
+    else:
+        hinted = [200, 150, 50, 300, None, None]
+    assert seen == [
+        (status, hint)
+        for status, hint in zip(
+            ["queued", "queued", "queued", "running", "running", "succeeded"], hinted, strict=True
+        )
+    ]

@@ -667,17 +667,28 @@ class _HintWatch:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("n", "concurrency"), [(200, 40), (600, 600)])
-async def test_batch_refresh_never_polls_before_any_hint(n: int, concurrency: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "concurrency", "hints", "order"),
+    [
+        (200, 40, "phase", "oldest"),
+        (600, 600, "phase", "oldest"),
+        (600, 600, "remaining", "newest"),
+    ],
+)
+async def test_batch_refresh_never_polls_before_any_hint(
+    n: int, concurrency: int, hints: str, order: str
+) -> None:
     """No GET of an execution goes out before the latest hint the server gave for it,
     whether in its own responses or in a page of the list.
 
     Waves of ``concurrency``: each wave's first waiters start before the machine has
     enough of them to be read by pages, so pages and GETs of their own mix (the case
-    that once polled early).
+    that once polled early). Also with hints that are the time left in each phase, and
+    the list newest first.
     """
     watch = _HintWatch()
-    fake = FakeDedalus(api_key=FAKE_API_KEY, script=_HALF_DEFAULT)
+    script = attrs.evolve(_HALF_DEFAULT, hints=hints)
+    fake = FakeDedalus(api_key=FAKE_API_KEY, script=script, list_order=order)
     fake.app.middlewares.append(watch.middleware())  # watches, changes nothing
     async with fake, Session(api_key=FAKE_API_KEY, base_url=fake.base_url) as session:
         requests = [
@@ -690,6 +701,73 @@ async def test_batch_refresh_never_polls_before_any_hint(n: int, concurrency: in
     assert lists  # pages were read
     assert watch.early == []
     assert len(watch.shown_terminal) == n  # every finish was shown to the client
+
+
+def _by_role(body: dict[str, Any]) -> Script:
+    """``slow``: runs 3 s (hint 100 ms); ``done``: finished at once; ``mid``: runs 0.6 s
+    with 50 ms hints; ``long``: 1.5 s with 50 ms hints."""
+    role = body["command"][0]
+    if role == "slow":
+        return Script.running(3.0, retry_after_ms=100)
+    if role == "done":
+        return Script.immediate()
+    return Script.running(1.5 if role == "long" else 0.6, retry_after_ms=50)
+
+
+def _list_pages(fake: FakeDedalus) -> list[tuple[int, int]]:
+    """(offset, limit) of every page of a list of executions the fake was asked for."""
+    return [
+        (int(r.query.get("cursor", "c0")[1:]), int(r.query.get("limit", fake.page_size)))
+        for r in fake.requests_for("GET")
+        if r.path.endswith("/executions")
+    ]
+
+
+async def test_a_waiter_deep_in_a_newest_first_list_is_served_by_its_own_get() -> None:
+    """Newest first: the waited-on executions at the top, one old waiter 250 finished
+    executions further down. Pages are read for the top ones and stop there; the old one
+    GETs for itself instead of pages being walked down to it."""
+    machine = "dm-c294061c-c5b5-5ab3-85c3-a559cc68d778"
+    roles = ["slow"] + ["done"] * 250 + ["mid"] * 8
+    requests = [ExecutionRequest(machine_id=machine, command=[role]) for role in roles]
+    async with (
+        FakeDedalus(script=_by_role, list_order="newest") as fake,
+        Session(api_key=FAKE_API_KEY, base_url=fake.base_url, poll=FAST_POLL) as session,
+    ):
+        # one create at a time: the list's order is the requests' order
+        results = await session.run_many(requests, concurrency=300, create_concurrency=1)
+    assert [r.execution.status for r in results] == ["succeeded"] * len(roles)
+    slow = results[0].execution.execution_id
+    pages = _list_pages(fake)
+    assert pages  # the top was read a page at a time
+    depth = len(roles) - 1  # the slow one's offset in the list, newest first
+    assert all(offset + limit <= depth for offset, limit in pages), pages
+    polls = [r for r in fake.requests_for("GET", path_contains=slow) if r.path.endswith(slow)]
+    assert polls  # it looked for itself
+
+
+async def test_items_no_waiter_waits_for_are_never_decoded() -> None:
+    """A page is read through the ids of its items: one the server got wrong (here an
+    exit code that is not a number) costs nothing unless a waiter waits for it, so the
+    waiters around it are still served by pages, not by GETs. And where the waiters are
+    known to be, a page asks for about as many executions as there are waiters."""
+    machine = "dm-c294061c-c5b5-5ab3-85c3-a559cc68d778"
+    async with (
+        FakeDedalus(script=_by_role) as fake,
+        Session(api_key=FAKE_API_KEY, base_url=fake.base_url, poll=FAST_POLL) as session,
+    ):
+        broken = await session.run(machine, ["done"])
+        fake.executions[broken.execution.execution_id].exit_code = "zero"  # type: ignore[assignment]
+        requests = [ExecutionRequest(machine_id=machine, command=["long"]) for _ in range(8)]
+        results = await session.run_many(requests)
+    assert [r.execution.status for r in results] == ["succeeded"] * 8
+    ids = {r.execution.execution_id for r in results}
+    polls = [r for r in fake.requests_for("GET") if r.path.rsplit("/", 1)[-1] in ids]
+    pages = _list_pages(fake)
+    assert pages
+    # each waiter looked a couple of dozen times (1.5 s, 50 ms hints), nearly always in pages
+    assert len(polls) < 8, (len(polls), len(pages))
+    assert all(limit <= 20 for _, limit in pages[1:]), pages  # 2 per waiter (9 at most)
 
 
 async def test_batch_refresh_falls_back_to_gets_when_listing_fails(

@@ -565,6 +565,9 @@ SHELL_NOT_RUN: dict[str, str] = {
     " --no-memory --drivers aiohttp,dedalus_async-run_many,dedalus_async-run_many-journal": (
         "benchmarks: minutes"
     ),
+    "python -m benchmarks --sizes 5000 --rounds 3 --cpu-executions 0 --lag-executions 0"
+    " --no-memory --drivers aiohttp,dedalus_async,dedalus_async-run_many"
+    " --hints remaining --list-order newest --machines 8": "benchmarks: minutes",
 }
 
 

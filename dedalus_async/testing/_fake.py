@@ -32,6 +32,12 @@ Faults
     probability of a random fault, drawn from a ``random.Random(fault_seed)``: a 503
     ``UNAVAILABLE``, a ``drop``, or a ``drop_after_commit``, equally likely.
 
+Lists and hints
+    ``list_order="newest"`` serves each machine's executions list newest first, with
+    offset cursors (a real server's order is not documented; the default is oldest
+    first). ``Script(hints="remaining")`` makes a scripted execution's hint the time left
+    in its current phase instead of the phase's whole duration.
+
 Latency
     ``latency`` (seconds) adds a real sleep to every request, before faults and the
     server's answer, for concurrency-limit tests.
@@ -245,6 +251,7 @@ class FakeDedalus(ExecutionsServer):
         fault_seed: int = 0,
         latency: float = 0.0,
         record_requests: bool = True,
+        list_order: str = "oldest",
     ) -> None:
         if runner is not None and script is not None:
             raise ValueError("pass either runner or script: a script configures the default runner")
@@ -261,6 +268,7 @@ class FakeDedalus(ExecutionsServer):
             require_idempotency_key=require_idempotency_key,
             strict_idempotency_keys=strict_idempotency_keys,
             name="FakeDedalus",
+            list_order=list_order,
         )
         #: The key clients must send (``x-api-key`` or Bearer): a test key, not a secret.
         self.api_key = api_key

@@ -11,7 +11,8 @@ Timeline of one execution (offsets from ``created_at``; for an execution created
 sleeping machine, from the moment the machine's wake ended, ``record.ready``):
 
 * phase *i* is entered at the sum of the durations before it, with a ``lifecycle``
-  event at that exact moment; while in it, ``retry_after_ms`` is the phase's hint.
+  event at that exact moment; while in it, ``retry_after_ms`` is the phase's hint (with
+  ``Script(hints="remaining")``: the milliseconds left until the phase ends).
   Phases of duration 0 are skipped without an event; consecutive phases with the same
   status only change the hint (no second event). A phase's ``stdout``/``stderr`` text is
   emitted when the phase is entered (incremental output for event followers).
@@ -35,7 +36,7 @@ import os
 import secrets
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -109,13 +110,30 @@ def _to_phases(value: Sequence[Phase]) -> tuple[Phase, ...]:
     return tuple(value)
 
 
+#: How a scripted execution's ``retry_after_ms`` is chosen while in a phase with a hint.
+HINT_STYLES: Final = ("phase", "remaining")
+
+
+def _check_hints(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in HINT_STYLES:
+        raise ValueError(f"hints must be one of {HINT_STYLES}, got {value!r}")
+
+
 @attrs.frozen
 class Script:
-    """Phases, then an outcome; see the module docstring for the exact timeline."""
+    """Phases, then an outcome; see the module docstring for the exact timeline.
+
+    ``hints`` chooses what ``retry_after_ms`` says while a phase has a hint: ``"phase"``
+    (the default) the phase's own ``retry_after_ms``, however long the execution has been
+    in it; ``"remaining"`` the milliseconds left until the phase ends (rounded up, at
+    least 1), which is what a real server is likely to send. A phase whose hint is
+    ``None`` sends none in either style.
+    """
 
     phases: tuple[Phase, ...] = attrs.field(converter=_to_phases)
     outcome: Outcome = attrs.field(factory=Outcome)
     expires_after: float | None = attrs.field(default=None, validator=_check_expiry)
+    hints: str = attrs.field(default="phase", validator=_check_hints)
 
     @property
     def total_duration(self) -> float:
@@ -336,6 +354,18 @@ class ScriptedRunner:
                 )
         elif elapsed >= progress.total:
             self._complete(record, progress, progress.total)
+        if (
+            progress.script.hints == "remaining"
+            and not record.is_terminal
+            and record.retry_after_ms is not None
+        ):
+            # the time left in the current phase: until the next phase begins, or the
+            # outcome (or the cutoff that pre-empts it) happens
+            index = progress.next_phase
+            ends = progress.offsets[index] if index < len(phases) else progress.total
+            if cutoff is not None:
+                ends = min(ends, cutoff)
+            record.retry_after_ms = max(1, math.ceil((ends - elapsed) * 1000))
 
     def _complete(self, record: ExecutionRecord, progress: _Progress, offset: float) -> None:
         outcome = progress.script.outcome
