@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -429,7 +430,9 @@ class _FanOut:
         plan = self.plan
         await self.open_journal()
         # created here, inside the running loop: nothing of a fan-out outlives its call
-        self._create_slots = anyio.Semaphore(plan.create_concurrency)
+        # asyncio's, not anyio's: an anyio Semaphore yields to the loop on every acquire
+        # (a checkpoint under a shielded cancel scope), once per create, for nothing here
+        self._create_slots = asyncio.Semaphore(plan.create_concurrency)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -689,7 +692,9 @@ class _Look:
         self.due: float | None = None  # None: not waiting for a look right now
         self.early_by = 0.0
         self.late_by = 0.0  # how long past ``due`` a sweep may come for it
-        self.event: anyio.Event | None = None
+        # resolved by the sweep that serves the look: a bare future, not an anyio.Event
+        # (its Event wraps an asyncio.Event, its deque and a future of its own, per look)
+        self.event: asyncio.Future[None] | None = None
         self.snapshot: Execution | None = None
 
 
@@ -739,9 +744,11 @@ class _Refresher:
         self._tg = tg
         self._path = _wire.executions_path(_wire.check_id("machine_id", machine_id))
         self._looks: dict[str, _Look] = {}
+        # created inside the fan-out's running loop, like everything of a fan-out
+        self._event_loop = asyncio.get_running_loop()
         self._running = False
         self._sweeping: anyio.Event | None = None  # set when the sweep in progress ends
-        self._wake: anyio.Event | None = None
+        self._wake: asyncio.Future[None] | None = None  # resolved to wake the idle loop
         self._nap: anyio.CancelScope | None = None
         self._nap_until = math.inf
         self._start_cursor: str | None = None
@@ -773,8 +780,12 @@ class _Refresher:
     def unregister(self, look: _Look) -> None:
         self._looks.pop(look.execution_id, None)
         look.due = None
-        if self._wake is not None:
-            self._wake.set()  # the loop ends once nobody is left
+        self._wake_loop()  # the loop ends once nobody is left
+
+    def _wake_loop(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     async def look(
         self, look: _Look, seconds: float, early: float, late: float = 0.0
@@ -786,13 +797,12 @@ class _Refresher:
         look.early_by = seconds * early
         look.late_by = late
         look.snapshot = None
-        event = look.event = anyio.Event()
+        event = look.event = self._event_loop.create_future()
         if look.due + late < self._nap_until and self._nap is not None:
             self._nap.cancel()  # the loop is sleeping past this waiter's moment
-        if self._wake is not None:
-            self._wake.set()
+        self._wake_loop()
         try:
-            await event.wait()
+            await event
         finally:
             look.due = None
             look.event = None
@@ -809,8 +819,9 @@ class _Refresher:
     def _serve(self, look: _Look, snapshot: Execution | None) -> None:
         look.snapshot = snapshot
         look.due = None
-        if look.event is not None:
-            look.event.set()
+        event = look.event
+        if event is not None and not event.done():
+            event.set_result(None)
         if snapshot is None:
             self.fallbacks += 1
         else:
@@ -822,9 +833,11 @@ class _Refresher:
             while self._looks:
                 waiting = [look for look in self._looks.values() if look.due is not None]
                 if not waiting:
-                    self._wake = anyio.Event()
-                    await self._wake.wait()
-                    self._wake = None
+                    wake = self._wake = self._event_loop.create_future()
+                    try:
+                        await wake
+                    finally:
+                        self._wake = None
                     continue
                 # A sweep happens when a waiter is due, never earlier, and then serves
                 # everyone at least part-way through their sleep (see _EARLY_FRACTION):
