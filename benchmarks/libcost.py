@@ -203,6 +203,17 @@ class VirtualClock:
                     future.set_result(None)
 
 
+# an execution's body in each phase (the hint appended at the time of the request), and
+# finished: built once, then given each execution's IDs with two byte replacements
+_TEMPLATES = (
+    *(
+        _execution(status, **(_STARTED if status == "running" else {}))[:-1] + b',"retry_after_ms":'
+        for status, _ in _PHASES
+    ),
+    _POLLS[-1],
+)
+
+
 class SimulatedServer:
     """A canned transport with the benchmark server's behaviour in virtual time: every
     execution goes through ``_PHASES`` from its create and ends ``succeeded``; GETs, list
@@ -233,21 +244,16 @@ class SimulatedServer:
         execution_id = f"exe-{self._count:016x}"
         self._born[execution_id] = self.clock.t
         self._lists.setdefault(machine_id, []).append(execution_id)
-        bodies = []
-        for status, _ in _PHASES:
-            fields = _STARTED if status == "running" else {}
-            head = (
-                _execution(status, **fields)[:-1]
-                .replace(b"exe-0123456789abcdef", execution_id.encode())
-                .replace(_MACHINE.encode(), machine_id.encode())
-            )
-            bodies.append((head + b',"retry_after_ms":', b"}"))
-        done = (
-            _POLLS[-1]
-            .replace(b"exe-0123456789abcdef", execution_id.encode())
-            .replace(_MACHINE.encode(), machine_id.encode())
+        ids = (
+            (b"exe-0123456789abcdef", execution_id.encode()),
+            (_MACHINE.encode(), machine_id.encode()),
         )
-        bodies.append((done, b""))
+        bodies = []
+        for template in _TEMPLATES:
+            for old, new in ids:
+                template = template.replace(old, new)
+            bodies.append((template, b"}"))
+        bodies[-1] = (bodies[-1][0], b"")
         self._bodies[execution_id] = bodies
         return execution_id
 
