@@ -835,3 +835,36 @@ def test_progress_counts() -> None:
     progress = Progress(total=10, done=3, failed=2, in_flight=4)
     assert progress.finished == 5
     assert progress.pending == 1
+
+
+async def test_create_slots_pass_on_a_slot_whose_waiter_was_cancelled() -> None:
+    """The create limit (_Slots) is first come, first served, skips a waiter cancelled in
+    the queue, and passes on a slot handed to a waiter cancelled before it resumed."""
+    from dedalus_async._fanout import _Slots
+
+    slots = _Slots(1)
+    got: list[str] = []
+
+    async def take(name: str) -> None:
+        await slots.acquire()
+        got.append(name)
+
+    await slots.acquire()  # the one slot is held
+    tasks = {name: asyncio.create_task(take(name)) for name in ("a", "b", "c", "d")}
+    await asyncio.sleep(0)  # all four queued
+    tasks["a"].cancel()  # cancelled while queued: skipped
+    await asyncio.sleep(0)
+    slots.release()  # handed to b ...
+    tasks["b"].cancel()  # ... which is cancelled before it runs: b passes it to c
+    for name in ("a", "b"):
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[name]
+    async with asyncio.timeout(5):  # not a timing: without the hand-on, c waits forever
+        await tasks["c"]
+    assert got == ["c"]
+    assert not tasks["d"].done()  # one holder at a time: d waits for c's release
+    slots.release()
+    await tasks["d"]
+    assert got == ["c", "d"]
+    slots.release()
+    await slots.acquire()  # free again: no wait
