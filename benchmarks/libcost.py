@@ -7,6 +7,12 @@ the Python the library runs per execution (validation, request building, decodin
 the poll and retry decisions, the result records), 5 requests each. The end-to-end
 benchmark cannot resolve a few microseconds per request on a noisy machine; this can, so
 it is what ``PROFILE.md``'s before/after figures for the pure code come from.
+
+``--mode run`` and ``--mode run_many`` instead put N executions in flight at once
+(``Session.run`` each, or one ``Session.run_many``, ``--create-concurrency``) against
+:class:`SimulatedServer` in virtual time (:class:`VirtualClock`): creates, GETs, list
+pages newest first and outputs, ``--hints phase|remaining``; the fan-out's own Python per
+execution against ``run``'s.
 """
 
 from __future__ import annotations
