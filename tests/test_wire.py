@@ -144,6 +144,26 @@ def test_page_and_end_markers() -> None:
     assert cursor is None
 
 
+def test_raw_pages_structure_only_the_items_taken() -> None:
+    """raw_page gives a page's items as JSON values with its cursor (the fan-out looks at
+    them raw); structure_item checks one, and a bad one is reported with the page's
+    status and body, as a decoded page would be."""
+    page = response("page_executions.json")
+    items, cursor = wire.raw_page(page)
+    assert cursor == "c1"
+    assert [item["execution_id"] for item in items] == ["exe-1"]
+    ex = wire.structure_item(items[0], Execution, page)
+    assert type(ex) is Execution
+    assert ex.execution_id == "exe-1"
+    bad = response(b'{"items": [{"execution_id": "exe-2"}], "next_cursor": null}')
+    items, cursor = wire.raw_page(bad)
+    assert (items, cursor) == ([{"execution_id": "exe-2"}], None)
+    with pytest.raises(ResponseDecodeError) as info:
+        wire.structure_item(items[0], Execution, bad)
+    assert info.value.status == 200
+    assert "exe-2" in str(info.value.body)
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
